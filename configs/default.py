@@ -1,0 +1,127 @@
+"""The embedded default: a tiny text-to-video DiT trained on CPU on procedural captioned videos.
+
+Pixel space (identity autoencoder), 1x4x4 patches, native sizes packed into 1024-token rows.
+
+    vdit train --config=configs/default.py --workdir=runs/default
+    vdit train --config=configs/default.py:S/2 --workdir=runs/s2        # another size
+    vdit train --config=configs/default.py --config.train.steps=50 --workdir=runs/quick
+
+The argument after ':' picks the model variant "NAME/p" (p = spatial patch): mu (tests), Ti, S, B, L,
+XL (DiT paper sizes). Every field below can be overridden with --config.FIELD=VALUE.
+"""
+
+import ml_collections
+
+from vdit.configlib import default_rules
+
+DEFAULT_VARIANT = "Ti/4"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init, timesteps and noise; the data has its own seed
+
+    # --- Autoencoder: what a "latent" is. Identity = pixels in [-1, 1].
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.kind = "identity"  # "identity" (pixel space)
+    c.autoencoder.compression = (1, 1, 1)  # (time, height, width) downsampling of the autoencoder
+    c.autoencoder.channels = 3  # latent channels
+
+    # --- Model (VideoDiT). The variant fills width/depth/heads; override any of them after.
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = arg or DEFAULT_VARIANT  # "NAME/p": NAME in vdit.configlib.MODEL_SIZES, p patch
+    c.model.width = 0  # D; 0 = from the variant
+    c.model.depth = 0  # blocks; 0 = from the variant
+    c.model.heads = 0  # attention heads; 0 = from the variant
+    c.model.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    c.model.patch_t = 1  # temporal patch pt (the spatial patch is the variant's p)
+    c.model.qk_norm = True  # RMSNorm on queries and keys
+    c.model.rope_theta = 10_000.0  # 3D RoPE base
+    c.model.attn_impl = "xla"  # "xla" (dense reference) | "chunked" (block-skipping, O(L) memory)
+    c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
+    c.model.scan_layers = True  # scan over stacked blocks (compile time independent of depth)
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    c.model.param_dtype = "float32"  # parameter and optimizer-state dtype
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.kind = "bytes"  # "bytes" (built-in byte-level encoder) | "precomputed" embeddings
+    c.model.text.max_len = 48  # caption tokens per sample (BOS + UTF-8 bytes), longer ones are cut
+    c.model.text.width = 128  # text encoder width (or precomputed embedding size)
+    c.model.text.depth = 2  # text encoder blocks
+    c.model.text.heads = 4  # text encoder heads
+
+    # --- Data: procedural captioned videos at native sizes, packed.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # "synthetic"
+    c.data.seed = 0  # shuffling, caption dropout, task draws, packing
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_samples = 1_000_000  # index space of the procedural source
+    c.data.synthetic.frame_choices = (4, 8)  # video durations in frames
+    c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images)
+    c.data.synthetic.size_choices = ((16, 16), (16, 32), (32, 16), (24, 32), (32, 24), (32, 32))
+    c.data.batch_rows = 4  # global rows per step
+    c.data.row_len = 1024  # L: tokens per row
+    c.data.text_len = 384  # C: text tokens per row
+    c.data.max_samples_per_row = 16  # S
+    c.data.packing_bins = 16  # rows packed together (higher fill, more host memory)
+    c.data.max_tokens_per_sample = 1024  # larger samples are resized down (never cropped)
+    c.data.caption_dropout = 0.1  # empty caption rate (classifier-free guidance)
+    c.data.tasks = ml_collections.ConfigDict()  # conditioning-task weights (see vdit/data/tasks.py)
+    c.data.tasks.t2v = 1.0
+    c.data.tasks.i2v = 0.0
+    c.data.tasks.extend_forward = 0.0
+    c.data.tasks.extend_backward = 0.0
+    c.data.tasks.loop = 0.0
+    c.data.tasks.interpolate = 0.0
+    c.data.workers = 0  # grain worker processes (0 = in the training process)
+
+    # --- Rectified flow.
+    c.flow = ml_collections.ConfigDict()
+    c.flow.logit_mean = 0.0  # logit-normal timestep location
+    c.flow.logit_std = 1.0  # logit-normal timestep scale
+    c.flow.shift_ref_tokens = 256  # a sample of this many tokens gets shift_at_ref
+    c.flow.shift_at_ref = 1.0  # timestep shift at the reference size (grows with sqrt(tokens))
+    c.flow.shift_max = 4.0  # cap on the shift
+
+    # --- Optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) and EMA.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.warmup_steps = 100  # linear warmup
+    c.optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * lr (cosine)
+    c.optim.weight_decay = 0.01  # decoupled, on matrices only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.grad_clip = 1.0  # global-norm clip
+    c.optim.ema_decay = 0.99  # EMA of parameters, used for sampling
+
+    # --- Training loop.
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1200  # optimizer steps
+    c.train.log_every = 20  # metrics to metrics.jsonl / TensorBoard
+    c.train.checkpoint_every = 400  # orbax checkpoint interval (steps); the last step is always saved
+    c.train.keep_checkpoints = 2  # checkpoints kept
+    c.train.sample_every = 0  # sample grid interval (0: only at the end)
+    c.train.progress = True  # progress bar
+
+    # --- Sampling (Euler ODE with classifier-free guidance).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 25  # Euler steps
+    c.sample.cfg_scale = 3.0  # guidance scale (1 = no guidance)
+    c.sample.use_ema = True  # sample with the EMA parameters
+    c.sample.fps = 8  # frame rate of written videos
+    c.sample.grid_prompts = (  # the fixed-seed grid written to WORKDIR/samples/
+        "a red square moves right",
+        "a blue circle moves up",
+        "a green square moves left",
+        "a yellow circle moves down",
+    )
+    c.sample.grid_shape = (8, 32, 32)  # (frames, height, width) of the grid samples
+
+    # --- Parallelism: mesh axis sizes (-1 fills with the remaining devices) and the rules table.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.sequence = 1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = default_rules()  # logical axis -> mesh axes
+    return c

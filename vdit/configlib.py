@@ -1,0 +1,172 @@
+"""From an ml_collections config to the typed settings each part takes, with validation.
+
+`load(config, num_devices)` resolves the variant string, checks every constraint that would otherwise
+fail deep inside a compile, and raises ValueError naming the field. The parts never see the whole
+config: `model_config`, `pipeline_config`, `flow_config` hand each only the fields it uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from vdit.data import packing, pipeline, tasks
+from vdit.data.synthetic import SyntheticConfig
+from vdit.diffusion.flow import FlowConfig
+from vdit.models.dit import REMAT_POLICIES, DiTConfig
+from vdit.models.text import TextEncoderConfig
+from vdit.ops.attention import IMPLS
+from vdit.parallel.mesh import resolve_mesh_shape
+from vdit.parallel.sharding import DEFAULT_RULES
+
+# (width, depth, heads): DiT paper sizes (S, B, L, XL), DeiT-Ti, and "mu" for tests.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "mu": (64, 2, 4),
+    "Ti": (192, 4, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+def default_rules() -> tuple[tuple[str, object], ...]:
+    return DEFAULT_RULES
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """"S/2" -> ("S", 2)."""
+    name, _, p = variant.partition("/")
+    if name not in MODEL_SIZES or not p.isdigit() or int(p) < 1:
+        raise ValueError(
+            f"model.variant={variant!r}: expected NAME/p with NAME in {sorted(MODEL_SIZES)} and p a "
+            "positive patch size, e.g. 'S/2'"
+        )
+    return name, int(p)
+
+
+def _fail(field: str, msg: str) -> None:
+    raise ValueError(f"{field}: {msg}")
+
+
+def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
+    """Resolve and validate; returns an unlocked copy with width/depth/heads filled in."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    name, p = parse_variant(c.model.variant)
+    w, d, h = MODEL_SIZES[name]
+    c.model.width = c.model.width or w
+    c.model.depth = c.model.depth or d
+    c.model.heads = c.model.heads or h
+    m = c.model
+    if m.width % m.heads:
+        _fail("model.heads", f"{m.heads} heads do not divide model.width={m.width}")
+    if (m.width // m.heads) % 2:
+        _fail("model.heads", f"head dim {m.width // m.heads} must be even for 3D RoPE")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", f"{m.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if m.attn_impl not in IMPLS:
+        _fail("model.attn_impl", f"{m.attn_impl!r} is not one of {IMPLS}")
+    if m.text.kind == "bytes" and m.text.width % m.text.heads:
+        _fail("model.text.heads", f"{m.text.heads} do not divide model.text.width={m.text.width}")
+    if c.autoencoder.kind != "identity":
+        _fail("autoencoder.kind", f"{c.autoencoder.kind!r}: only 'identity' is available")
+
+    patch = (m.patch_t, p, p)
+    comp = tuple(c.autoencoder.compression)
+    frames, height, width = c.sample.grid_shape
+    lat = (frames if comp[0] == 1 else 1 + (frames - 1) // comp[0], height // comp[1], width // comp[2])
+    if height % comp[1] or width % comp[2] or any(g % q for g, q in zip(lat, patch, strict=True)):
+        _fail("sample.grid_shape", f"{(frames, height, width)} gives latent grid {lat}, not "
+              f"divisible by the patch {patch} (model.patch_t, variant p)")
+
+    dc = c.data
+    if dc.max_tokens_per_sample > dc.row_len:
+        _fail("data.max_tokens_per_sample", f"{dc.max_tokens_per_sample} > data.row_len={dc.row_len}")
+    if m.text.max_len > dc.text_len:
+        _fail("model.text.max_len", f"{m.text.max_len} > data.text_len={dc.text_len}")
+    for task, weight in dc.tasks.items():
+        if task not in tasks.TASKS:
+            _fail(f"data.tasks.{task}", f"unknown task; choose from {tasks.TASKS}")
+        if weight < 0:
+            _fail(f"data.tasks.{task}", f"weight {weight} is negative")
+    if not 0 <= dc.caption_dropout < 1:
+        _fail("data.caption_dropout", f"{dc.caption_dropout} is not in [0, 1)")
+    unit = (p * comp[1], p * comp[2])
+    for hw in dc.synthetic.size_choices:
+        if hw[0] < unit[0] or hw[1] < unit[1]:
+            _fail("data.synthetic.size_choices", f"{hw} is smaller than one patch {unit} in pixels")
+
+    if num_devices is not None:
+        try:
+            mesh = resolve_mesh_shape(dict(c.mesh), num_devices)
+        except ValueError as e:
+            raise ValueError(f"mesh: {e}") from None
+        rows_split = mesh["data"] * mesh["fsdp"]
+        if dc.batch_rows % rows_split:
+            _fail("data.batch_rows", f"{dc.batch_rows} rows do not split over mesh data x fsdp = "
+                  f"{mesh['data']} x {mesh['fsdp']}")
+        if m.heads % mesh["tensor"]:
+            _fail("model.heads", f"{m.heads} heads do not split over mesh.tensor={mesh['tensor']}")
+        if dc.row_len % mesh["sequence"]:
+            _fail("data.row_len", f"{dc.row_len} tokens do not split over "
+                  f"mesh.sequence={mesh['sequence']}")
+    if c.train.steps < 1:
+        _fail("train.steps", f"{c.train.steps} must be >= 1")
+    if c.train.checkpoint_every < 1:
+        _fail("train.checkpoint_every", f"{c.train.checkpoint_every} must be >= 1")
+    return c
+
+
+def patch_size(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    _, p = parse_variant(c.model.variant)
+    return (c.model.patch_t, p, p)
+
+
+def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
+    m = c.model
+    text = TextEncoderConfig(kind=m.text.kind, max_len=m.text.max_len, width=m.text.width,
+                             depth=m.text.depth, heads=m.text.heads, attn_impl=m.attn_impl)
+    return DiTConfig(
+        width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, patch=patch_size(c),
+        channels=c.autoencoder.channels, text=text, qk_norm=m.qk_norm, rope_theta=m.rope_theta,
+        attn_impl=m.attn_impl, remat=m.remat, scan_layers=m.scan_layers, dtype=m.dtype,
+        param_dtype=m.param_dtype,
+    )
+
+
+def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
+    d = c.data
+    syn = d.synthetic
+    return pipeline.PipelineConfig(
+        synthetic=SyntheticConfig(
+            num_samples=syn.num_samples, seed=d.seed, frame_choices=tuple(syn.frame_choices),
+            image_fraction=syn.image_fraction,
+            size_choices=tuple(tuple(s) for s in syn.size_choices),
+        ),
+        size=pipeline.SizePolicy(patch=patch_size(c), compression=tuple(c.autoencoder.compression),
+                                 max_tokens=d.max_tokens_per_sample),
+        packing=packing.PackingConfig(row_len=d.row_len, text_len=d.text_len,
+                                      max_samples=d.max_samples_per_row, num_bins=d.packing_bins,
+                                      seed=d.seed),
+        rows_per_batch=d.batch_rows,
+        text_len_per_sample=c.model.text.max_len,
+        caption_dropout=d.caption_dropout,
+        task_weights=tuple((k, float(v)) for k, v in d.tasks.items()),
+        seed=d.seed,
+        workers=d.workers,
+    )
+
+
+def flow_config(c: ml_collections.ConfigDict) -> FlowConfig:
+    f = c.flow
+    return FlowConfig(logit_mean=f.logit_mean, logit_std=f.logit_std,
+                      shift_ref_tokens=f.shift_ref_tokens, shift_at_ref=f.shift_at_ref,
+                      shift_max=f.shift_max)
+
+
+def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
+    pt, ph, pw = patch_size(c)
+    comp = tuple(c.autoencoder.compression)
+    lt = frames if comp[0] == 1 else 1 + (frames - 1) // comp[0]
+    return math.prod((lt // pt, height // comp[1] // ph, width // comp[2] // pw))

@@ -1,0 +1,70 @@
+"""Writing videos a person can open: MP4 (ffmpeg via imageio), GIF, or PNG for one frame."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import imageio.v3 as iio
+import numpy as np
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Float latent/pixels in [-1, 1] -> uint8 [0, 255] (values outside are clipped)."""
+    if x.dtype == np.uint8:
+        return x
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def upscale(video: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement (T, H, W, C) -> (T, H*f, W*f, C), for looking at tiny videos."""
+    if factor <= 1:
+        return video
+    return video.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def tile(videos: Sequence[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
+    """Videos (T_i, H_i, W_i, 3) uint8 -> one grid video; shorter ones hold their last frame."""
+    t = max(v.shape[0] for v in videos)
+    h = max(v.shape[1] for v in videos)
+    w = max(v.shape[2] for v in videos)
+    rows = -(-len(videos) // cols)
+    out = np.zeros((t, rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
+    for i, v in enumerate(videos):
+        r, c = divmod(i, cols)
+        v = np.concatenate([v, np.repeat(v[-1:], t - v.shape[0], 0)]) if v.shape[0] < t else v
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[:, y : y + v.shape[1], x : x + v.shape[2]] = v
+    return out
+
+
+def write_video(path: str | os.PathLike, video: np.ndarray, fps: int = 8) -> str:
+    """Write uint8 or [-1, 1] float (T, H, W, 3) to .mp4, .gif or .png (one frame). Returns the path."""
+    path = os.fspath(path)
+    video = to_uint8(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected a (T, H, W, 3) video, got shape {video.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".mp4":
+        # H.264 in yuv420p needs even sizes: replicate the last row/column rather than resample.
+        h, w = video.shape[1:3]
+        video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        iio.imwrite(path, video, plugin="FFMPEG", fps=fps, macro_block_size=1)
+    elif ext == ".gif":
+        iio.imwrite(path, video, extension=".gif", duration=1000 / fps, loop=0)
+    elif ext == ".png":
+        if video.shape[0] != 1:
+            raise ValueError(f"a .png holds one frame; this video has {video.shape[0]}")
+        iio.imwrite(path, video[0])
+    else:
+        raise ValueError(f"unsupported video extension {ext!r}; use .mp4, .gif or .png")
+    return path
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """Decode a video or image file to uint8 (T, H, W, 3)."""
+    arr = iio.imread(os.fspath(path), index=None)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return arr[..., :3]

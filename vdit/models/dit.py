@@ -1,0 +1,180 @@
+"""VideoDiT: a diffusion transformer over packed spacetime patches.
+
+The block follows Wan2.1 (so that its open weights can be imported later as a config choice): a shared
+timestep projection to six modulation vectors plus a learned per-block table, adaLN on self-attention and
+MLP, RMSNorm on q and k, cross-attention to the sample's own text, tanh-GELU MLP. Modulation is computed
+from each token's own timestep, so conditioning tokens (t = 0) and noisy tokens share a row. The time
+projection, the block tables' gate rows and the output layer start at zero (adaLN-Zero): at init every
+block is the identity and the model predicts zero velocity.
+
+Dimension letters: B rows, L video tokens, C text tokens, D width, P patch values, E text width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from vdit.models import layers
+from vdit.models.text import TextEncoder, TextEncoderConfig
+from vdit.parallel.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    width: int = 384  # D
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    patch: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) in latent frames/pixels
+    channels: int = 4  # latent channels
+    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    qk_norm: bool = True
+    rope_theta: float = 10_000.0
+    attn_impl: str = "xla"
+    remat: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    @property
+    def patch_dim(self) -> int:  # P
+        pt, ph, pw = self.patch
+        return pt * ph * pw * self.channels
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
+        # (6, D): shift1, scale1, gate1, shift2, scale2, gate2, added to the shared time projection.
+        self.modulation = nnx.Param(
+            jnp.zeros((6, d), pdt), out_sharding=("modulation", "embed")
+        )
+        self.self_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, **kw)
+        self.norm_cross = layers.RMSNorm(d, "embed", param_dtype=pdt)
+        self.cross_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, **kw)
+        self.mlp = layers.MLP(d, int(d * cfg.mlp_ratio), **kw)
+
+    def __call__(self, x, t_mod, segment_ids, rope, text, text_segment_ids):
+        # x (B, L, D); t_mod (B, L, 6, D)
+        mod = t_mod + self.modulation.value.astype(t_mod.dtype)
+        shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
+        h = layers.layer_norm(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.self_attn(h, segment_ids, rope=rope)
+        x = x + self.cross_attn(
+            self.norm_cross(x), segment_ids, context=text, kv_segment_ids=text_segment_ids
+        )
+        h = layers.layer_norm(x) * (1 + scale2) + shift2
+        x = x + gate2 * self.mlp(h)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class VideoDiT(nnx.Module):
+    """Velocity prediction for packed rows of noisy latent patches."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        if cfg.width % cfg.heads:
+            raise ValueError(f"model.width={cfg.width} is not divisible by model.heads={cfg.heads}")
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={cfg.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        self.cfg = cfg
+        d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
+        self.patch_embed = layers.dense(cfg.patch_dim, d, ("patch", "embed"), **kw)
+        self.time_fc1 = layers.dense(256, d, ("modulation", "embed"), **kw)
+        self.time_fc2 = layers.dense(d, d, ("mlp", "embed"), **kw)
+        self.time_proj = layers.dense(d, 6 * d, ("embed", "mlp"), zero=True, **kw)
+        self.text_encoder = TextEncoder(cfg.text, **kw)
+        self.text_proj = layers.dense(cfg.text.out_width, d, ("text_embed", "embed"), **kw)
+        self.text_out = layers.dense(d, d, ("mlp", "embed"), **kw)
+
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r):
+                return Block(cfg, rngs=r)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.head_modulation = nnx.Param(
+            jnp.zeros((2, d), pdt), out_sharding=("modulation", "embed")
+        )
+        self.head = layers.dense(d, cfg.patch_dim, ("embed", "patch"), zero=True, **kw)
+
+    def encode_text(self, text: jax.Array, text_segment_ids, text_positions) -> jax.Array:
+        """Text tokens (ids or precomputed embeddings) -> context (B, C, D) for cross-attention."""
+        e = self.text_encoder(text, text_segment_ids, text_positions)  # (B, C, E)
+        return self.text_out(jax.nn.gelu(self.text_proj(e), approximate=True))
+
+    def __call__(
+        self,
+        x: Float[Array, "B L P"],
+        positions: Int[Array, "B L 3"],
+        segment_ids: Int[Array, "B L"],
+        t: Float[Array, "B L"],
+        text: Int[Array, "B C"] | Float[Array, "B C E"],
+        text_segment_ids: Int[Array, "B C"],
+        text_positions: Int[Array, "B C"] | None = None,
+    ) -> Float[Array, "B L P"]:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if x.shape[-1] != cfg.patch_dim:
+            raise ValueError(f"patches have {x.shape[-1]} values, the model expects {cfg.patch_dim}")
+        if text_positions is None:
+            text_positions = _positions_within_segments(text_segment_ids)
+        h = self.patch_embed(x.astype(dt))  # (B, L, D)
+        h = constrain(h, ("batch", "length", "embed"))
+        t_emb = self.time_fc1(layers.timestep_embedding(t, 256).astype(dt))
+        t_emb = self.time_fc2(jax.nn.silu(t_emb))  # (B, L, D)
+        t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L, 6, D)
+        context = self.encode_text(text, text_segment_ids, text_positions)  # (B, C, D)
+        rope = layers.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
+        args = (t_mod, segment_ids, rope, context, text_segment_ids)
+        h = self._run_blocks(h, args)
+        shift, scale = [(t_emb + self.head_modulation.value[i].astype(dt)) for i in range(2)]
+        h = layers.layer_norm(h) * (1 + scale) + shift
+        out = self.head(h).astype(jnp.float32)
+        return jnp.where(segment_ids[..., None] > 0, out, 0.0)
+
+    def _run_blocks(self, h: jax.Array, args: tuple[Any, ...]) -> jax.Array:
+        policy = REMAT_POLICIES[self.cfg.remat]
+
+        def apply(block, h):
+            return block(h, *args)
+
+        if self.cfg.remat != "none":
+            apply = nnx.remat(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
+        if not self.cfg.scan_layers:
+            for block in self.blocks:
+                h = apply(block, h)
+            return h
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def scan_fn(block, h):
+            return apply(block, h)
+
+        return scan_fn(self.blocks, h)
+
+
+def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
+    """0, 1, 2, ... restarting at each new segment. (B, N) -> (B, N)."""
+    idx = jnp.arange(segment_ids.shape[-1])
+    new = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+    return (idx - start).astype(jnp.int32)

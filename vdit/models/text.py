@@ -1,0 +1,110 @@
+"""Text conditioning: a byte-level tokenizer and a small transformer encoder, or precomputed embeddings.
+
+Two paths, chosen by `TextEncoderConfig.kind`:
+- ``"bytes"``: captions become UTF-8 byte ids (no vocabulary file, nothing to download) and a small
+  transformer, trained with the DiT, encodes them. The embedded default uses this.
+- ``"precomputed"``: records carry text embeddings (e.g. T5/UMT5 outputs computed offline); the encoder
+  is the identity and the DiT's text projection maps them to its width.
+
+Text is packed like video: several captions share a row, separated by `text_segment_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vdit.models import layers
+
+BOS = 1  # every caption starts with it, so an empty caption (dropped for CFG) is one token long
+BYTE_OFFSET = 2  # id = byte + 2; 0 is never produced
+VOCAB_SIZE = 256 + BYTE_OFFSET
+
+
+def tokenize(caption: str, max_len: int) -> np.ndarray:
+    """Caption -> int32 ids (BOS, bytes...), truncated to max_len. Never empty."""
+    if max_len < 1:
+        raise ValueError(f"max_len={max_len} must be >= 1")
+    data = np.frombuffer(caption.encode("utf-8"), dtype=np.uint8).astype(np.int32) + BYTE_OFFSET
+    return np.concatenate([[BOS], data])[:max_len].astype(np.int32)
+
+
+def detokenize(ids: np.ndarray) -> str:
+    ids = np.asarray(ids)
+    data = ids[ids >= BYTE_OFFSET] - BYTE_OFFSET
+    return bytes(data.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    kind: str = "bytes"  # "bytes" | "precomputed"
+    max_len: int = 64  # text tokens per caption (longer captions are truncated)
+    width: int = 128  # E for "bytes"; the embedding size for "precomputed"
+    depth: int = 2
+    heads: int = 4
+    attn_impl: str = "xla"
+
+    @property
+    def out_width(self) -> int:
+        return self.width
+
+
+class _TextBlock(nnx.Module):
+    def __init__(self, cfg: TextEncoderConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = layers.RMSNorm(cfg.width, "text_embed", param_dtype=param_dtype)
+        self.attn = layers.Attention(
+            cfg.width, cfg.heads, impl=cfg.attn_impl, seq="text_length", **kw
+        )
+        self.norm2 = layers.RMSNorm(cfg.width, "text_embed", param_dtype=param_dtype)
+        self.mlp = layers.MLP(cfg.width, 4 * cfg.width, names=("text_embed", "mlp"), seq="text_length", **kw)
+
+    def __call__(self, x, segment_ids):
+        x = x + self.attn(self.norm1(x), segment_ids)
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nnx.Module):
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        if cfg.kind not in ("bytes", "precomputed"):
+            raise ValueError(f"model.text.kind={cfg.kind!r}; choose 'bytes' or 'precomputed'")
+        self.cfg = cfg
+        if cfg.kind == "bytes":
+            if cfg.width % cfg.heads:
+                raise ValueError(f"model.text.width={cfg.width} not divisible by heads={cfg.heads}")
+            init = nnx.initializers.normal(0.02)
+            self.embed = nnx.Param(
+                init(rngs.params(), (VOCAB_SIZE, cfg.width), param_dtype),
+                out_sharding=("vocab", "text_embed"),
+            )
+            self.pos_embed = nnx.Param(
+                init(rngs.params(), (cfg.max_len, cfg.width), param_dtype),
+                out_sharding=(None, "text_embed"),
+            )
+            self.blocks = nnx.List(
+                [_TextBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 for _ in range(cfg.depth)]
+            )
+            self.norm = layers.RMSNorm(cfg.width, "text_embed", param_dtype=param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, text: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """(B, C) ids or (B, C, E) embeddings -> (B, C, E)."""
+        if self.cfg.kind == "precomputed":
+            if text.ndim != 3 or text.shape[-1] != self.cfg.width:
+                raise ValueError(
+                    f"precomputed text must be (B, C, {self.cfg.width}) embeddings, got {text.shape}"
+                )
+            return text.astype(self.dtype)
+        if text.ndim != 2:
+            raise ValueError(f"byte text must be (B, C) token ids, got shape {text.shape}")
+        pos = jnp.clip(positions, 0, self.cfg.max_len - 1)
+        x = (self.embed.value[text] + self.pos_embed.value[pos]).astype(self.dtype)  # (B, C, E)
+        for block in self.blocks:
+            x = block(x, segment_ids)
+        return self.norm(x)

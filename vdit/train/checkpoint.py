@@ -1,0 +1,260 @@
+"""Checkpointing of train state, data iterator state and config with orbax.
+
+A checkpoint step directory holds three composite items:
+
+- ``state``: the train-state pytree (``StandardSave``/``StandardRestore``); restoring
+  into abstract arrays that carry a sharding reshards onto that (possibly different)
+  mesh, which is what makes elastic restarts work.
+- ``data``: the grain iterator state, one JSON file per process
+  (``process_{index}-of-{count}.json``, grain's own orbax handler), so restoring
+  requires the same process count.
+- ``config``: the experiment config as JSON, so a checkpoint directory is
+  self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = ["Checkpointer", "read_config"]
+
+log = logging.getLogger(__name__)
+
+STATE = "state"
+DATA = "data"
+CONFIG = "config"
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Registry binding each item name to its handler (one instance for save and restore)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = ocp.handlers.StandardCheckpointHandler()
+    registry.add(STATE, ocp.args.StandardSave, state_handler)
+    registry.add(STATE, ocp.args.StandardRestore, state_handler)
+    data_handler = grain.checkpoint.CheckpointHandler()
+    registry.add(DATA, grain.checkpoint.CheckpointSave, data_handler)
+    registry.add(DATA, grain.checkpoint.CheckpointRestore, data_handler)
+    config_handler = ocp.handlers.JsonCheckpointHandler()
+    registry.add(CONFIG, ocp.args.JsonSave, config_handler)
+    registry.add(CONFIG, ocp.args.JsonRestore, config_handler)
+    return registry
+
+
+def _config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of an ``ml_collections.ConfigDict`` (best effort) or a mapping."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config), default=repr))
+    raise TypeError(f"config must be a ConfigDict or a mapping, got {type(config).__name__}")
+
+
+def _to_abstract(leaf: Any) -> Any:
+    """Restore target for one leaf: arrays become ShapeDtypeStructs with their sharding."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, np.generic):
+        return np.asarray(leaf)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+        raise ValueError(
+            "abstract_state leaves must carry a sharding (jax.ShapeDtypeStruct(..., "
+            "sharding=...)); found one without"
+        )
+    return leaf
+
+
+class Checkpointer:
+    """Saves and restores (train state, data iterator, config) with an orbax CheckpointManager.
+
+    ``save`` is asynchronous by default: it returns once device arrays are copied to
+    host and the iterator state is written; files are committed in the background.
+    Call ``wait()`` before reading a checkpoint from elsewhere, and ``close()`` (or use
+    the object as a context manager) before exiting. All processes must call ``save``
+    and ``restore`` together.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int,
+        keep: int | None = 3,
+        async_save: bool = True,
+    ) -> None:
+        """Opens (creating if needed) ``directory``; ``keep=None`` keeps every step."""
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        self.directory = epath.Path(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=_handler_registry()
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps currently kept (including one whose async save is still in flight)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Latest saved step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` without ``force`` would write a checkpoint."""
+        return int(step) not in self._manager.all_steps() and self._manager.should_save(step)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iter: Any = None,
+        config: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves ``state`` (plus iterator state and config, if given) at ``step``.
+
+        Without ``force`` a checkpoint is written on multiples of ``save_every`` past
+        the latest step, and (orbax's initial-save policy) on the first call when the
+        directory holds no checkpoint yet. A step that already exists is never
+        overwritten: the call is skipped (returns False), also with ``force``.
+        Returns whether it saved.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            log.info("checkpoint for step %d already exists in %s; skipping", step, self.directory)
+            return False
+        if not force and not self._manager.should_save(step):
+            return False
+        items: dict[str, Any] = {STATE: ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(_config_to_dict(config))
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self, abstract_state: Any, *, step: int | None = None, data_iter: Any = None
+    ) -> tuple[Any, int]:
+        """Restores the state at ``step`` (default: latest) as ``(state, step)``.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding``
+        set (concrete ``jax.Array`` leaves also work and give their sharding); the
+        restored arrays are laid out accordingly, whatever mesh they were saved from.
+        If ``data_iter`` is given, its state is restored in place.
+        """
+        step = self._resolve_step(step)
+        items: dict[str, Any] = {
+            STATE: ocp.args.StandardRestore(jax.tree.map(_to_abstract, abstract_state))
+        }
+        if data_iter is not None:
+            if not (self.directory / str(step) / DATA).exists():
+                raise FileNotFoundError(
+                    f"checkpoint step {step} in {self.directory} has no data iterator state"
+                )
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE], step
+
+    def read_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config stored with ``step`` (default: latest) as a dict."""
+        return _restore_config(self._manager, self.directory, self._resolve_step(step))
+
+    def wait(self) -> None:
+        """Blocks until any in-flight async save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _resolve_step(self, step: int | None) -> int:
+        """Waits for pending saves, then checks ``step`` (None: latest) is restorable."""
+        if not self.directory.exists():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        self.wait()
+        return _pick_step(self._manager.all_steps(), step, self.directory)
+
+
+def _pick_step(steps: Any, step: int | None, directory: epath.Path) -> int:
+    """``step`` if it is among ``steps`` (None: the latest), else FileNotFoundError."""
+    steps = sorted(steps)
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints found in {directory}")
+        return steps[-1]
+    if int(step) not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
+    return int(step)
+
+
+def _restore_config(
+    manager: ocp.CheckpointManager, directory: epath.Path, step: int
+) -> dict[str, Any]:
+    """Reads the ``config`` item of ``step``."""
+    if not (directory / str(step) / CONFIG).exists():
+        raise FileNotFoundError(f"checkpoint step {step} in {directory} has no config")
+    restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    return restored[CONFIG]
+
+
+def read_config(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Reads the config stored in checkpoint ``directory`` (at ``step``, default latest)."""
+    path = epath.Path(os.fspath(directory))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
+    )
+    with ocp.CheckpointManager(
+        path, options=options, handler_registry=_handler_registry()
+    ) as manager:
+        return _restore_config(manager, path, _pick_step(manager.all_steps(), step, path))
+
+
+def restore_for_inference(workdir: str | os.PathLike, step: int | None = None, devices=None):
+    """(config, trainer, state) of the checkpoint in WORKDIR/checkpoints, on `devices` (default: the
+    first local device), for sampling, evaluation and export."""
+    import ml_collections
+
+    from vdit import configlib
+    from vdit.train.step import make_trainer
+
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    stored = read_config(directory, step)
+    config = configlib.load(ml_collections.ConfigDict(stored))
+    devices = devices or jax.local_devices()[:1]
+    with config.unlocked():
+        config.mesh = ml_collections.ConfigDict(
+            {"data": len(devices), "fsdp": 1, "tensor": 1, "sequence": 1}
+        )
+    trainer = make_trainer(config, devices)
+    with Checkpointer(directory, save_every=1, keep=None) as ckpt:
+        state, _ = ckpt.restore(trainer.abstract_sharded_state(), step=step)
+    return config, trainer, state

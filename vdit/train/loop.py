@@ -1,0 +1,115 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+    mesh, trainer (model graph, optimizer, shardings) -> data iterator -> restore or init
+    -> for each step: next batch -> global arrays -> jitted step -> metrics / checkpoint / samples
+
+A run resumes from the latest checkpoint in WORKDIR/checkpoints by itself, with the data iterator where
+it stopped, so a restarted job continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit import configlib
+from vdit.data import pipeline
+from vdit.train import step as step_lib
+from vdit.train.checkpoint import Checkpointer
+from vdit.train.metrics import MetricsWriter
+from vdit.train.samples import write_sample_grid
+
+log = logging.getLogger(__name__)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) to `config.train.steps`; returns the last logged metrics."""
+    c = configlib.load(config, jax.device_count())
+    tc = c.train
+    os.makedirs(workdir, exist_ok=True)
+    trainer = step_lib.make_trainer(c)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    log.info("mesh %s, %s parameters", dict(trainer.mesh.shape), f"{n_params:,}")
+
+    data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
+    data_iter = iter(data)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
+                        keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(trainer.abstract_sharded_state(), data_iter=data_iter)
+        log.info("resumed from step %d in %s", start, workdir)
+    else:
+        state, start = trainer.init_state(), 0
+
+    batch_shardings = None
+    train_step = None
+    writer = MetricsWriter(workdir)
+    progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
+    pending: list[dict] = []
+    host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0}
+    t_last, last = time.perf_counter(), {}
+    for step in range(start, tc.steps):
+        batch = next(data_iter)
+        if train_step is None:
+            batch_shardings = trainer.batch_shardings(
+                {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
+            train_step = trainer.jit_train_step(batch_shardings)
+        host["tokens"] += int((batch["segment_ids"] > 0).sum())
+        host["slots"] += batch["segment_ids"].size
+        host["samples"] += int((batch["grid"][..., 0] > 0).sum())
+        host["resized"] += int(batch["resized"].sum())
+        state, metrics = train_step(state, pipeline.to_global(batch, batch_shardings))
+        pending.append(metrics)
+        done = step + 1
+        progress.update(1)
+
+        if done % tc.log_every == 0 or done == tc.steps:
+            fetched = jax.device_get(pending)
+            dt = time.perf_counter() - t_last
+            last = {
+                "loss": float(np.mean([m["loss"] for m in fetched])),
+                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                "lr": step_lib.learning_rate(trainer.optim_cfg, done),
+                "skipped_steps": int(jax.device_get(state["skipped"])),
+                "tokens_per_s": host["tokens"] * jax.process_count() / dt,
+                "steps_per_s": len(fetched) / dt,
+                "packing_fill": host["tokens"] / max(host["slots"], 1),
+                "samples_per_s": host["samples"] * jax.process_count() / dt,
+                "samples_resized": host["resized"],
+            }
+            writer.write(done, last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", fill=f"{last['packing_fill']:.3f}")
+            pending, t_last = [], time.perf_counter()
+            host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0}
+
+        ckpt.save(done, state, data_iter=data_iter, config=c, force=done == tc.steps)
+        if done == tc.steps or (tc.sample_every and done % tc.sample_every == 0):
+            scores = write_sample_grid(c, trainer, state, workdir, done, writer)
+            if scores:
+                writer.write(done, scores)
+                last.update(scores)
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

@@ -1,0 +1,50 @@
+"""Metrics a person can open: WORKDIR/metrics.jsonl and TensorBoard event files (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | os.PathLike):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(os.fspath(workdir), exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            v = np.asarray(v).item() if np.ndim(v) == 0 else v
+            row[k] = v
+            if isinstance(v, int | float) and self._tb is not None:
+                self._tb.add_scalar(k, v, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_video(self, tag: str, step: int, video: np.ndarray, fps: int) -> None:
+        """uint8 (T, H, W, 3) to TensorBoard (needs moviepy for an animation; else first frame)."""
+        if self._tb is None:
+            return
+        self._tb.add_image(tag, video[0], step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(os.path.join(os.fspath(workdir), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
