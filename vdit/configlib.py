@@ -130,7 +130,7 @@ def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
     return DiTConfig(
         width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, patch=patch_size(c),
         channels=c.autoencoder.channels, text=text, qk_norm=m.qk_norm, rope_theta=m.rope_theta,
-        attn_impl=m.attn_impl, remat=m.remat, scan_layers=m.scan_layers, dtype=m.dtype,
+        attn_impl=m.attn_impl, attn_block=m.attn_block, remat=m.remat, scan_layers=m.scan_layers, dtype=m.dtype,
         param_dtype=m.param_dtype,
     )
 

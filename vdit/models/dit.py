@@ -44,6 +44,7 @@ class DiTConfig:
     qk_norm: bool = True
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
+    attn_block: int = 512  # query/key block of the chunked implementation
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
     dtype: str = "float32"  # compute dtype
@@ -63,14 +64,14 @@ class Block(nnx.Module):
         self.modulation = nnx.Param(
             jnp.zeros((6, d), pdt), out_sharding=("modulation", "embed")
         )
-        self.self_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, **kw)
+        self.self_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw)
         self.norm_cross = layers.RMSNorm(d, "embed", param_dtype=pdt)
-        self.cross_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, **kw)
+        self.cross_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw)
         self.mlp = layers.MLP(d, int(d * cfg.mlp_ratio), **kw)
 
     def __call__(self, x, t_mod, segment_ids, rope, text, text_segment_ids):
         # x (B, L, D); t_mod (B, L, 6, D)
-        mod = t_mod + self.modulation.value.astype(t_mod.dtype)
+        mod = t_mod + self.modulation[...].astype(t_mod.dtype)
         shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
         h = layers.layer_norm(x) * (1 + scale1) + shift1
         x = x + gate1 * self.self_attn(h, segment_ids, rope=rope)
@@ -145,7 +146,7 @@ class VideoDiT(nnx.Module):
         rope = layers.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
         args = (t_mod, segment_ids, rope, context, text_segment_ids)
         h = self._run_blocks(h, args)
-        shift, scale = [(t_emb + self.head_modulation.value[i].astype(dt)) for i in range(2)]
+        shift, scale = [(t_emb + self.head_modulation[i].astype(dt)) for i in range(2)]
         h = layers.layer_norm(h) * (1 + scale) + shift
         out = self.head(h).astype(jnp.float32)
         return jnp.where(segment_ids[..., None] > 0, out, 0.0)

@@ -65,7 +65,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -121,6 +121,7 @@ class Attention(nnx.Module):
         kv_dim: int | None = None,
         qk_norm: bool = True,
         impl: str = "xla",
+        block: int = 512,
         seq: str = "length",
         rngs: nnx.Rngs,
         dtype=jnp.float32,
@@ -138,6 +139,7 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(dim, "heads", param_dtype=param_dtype) if qk_norm else None
         self.heads = heads
         self.impl = impl
+        self.block = block
         self.seq = seq
 
     def __call__(
@@ -159,7 +161,8 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = constrain(q, ("batch", self.seq, "heads", "kv"))
-        out = attention(q, k, v, q_segment_ids, kv_seg, impl=self.impl)  # (B, L, H, K)
+        out = attention(q, k, v, q_segment_ids, kv_seg, impl=self.impl, block_q=self.block,
+                        block_kv=self.block)  # (B, L, H, K)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
 

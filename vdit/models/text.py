@@ -104,7 +104,7 @@ class TextEncoder(nnx.Module):
         if text.ndim != 2:
             raise ValueError(f"byte text must be (B, C) token ids, got shape {text.shape}")
         pos = jnp.clip(positions, 0, self.cfg.max_len - 1)
-        x = (self.embed.value[text] + self.pos_embed.value[pos]).astype(self.dtype)  # (B, C, E)
+        x = (self.embed[...][text] + self.pos_embed[...][pos]).astype(self.dtype)  # (B, C, E)
         for block in self.blocks:
             x = block(x, segment_ids)
         return self.norm(x)

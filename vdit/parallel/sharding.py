@@ -132,7 +132,7 @@ def param_shardings(abstract_state: Any, rules: Rules, mesh: Mesh) -> dict:
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.value.shape))
+        node[path[-1]] = NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.get_value().shape))
     return out
 
 
