@@ -35,5 +35,5 @@ def tiny_config(variant: str = "mu/4"):
     c.sample.steps = 2
     c.sample.grid_prompts = ("a red square moves right", "a blue circle stands still")
     c.sample.grid_shape = (4, 16, 16)
-    c.mesh.data = 1
+    c.mesh.data = -1
     return c

@@ -28,12 +28,16 @@ from vdit.train.samples import write_sample_grid
 log = logging.getLogger(__name__)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) to `config.train.steps`; returns the last logged metrics."""
-    c = configlib.load(config, jax.device_count())
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
+    """Train (or resume) to `config.train.steps`; returns the last logged metrics.
+
+    `devices` (default: all) are the devices the mesh is built from.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    c = configlib.load(config, len(devices))
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
-    trainer = step_lib.make_trainer(c)
+    trainer = step_lib.make_trainer(c, devices)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     log.info("mesh %s, %s parameters", dict(trainer.mesh.shape), f"{n_params:,}")
 

@@ -1,0 +1,26 @@
+# Two commands do all the set-up: `make train` and `make test` (each installs what it needs first).
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= runs/default
+ARGS ?=
+
+.PHONY: install train test lint
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+# Train the embedded default (tiny DiT, procedural captioned videos, CPU) into $(WORKDIR).
+train: install
+	JAX_PLATFORMS=cpu $(VENV)/bin/vdit train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
+
+# The test suite (what CI runs). Eight fake CPU devices are set up by tests/conftest.py.
+test: install
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check vdit tests bench configs

@@ -1,0 +1,41 @@
+"""Config validation names the field that is wrong."""
+
+import pytest
+
+from vdit import configlib
+
+from tiny import tiny_config
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda c: setattr(c.model, "heads", 3), "model.heads"),
+        (lambda c: setattr(c.model, "variant", "Huge/2"), "model.variant"),
+        (lambda c: setattr(c.model, "variant", "mu/0"), "model.variant"),
+        (lambda c: setattr(c.model, "remat", "sometimes"), "model.remat"),
+        (lambda c: setattr(c.model, "attn_impl", "magic"), "model.attn_impl"),
+        (lambda c: setattr(c.sample, "grid_shape", (4, 18, 16)), "sample.grid_shape"),
+        (lambda c: setattr(c.data, "max_tokens_per_sample", 10_000), "data.max_tokens_per_sample"),
+        (lambda c: setattr(c.model.text, "max_len", 1000), "model.text.max_len"),
+        (lambda c: setattr(c.data.tasks, "teleport", 1.0), "data.tasks.teleport"),
+        (lambda c: setattr(c.data, "caption_dropout", 1.5), "data.caption_dropout"),
+        (lambda c: setattr(c.data.synthetic, "size_choices", ((2, 2),)), "data.synthetic.size_choices"),
+        (lambda c: setattr(c.data, "batch_rows", 6), "data.batch_rows"),
+        (lambda c: setattr(c.mesh, "data", 3), "mesh"),
+        (lambda c: setattr(c.mesh, "tensor", 8), "model.heads"),
+    ],
+)
+def test_validation_names_the_field(change, field):
+    c = tiny_config()
+    c.mesh.data = -1
+    with c.unlocked():
+        change(c)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        configlib.load(c, 8)
+
+
+def test_valid_config_resolves_variant():
+    c = configlib.load(tiny_config("S/2"), 8)  # mesh data=-1 takes all 8
+    assert (c.model.width, c.model.depth, c.model.heads) == (384, 12, 6)
+    assert configlib.patch_size(c) == (1, 2, 2)
