@@ -31,12 +31,6 @@ def time_shift(t: jax.Array, num_tokens: jax.Array, cfg: FlowConfig) -> jax.Arra
     return s * t / (1.0 + (s - 1.0) * t)
 
 
-def segment_token_counts(segment_ids: jax.Array, num_segments: int) -> jax.Array:
-    """Tokens of each segment 1..S in each row. (B, L) -> (B, S)."""
-    one_hot = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # (B, L, S)
-    return one_hot.sum(axis=1).astype(jnp.int32)
-
-
 def grid_tokens(grid: jax.Array, patch: tuple[int, int, int]) -> jax.Array:
     """Tokens of a full (undropped) sample from its latent grid (..., 3) and the patch size."""
     return jnp.prod(grid, axis=-1) // (patch[0] * patch[1] * patch[2])

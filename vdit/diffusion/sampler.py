@@ -49,7 +49,9 @@ def sample(
     cfg_scale: float = 3.0,
     text_len: int = 64,
 ) -> list[np.ndarray]:
-    """Latents (T, H, W, C) for each request (same order)."""
+    """Latents (T, H, W, C) for each request (same order). `params`: an nnx State or a pure dict."""
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
     out: dict[int, np.ndarray] = {}
     by_grid: dict[tuple[int, int, int], list[int]] = {}
     for i, r in enumerate(requests):

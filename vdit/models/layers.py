@@ -6,14 +6,17 @@ F MLP hidden, P patch values, E text-encoder width.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from vdit.ops.attention import attention
+from vdit.parallel import sharding
 from vdit.parallel.sharding import constrain
 
 # Parameters carry logical axis names only; `vdit.parallel.sharding` maps them to the mesh. Eager sharding
@@ -161,9 +164,28 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = constrain(q, ("batch", self.seq, "heads", "kv"))
-        out = attention(q, k, v, q_segment_ids, kv_seg, impl=self.impl, block_q=self.block,
-                        block_kv=self.block)  # (B, L, H, K)
+        out = self._attend(q, k, v, q_segment_ids, kv_seg)  # (B, L, H, K)
         return self.o(out.reshape(*out.shape[:-2], -1))
+
+
+    def _attend(self, q, k, v, q_seg, kv_seg):
+        """Attention; under a mesh, the chunked kernel runs per shard of rows and heads.
+
+        Rows are independent, so `shard_map` over the batch (and heads) axes is exact and lets each
+        device loop over its own rows' blocks; keys and values are gathered along `sequence` first.
+        """
+        fn = functools.partial(attention, impl=self.impl, block_q=self.block, block_kv=self.block)
+        ctx = sharding.current()
+        if ctx is None or self.impl == "xla":
+            return fn(q, k, v, q_seg, kv_seg)
+        mesh, rules = ctx
+        spec_q = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh, q.shape)
+        spec_k = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh, k.shape)
+        if spec_q != spec_k:  # e.g. heads divisible but not the same batch split: stay global
+            return fn(q, k, v, q_seg, kv_seg)
+        spec_s = P(*spec_q[:1])
+        return jax.shard_map(fn, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, spec_s, spec_s),
+                             out_specs=spec_q)(q, k, v, q_seg, kv_seg)
 
 
 class MLP(nnx.Module):

@@ -107,6 +107,11 @@ def activation_sharding(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
         _CTX.value = prev
 
 
+def current() -> tuple[Mesh, tuple] | None:
+    """The active (mesh, rules) of `activation_sharding`, or None."""
+    return getattr(_CTX, "value", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     ctx = getattr(_CTX, "value", None)
     if ctx is None:
