@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.frame_choices = (4, 8)  # video durations in frames
     c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images)
     c.data.synthetic.size_choices = ((16, 16), (16, 32), (32, 16), (24, 32), (32, 24), (32, 32))
-    c.data.batch_rows = 4  # global rows per step
+    c.data.batch_rows = 2  # global rows per step
     c.data.row_len = 1024  # L: tokens per row
     c.data.text_len = 384  # C: text tokens per row
     c.data.max_samples_per_row = 16  # S
@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- Optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) and EMA.
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 100  # linear warmup
+    c.optim.warmup_steps = 50  # linear warmup
     c.optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * lr (cosine)
     c.optim.weight_decay = 0.01  # decoupled, on matrices only
     c.optim.b1 = 0.9
@@ -96,9 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Training loop.
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1200  # optimizer steps
+    c.train.steps = 500  # optimizer steps (about 10 minutes on 2 CPU cores)
     c.train.log_every = 20  # metrics to metrics.jsonl / TensorBoard
-    c.train.checkpoint_every = 400  # orbax checkpoint interval (steps); the last step is always saved
+    c.train.checkpoint_every = 250  # orbax checkpoint interval (steps); the last step is always saved
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
     c.train.progress = True  # progress bar

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import configlib
+from vdit import configlib, flops
 from vdit.data import pipeline
 from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer
@@ -56,7 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer = MetricsWriter(workdir)
     progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
     pending: list[dict] = []
-    host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0}
+    host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0, "flops": 0.0}
     t_last, last = time.perf_counter(), {}
     for step in range(start, tc.steps):
         batch = next(data_iter)
@@ -68,6 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         host["slots"] += batch["segment_ids"].size
         host["samples"] += int((batch["grid"][..., 0] > 0).sum())
         host["resized"] += int(batch["resized"].sum())
+        host["flops"] += flops.step_flops(trainer.model_cfg, batch["segment_ids"],
+                                          batch["text_segment_ids"])["total_useful"]
         state, metrics = train_step(state, pipeline.to_global(batch, batch_shardings))
         pending.append(metrics)
         done = step + 1
@@ -86,11 +88,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 "packing_fill": host["tokens"] / max(host["slots"], 1),
                 "samples_per_s": host["samples"] * jax.process_count() / dt,
                 "samples_resized": host["resized"],
+                # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
+                "model_flops_per_s": host["flops"] * jax.process_count() / dt,
             }
             writer.write(done, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", fill=f"{last['packing_fill']:.3f}")
             pending, t_last = [], time.perf_counter()
-            host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0}
+            host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0, "flops": 0.0}
 
         ckpt.save(done, state, data_iter=data_iter, config=c, force=done == tc.steps)
         if done == tc.steps or (tc.sample_every and done % tc.sample_every == 0):
