@@ -198,3 +198,16 @@ def test_read_config(tmp_path: Path) -> None:
         assert ckpt.read_config(step=1)["lr"] == 3e-4
     assert read_config(tmp_path) == expected
     assert read_config(tmp_path, step=1)["lr"] == 3e-4
+
+
+def test_relative_directory_saves_and_restores(tmp_path: Path, monkeypatch) -> None:
+    """A work directory given relative to the current directory (as `make train` does) works."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer("runs/x/checkpoints", save_every=1) as ckpt:
+        assert ckpt.save(1, state, config={"a": 1})
+        assert ckpt.save(2, state, config={"a": 2})  # the first async save commits meanwhile
+    with Checkpointer("runs/x/checkpoints", save_every=1) as ckpt:
+        restored, step = ckpt.restore(state)
+    assert step == 2 and np.array_equal(restored["w"], np.arange(4.0))
+    assert read_config("runs/x/checkpoints")["a"] == 2

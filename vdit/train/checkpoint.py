@@ -95,7 +95,8 @@ class Checkpointer:
         """Opens (creating if needed) ``directory``; ``keep=None`` keeps every step."""
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = epath.Path(os.fspath(directory))
+        # orbax needs absolute paths (a relative one fails when the async save commits).
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             max_to_keep=keep,
@@ -226,7 +227,7 @@ def _restore_config(
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """Reads the config stored in checkpoint ``directory`` (at ``step``, default latest)."""
-    path = epath.Path(os.fspath(directory))
+    path = epath.Path(os.path.abspath(os.fspath(directory)))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     options = ocp.CheckpointManagerOptions(
