@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from tiny import DEFAULT_CONFIG, ROOT
 
 from vdit.data.video_io import read_video
-
-from tiny import DEFAULT_CONFIG, ROOT
 
 TINY_FLAGS = [
     f"--config={DEFAULT_CONFIG}:mu/4",

@@ -1,10 +1,9 @@
 """Config validation names the field that is wrong."""
 
 import pytest
+from tiny import tiny_config
 
 from vdit import configlib
-
-from tiny import tiny_config
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_config
 
 from vdit import configlib
 from vdit.data import pipeline
 from vdit.models import layers, text
 from vdit.models.dit import DiTConfig, VideoDiT
 from vdit.models.text import TextEncoderConfig
-
-from tiny import tiny_config
 
 
 @nnx.jit(static_argnums=(0, 1))
@@ -115,7 +114,7 @@ def test_remat_policies_give_same_gradients(batch):
         g, params = nnx.split(model)
         t = np.full(b["segment_ids"].shape, 0.5, np.float32)
 
-        def loss(p):
+        def loss(p, g=g, t=t):
             m = nnx.merge(g, p)
             return jnp.mean(m(b["patches"], b["positions"], b["segment_ids"], t, b["text"],
                               b["text_segment_ids"]) ** 2)

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 from vdit import configlib
 from vdit.data import packing, pipeline, tasks
 from vdit.data.synthetic import SyntheticVideos
 from vdit.models.text import detokenize
-
-from tiny import tiny_config
 
 
 def _cfg(**data):

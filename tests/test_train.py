@@ -6,13 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 from vdit import configlib
 from vdit.data import pipeline
 from vdit.train import step as step_lib
 from vdit.train.loop import train_and_evaluate
-
-from tiny import tiny_config
 
 
 def _batch(c):
