@@ -22,6 +22,7 @@ from vdit import configlib
         (lambda c: setattr(c.data.synthetic, "size_choices", ((2, 2),)), "data.synthetic.size_choices"),
         (lambda c: setattr(c.data, "batch_rows", 6), "data.batch_rows"),
         (lambda c: setattr(c.mesh, "data", 3), "mesh"),
+        (lambda c: setattr(c.autoencoder, "compression", (4, 8, 8)), "autoencoder.compression"),
         (lambda c: setattr(c.mesh, "tensor", 8), "model.heads"),
     ],
 )

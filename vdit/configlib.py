@@ -71,6 +71,10 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
         _fail("model.text.heads", f"{m.text.heads} do not divide model.text.width={m.text.width}")
     if c.autoencoder.kind != "identity":
         _fail("autoencoder.kind", f"{c.autoencoder.kind!r}: only 'identity' is available")
+    if tuple(c.autoencoder.compression) != (1, 1, 1) or c.autoencoder.channels != 3:
+        _fail("autoencoder.compression", "the identity autoencoder is pixel space: compression "
+              f"(1, 1, 1) and 3 channels, got {tuple(c.autoencoder.compression)} and "
+              f"{c.autoencoder.channels}")
 
     patch = (m.patch_t, p, p)
     comp = tuple(c.autoencoder.compression)
