@@ -18,6 +18,7 @@ from vdit import configlib
         (lambda c: setattr(c.data, "max_tokens_per_sample", 10_000), "data.max_tokens_per_sample"),
         (lambda c: setattr(c.model.text, "max_len", 1000), "model.text.max_len"),
         (lambda c: setattr(c.data.tasks, "teleport", 1.0), "data.tasks.teleport"),
+        (lambda c: setattr(c.data.tasks, "i2v", -0.5), "data.tasks.i2v"),
         (lambda c: setattr(c.data, "caption_dropout", 1.5), "data.caption_dropout"),
         (lambda c: setattr(c.data.synthetic, "size_choices", ((2, 2),)), "data.synthetic.size_choices"),
         (lambda c: setattr(c.data, "batch_rows", 6), "data.batch_rows"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 
 from absl import app, flags
@@ -107,7 +108,7 @@ def _params() -> None:
     print(f"mesh {dict(trainer.mesh.shape)}")
     for name, shape, spec in rows:
         print(f"{name:60s} {str(shape):24s} {spec}")
-    total = sum(int(__import__('math').prod(s)) for _, s, _ in rows)
+    total = sum(math.prod(s) for _, s, _ in rows)
     print(f"total parameters: {total:,}")
 
 

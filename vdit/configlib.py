@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from vdit.data import packing, pipeline, tasks
+from vdit.data import packing, pipeline
 from vdit.data.synthetic import SyntheticConfig
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
@@ -85,15 +85,7 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
               f"divisible by the patch {patch} (model.patch_t, variant p)")
 
     dc = c.data
-    if dc.max_tokens_per_sample > dc.row_len:
-        _fail("data.max_tokens_per_sample", f"{dc.max_tokens_per_sample} > data.row_len={dc.row_len}")
-    if m.text.max_len > dc.text_len:
-        _fail("model.text.max_len", f"{m.text.max_len} > data.text_len={dc.text_len}")
-    for task, weight in dc.tasks.items():
-        if task not in tasks.TASKS:
-            _fail(f"data.tasks.{task}", f"unknown task; choose from {tasks.TASKS}")
-        if weight < 0:
-            _fail(f"data.tasks.{task}", f"weight {weight} is negative")
+    pipeline.validate(pipeline_config(c))  # token and text caps, task names and weights
     if not 0 <= dc.caption_dropout < 1:
         _fail("data.caption_dropout", f"{dc.caption_dropout} is not in [0, 1)")
     unit = (p * comp[1], p * comp[2])

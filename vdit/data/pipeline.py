@@ -137,9 +137,11 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError(
             f"model.text.max_len={cfg.text_len_per_sample} exceeds data.text_len={p.text_len}"
         )
-    for name, _ in cfg.task_weights:
+    for name, weight in cfg.task_weights:
         if name not in tasks.TASKS:
             raise ValueError(f"data.tasks.{name}: unknown task; choose from {tasks.TASKS}")
+        if weight < 0:
+            raise ValueError(f"data.tasks.{name}: weight {weight} is negative")
 
 
 def make_source(cfg: PipelineConfig):

@@ -41,15 +41,20 @@ class OptimConfig:
     ema_decay: float = 0.999
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, global-norm clipping, decay on matrices only."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, global-norm clipping, weight decay on matrices only."""
+    schedule = lr_schedule(cfg)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(
@@ -60,11 +65,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def learning_rate(cfg: OptimConfig, step: int) -> float:
-    sched = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup_steps, max(cfg.total_steps, cfg.warmup_steps + 1),
-        cfg.lr * cfg.min_lr_ratio,
-    )
-    return float(sched(step))
+    return float(lr_schedule(cfg)(step))
 
 
 @dataclasses.dataclass
