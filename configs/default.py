@@ -57,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_samples = 1_000_000  # index space of the procedural source
     c.data.synthetic.frame_choices = (4, 8)  # video durations in frames
-    c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images)
+    c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images): the image/video mix
+    c.data.synthetic.fps = 8.0  # nominal frame rate of the procedural videos (see data.max_fps)
     c.data.synthetic.size_choices = ((16, 16), (16, 32), (32, 16), (24, 32), (32, 24), (32, 32))
     c.data.batch_rows = 2  # global rows per step
     c.data.row_len = 1024  # L: tokens per row
@@ -65,6 +66,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_samples_per_row = 16  # S
     c.data.packing_bins = 16  # rows packed together (higher fill, more host memory)
     c.data.max_tokens_per_sample = 1024  # larger samples are resized down (never cropped)
+    c.data.frame_stride = 1  # keep every k-th source frame (frame-rate subsampling)
+    c.data.max_fps = 0.0  # > 0: sources with a higher "fps" are strided down to at most this
+    # NaViT token dropping: a share of each sample's generated tokens leaves the row before packing
+    # (kept tokens keep their positions; conditioning tokens are never dropped; never at sampling).
+    c.data.token_drop = ml_collections.ConfigDict()
+    c.data.token_drop.kind = "none"  # "none" | "constant" | "beta" | "size"
+    c.data.token_drop.rate = 0.0  # the rate ("constant"), or its cap ("beta", "size"); in [0, 1)
+    c.data.token_drop.beta_a = 1.0  # "beta": rate ~ Beta(beta_a, beta_b), capped at rate
+    c.data.token_drop.beta_b = 1.0
+    c.data.token_drop.ref_tokens = 256  # "size": rate * (1 - ref_tokens / n), 0 for n <= ref_tokens
     c.data.caption_dropout = 0.1  # empty caption rate (classifier-free guidance)
     c.data.tasks = ml_collections.ConfigDict()  # conditioning-task weights (see vdit/data/tasks.py)
     c.data.tasks.t2v = 1.0

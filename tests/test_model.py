@@ -38,9 +38,40 @@ def batch():
     return next(iter(pipeline.build(configlib.pipeline_config(c)))), c
 
 
+@pytest.fixture(scope="module")
+def dropped_batch():
+    """Rows whose samples lost half their generated tokens (NaViT token dropping), some with i2v."""
+    c = configlib.load(tiny_config())
+    c.data.batch_rows = 2
+    c.data.token_drop.kind = "constant"
+    c.data.token_drop.rate = 0.5
+    c.data.tasks.i2v = 1.0
+    return next(iter(pipeline.build(configlib.pipeline_config(c)))), c
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_packed_row_equals_each_sample_alone(batch, scan_layers):
-    b, c = batch
+    _check_packed_equals_alone(*batch, scan_layers)
+
+
+def test_token_dropping_packed_row_equals_each_sample_alone(dropped_batch):
+    """With tokens dropped, a packed row == each sample alone over the same kept tokens (at their
+    original positions), and changing one sample changes no other sample's output."""
+    b, c = dropped_batch
+    assert b["stats"][..., -1].sum() > 0, "the batch should have dropped tokens"
+    packed, model, t = _check_packed_equals_alone(b, c, scan_layers=True)
+    seg = b["segment_ids"][0]
+    x = np.array(b["patches"])
+    x[0][seg == 2] += 1.0  # another sample's tokens change...
+    again = _forward(model, x, b["positions"], b["segment_ids"], t, b["text"],
+                     b["text_segment_ids"], b["text_positions"])
+    assert not np.allclose(again[0][seg == 2], packed[0][seg == 2])
+    others = (seg != 2) & (seg > 0)
+    np.testing.assert_array_equal(again[0][others], packed[0][others])  # ...and nothing else does
+    np.testing.assert_array_equal(again[1], packed[1])
+
+
+def _check_packed_equals_alone(b, c, scan_layers):
     cfg = configlib.model_config(c)
     cfg = DiTConfig(**{**cfg.__dict__, "scan_layers": scan_layers})
     model = _perturbed_model(cfg)
@@ -79,6 +110,7 @@ def test_packed_row_equals_each_sample_alone(batch, scan_layers):
                     np.ones((1, n), np.int32), t[r][sel][None], b["text"][r][tsel][None],
                     np.ones((1, tsel.sum()), np.int32))
     np.testing.assert_allclose(solo[0], packed[r][sel], atol=2e-5, rtol=1e-4)
+    return packed, model, t
 
 
 def test_scan_and_loop_agree(batch):

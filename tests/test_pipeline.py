@@ -1,5 +1,8 @@
 """The grain pipeline: packed rows hold exactly the samples, deterministically, per host, within caps."""
 
+import dataclasses
+
+import grain
 import numpy as np
 import pytest
 from tiny import tiny_config
@@ -10,8 +13,9 @@ from vdit.data.synthetic import SyntheticVideos
 from vdit.models.text import detokenize
 
 
-def _cfg(**data):
+def _cfg(image_fraction=0.3, **data):
     c = tiny_config()
+    c.data.synthetic.image_fraction = image_fraction
     for k, v in data.items():
         setattr(c.data, k, v)
     return configlib.pipeline_config(configlib.load(c))
@@ -82,22 +86,152 @@ def test_fill_is_high():
     assert np.mean(fills) > 0.9
 
 
-@pytest.mark.parametrize("shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9)])
+@pytest.mark.parametrize("shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9), (5, 16, 16)])
 def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
     policy = pipeline.SizePolicy(patch=(1, 4, 4), max_tokens=128)
-    frames, stride, h, w = policy.plan(*shape)
+    plan = policy.plan(*shape)
     t, H, W = shape
+    h, w = plan.height, plan.width
     assert h % 4 == 0 and w % 4 == 0 and h <= H and w <= W
-    assert frames * (h // 4) * (w // 4) <= 128
+    assert plan.frames * (h // 4) * (w // 4) <= 128
     # Aspect ratio kept to within one patch of rounding.
     assert abs(h / w - H / W) <= 4 / min(h, w) + 4 / min(H, W) or (h == 4 or w == 4)
     # All frames are kept unless the cap needs temporal subsampling.
-    assert frames == len(range(0, t, stride))
+    assert plan.frames == len(range(0, t, plan.stride))
+    # Every change is named.
+    assert ("downscaled" in plan.events) == (h * w < (H // 4) * (W // 4) * 16)
+    assert ("snapped" in plan.events) == ((h, w) != (H, W) and "downscaled" not in plan.events)
+    assert ("time_subsampled" in plan.events) == (plan.stride > 1)
+    assert ("frames_trimmed" in plan.events) is False
 
 
-def test_size_policy_rejects_too_small():
-    with pytest.raises(ValueError, match="smaller than one patch"):
-        pipeline.SizePolicy(patch=(1, 4, 4)).plan(3, 2, 30)
+def test_size_policy_trims_frames_to_whole_latent_patches():
+    plan = pipeline.SizePolicy(patch=(2, 4, 4), compression=(4, 1, 1), max_tokens=4096).plan(12, 16, 16)
+    # 12 frames -> 1 + 11 // 4 = 3 latent frames -> 2 (one temporal patch of 2) -> 1 + 1 * 4 pixels.
+    assert plan.frames == 5 and plan.events == ("frames_trimmed",)
+
+
+@pytest.mark.parametrize("shape, reason", [
+    ((3, 2, 30), "too_small"), ((0, 16, 16), "empty"), ((1, 16, 16), "too_short"),
+    ((4, 16, 40_000), "over_cap"),
+])
+def test_size_policy_rejects_with_a_reason(shape, reason):
+    with pytest.raises(pipeline.Rejected, match=reason) as e:
+        pipeline.SizePolicy(patch=(2, 4, 4), max_tokens=128).plan(*shape)
+    assert e.value.reason == reason
+
+
+def _stats(element) -> dict[str, int]:
+    return dict(zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0)))
+
+
+def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
+    cfg = _cfg(frame_stride=1)
+    good = [{"video": np.full((4, 16, 16, 3), 10 * i, np.uint8), "caption": f"good {i}", "index": i}
+            for i in range(3)]
+    bad = [
+        {"video": np.zeros((0, 16, 16, 3), np.uint8), "caption": "", "index": 10},  # empty
+        {"video": np.zeros((4, 16, 16), np.uint8), "caption": "", "index": 11},  # bad shape
+        {"video": np.zeros((4, 2, 16, 3), np.uint8), "caption": "", "index": 12},  # too small
+        {"video": np.full((4, 16, 16, 3), np.nan, np.float32), "caption": "", "index": 13},
+    ]
+    source = [bad[0], good[0], bad[1], bad[2], good[1], bad[3], good[2]]
+    with caplog.at_level("WARNING"):
+        out = list(pipeline.prepare_samples(grain.MapDataset.source(source), cfg))
+    assert len(out) == 3
+    expected = np.array([0, 10, 20], np.float32) / 127.5 - 1
+    np.testing.assert_array_equal([e["patches"][0, 0] for e in out], expected)
+    counts = [_stats(e) for e in out]
+    assert counts[0]["rejected_empty"] == 1 and sum(v for k, v in counts[0].items() if "rejected" in k) == 1
+    assert counts[1]["rejected_bad_shape"] == 1 and counts[1]["rejected_too_small"] == 1
+    assert counts[2]["rejected_non_finite"] == 1
+    total = {k: sum(c[k] for c in counts) for k in pipeline.STATS}
+    assert sum(v for k, v in total.items() if k.startswith("rejected")) == len(bad)
+    assert all(f"sample {b['index']} rejected" in caplog.text for b in bad)
+
+
+def test_size_events_are_counted_in_the_batch():
+    # Videos only, of 4 frames; a 16x16 one has 64 tokens.
+    cfg = _cfg(image_fraction=0.0, max_tokens_per_sample=16, frame_stride=2)
+    b = next(iter(pipeline.build(cfg)))
+    n = int((b["grid"][..., 0] > 0).sum())
+    stats = _stats(b)
+    assert stats["fps_subsampled"] == n  # every sample has 4 frames
+    assert stats["downscaled"] + stats["time_subsampled"] >= 1
+    assert (b["grid"][..., 0] <= 2).all()  # every 2nd frame of 4
+
+
+def test_max_fps_subsamples_by_the_source_frame_rate():
+    cfg = _cfg(image_fraction=0.0, max_fps=4.0)  # the synthetic source reports 8 fps
+    b = next(iter(pipeline.build(cfg)))
+    assert _stats(b)["fps_subsampled"] == int((b["grid"][..., 0] > 0).sum())
+
+
+def _drop_cfg(kind, rate, **kw):
+    c = tiny_config()
+    c.data.caption_dropout = 0.0
+    c.data.token_drop.kind = kind
+    c.data.token_drop.rate = rate
+    for k, v in kw.items():
+        setattr(c.data.token_drop, k, v)
+    return configlib.pipeline_config(configlib.load(c))
+
+
+def test_token_dropping_keeps_positions_and_conditioning():
+    """Dropped tokens leave the sample; the kept ones are the undropped sample's tokens at their
+    own positions; conditioning tokens stay; stats count the dropped ones."""
+    full_cfg = _drop_cfg("none", 0.0)
+    drop_cfg = _drop_cfg("constant", 0.5)
+    weights = (("t2v", 1.0), ("i2v", 1.0))
+    full_cfg = pipeline.PipelineConfig(**{**full_cfg.__dict__, "task_weights": weights})
+    drop_cfg = pipeline.PipelineConfig(**{**drop_cfg.__dict__, "task_weights": weights})
+    source = grain.MapDataset.source(SyntheticVideos(full_cfg.synthetic))[:24]
+    full = list(pipeline.prepare_samples(source, full_cfg))
+    dropped = list(pipeline.prepare_samples(source, drop_cfg))
+    assert len(full) == len(dropped) == 24
+    n_cond = 0
+    for f, d in zip(full, dropped, strict=True):
+        grid = f["grid"][0]
+        raster = lambda p: (p[:, 0] * (grid[1] // 4) + p[:, 1]) * (grid[2] // 4) + p[:, 2]
+        idx = raster(d["positions"])
+        assert (np.diff(idx) > 0).all()  # a sorted subset of the sample's own positions
+        np.testing.assert_array_equal(d["patches"], f["patches"][idx])
+        np.testing.assert_array_equal(d["grid"], f["grid"])  # the full grid (for the time shift)
+        assert f["cond_mask"][idx].tolist() == d["cond_mask"].tolist()
+        assert d["cond_mask"].sum() == f["cond_mask"].sum()  # conditioning tokens are never dropped
+        n_cond += int(f["cond_mask"].any())
+        gen = int((~f["cond_mask"]).sum())
+        n_drop = len(f["patches"]) - len(d["patches"])
+        assert _stats(d)["tokens_dropped"] == n_drop and abs(n_drop - 0.5 * gen) <= 1
+        assert (~d["cond_mask"]).sum() >= 1
+    assert n_cond >= 3
+
+
+def test_token_drop_rates():
+    rng = np.random.default_rng(0)
+    size = pipeline.TokenDrop(kind="size", rate=0.8, ref_tokens=64)
+    assert size.draw_rate(64, rng) == 0.0 and size.draw_rate(16, rng) == 0.0
+    assert size.draw_rate(256, rng) == pytest.approx(0.6)
+    beta = pipeline.TokenDrop(kind="beta", rate=0.5, beta_a=2.0, beta_b=2.0)
+    rates = np.array([beta.draw_rate(100, rng) for _ in range(2000)])
+    assert rates.max() <= 0.5 and 0.3 < rates.mean() < 0.5 and (rates < 0.5).mean() > 0.4
+    keep = pipeline.TokenDrop(kind="constant", rate=0.99).keep(np.zeros(10, bool), rng)
+    assert len(keep) == 1  # at least one generated token stays
+    with pytest.raises(ValueError, match="token_drop.kind"):
+        pipeline.validate(_drop_cfg("sometimes", 0.1))
+    with pytest.raises(ValueError, match="token_drop.rate"):
+        pipeline.validate(_drop_cfg("constant", 1.0))
+
+
+def test_token_dropping_in_packed_rows():
+    cfg = _drop_cfg("constant", 0.5)
+    cfg = pipeline.PipelineConfig(**{**cfg.__dict__, "packing": dataclasses.replace(
+        cfg.packing, max_samples=32, text_len=512)})  # halved samples: more of them fit a row
+    b = next(iter(pipeline.build(cfg)))
+    stats = _stats(b)
+    kept = int((b["segment_ids"] > 0).sum())
+    assert 0.4 < stats["tokens_dropped"] / (stats["tokens_dropped"] + kept) < 0.6
+    assert (b["segment_ids"] > 0).mean() > 0.9  # rows are still packed full
 
 
 def test_task_masks():

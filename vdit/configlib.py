@@ -138,7 +138,7 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
         synthetic=SyntheticConfig(
             num_samples=syn.num_samples, seed=d.seed, frame_choices=tuple(syn.frame_choices),
             image_fraction=syn.image_fraction,
-            size_choices=tuple(tuple(s) for s in syn.size_choices),
+            size_choices=tuple(tuple(s) for s in syn.size_choices), fps=syn.fps,
         ),
         size=pipeline.SizePolicy(patch=patch_size(c), compression=tuple(c.autoencoder.compression),
                                  max_tokens=d.max_tokens_per_sample),
@@ -149,6 +149,12 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
         text_len_per_sample=c.model.text.max_len,
         caption_dropout=d.caption_dropout,
         task_weights=tuple((k, float(v)) for k, v in d.tasks.items()),
+        token_drop=pipeline.TokenDrop(
+            kind=d.token_drop.kind, rate=d.token_drop.rate, beta_a=d.token_drop.beta_a,
+            beta_b=d.token_drop.beta_b, ref_tokens=d.token_drop.ref_tokens,
+        ),
+        frame_stride=d.frame_stride,
+        max_fps=d.max_fps,
         seed=d.seed,
         workers=d.workers,
     )

@@ -72,7 +72,8 @@ def pack(
     Each input element holds ``patches`` (N, P), ``positions`` (N, 3), ``cond_mask`` (N,), ``text``
     (Nc,) or (Nc, E), and ``grid`` (1, 3). A sample longer than the row or with more text than `text_len`
     is an error here: the size policy upstream guarantees it never happens. `sample_features` name
-    extra one-entry-per-sample arrays (shape (1,)) carried through as (S,) per row, like ``grid``.
+    extra one-entry-per-sample arrays (shape (1,) or (1, K)) carried through as (S,) or (S, K) per
+    row, like ``grid``.
     """
     lengths = {
         "patches": cfg.row_len,
@@ -111,14 +112,19 @@ def _to_contract(row: dict[str, Any], sample_features: tuple[str, ...]) -> dict[
 
 
 def unpack_row(batch: dict[str, np.ndarray], row: int, patch: tuple[int, int, int]) -> list[dict]:
-    """The samples of one packed row, each as its latent (T, H, W, C) and its token ids (for tests)."""
+    """The samples of one packed row (for tests and inspection): each sample's tokens, positions and
+    text, and its latent (T, H, W, C) when no token of it was dropped (else None)."""
     out = []
     seg = np.asarray(batch["segment_ids"][row])
     for s in range(1, int(seg.max(initial=0)) + 1):
         sel = seg == s
         grid = tuple(int(v) for v in batch["grid"][row, s - 1])
+        tokens = np.asarray(batch["patches"][row][sel])
+        whole = tokens.shape[0] == np.prod(grid) // np.prod(patch)
         out.append({
-            "latent": unpatchify(np.asarray(batch["patches"][row][sel]), grid, patch),
+            "latent": unpatchify(tokens, grid, patch) if whole else None,
+            "patches": tokens,
+            "positions": np.asarray(batch["positions"][row][sel]),
             "text": np.asarray(batch["text"][row][np.asarray(batch["text_segment_ids"][row]) == s]),
             "grid": grid,
         })

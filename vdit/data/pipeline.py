@@ -24,6 +24,45 @@ from vdit.models.text import tokenize
 log = logging.getLogger(__name__)
 
 
+# Why a sample's size changed (a sample can have several) and why a sample was rejected. Every
+# sample carries these as counts in its "stats" feature (REJECTS counted on the next accepted sample),
+# so the counts travel with the data through packing, worker processes and checkpoints.
+EVENTS: tuple[str, ...] = (
+    "snapped",  # resized by less than a patch so its sides are whole patches (aspect kept to a patch)
+    "downscaled",  # resized down in space to fit max_tokens
+    "time_subsampled",  # frames strided to fit max_tokens after the smallest useful spatial size
+    "frames_trimmed",  # trailing frames that make no whole temporal patch dropped (< pt * ct frames)
+    "fps_subsampled",  # frames strided by data.frame_stride / data.max_fps
+)
+REJECTS: tuple[str, ...] = (
+    "empty",  # no frames or zero height/width
+    "bad_shape",  # not uint8 (T, H, W, 3)
+    "too_small",  # height or width under one patch in pixels
+    "too_short",  # fewer frames than one temporal patch
+    "non_finite",  # NaN or inf values
+    "over_cap",  # over max_tokens even at one patch on its short side and one temporal patch
+)
+STATS: tuple[str, ...] = (*EVENTS, *(f"rejected_{r}" for r in REJECTS), "tokens_dropped")
+
+
+class Rejected(ValueError):
+    """A sample that cannot be trained on; `reason` is one of REJECTS."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in REJECTS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    frames: int  # pixel frames kept (after `stride`), a whole number of latent patches
+    stride: int  # temporal subsampling applied before keeping `frames`
+    height: int  # target height in pixels (a whole number of patches)
+    width: int  # target width in pixels
+    events: tuple[str, ...]  # what changed, names from EVENTS
+
+
 @dataclasses.dataclass(frozen=True)
 class SizePolicy:
     """Keep aspect ratio and duration; resize down (never crop) to fit `max_tokens`; snap to the grid."""
@@ -36,35 +75,91 @@ class SizePolicy:
         ct = self.compression[0]
         return frames if ct == 1 else 1 + (frames - 1) // ct  # causal: first frame alone
 
-    def plan(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(pixel frames kept, frame stride, target height, target width) for a sample.
+    def plan(self, frames: int, height: int, width: int) -> SizePlan:
+        """How a (frames, height, width) pixel sample becomes a whole-patch latent grid under the cap.
 
         Frames beyond a whole number of latent patches are dropped from the end (at most pt*ct - 1
         frames); spatial sizes are resized to multiples of the patch in pixels; a sample over the token
         cap is scaled down in space (aspect kept), then subsampled in time if even the smallest spatial
-        grid is over the cap. Raises ValueError for a sample too small for one patch.
+        grid is over the cap. Raises `Rejected` for a sample that cannot hold one patch.
         """
         pt, ph, pw = self.patch
         ct, ch, cw = self.compression
         uh, uw = ph * ch, pw * cw
+        if frames < 1 or height < 1 or width < 1:
+            raise Rejected("empty", f"{frames} frames of {height}x{width}")
         if height < uh or width < uw:
-            raise ValueError(f"{height}x{width} is smaller than one patch ({uh}x{uw} pixels)")
+            raise Rejected("too_small", f"{height}x{width} is under one patch ({uh}x{uw} pixels)")
+        if self.latent_frames(frames) < pt:
+            raise Rejected("too_short", f"{frames} frames make no whole temporal patch of {pt}")
         stride = 1
         while True:
             f = (frames - 1) // stride + 1
             lt = self.latent_frames(f) // pt * pt
-            if lt == 0:
-                raise ValueError(f"{frames} frames make no whole temporal patch of {pt}")
             scale = min(1.0, math.sqrt(self.max_tokens / (lt // pt * (height // uh) * (width // uw))))
             gh = max(1, int(height * scale) // uh)
             gw = max(1, int(width * scale) // uw)
-            if (lt // pt) * gh * gw <= self.max_tokens:
+            if (lt // pt) * gh * gw <= self.max_tokens or lt == pt:
                 break
-            if f == 1:
-                raise ValueError(f"one frame at the smallest size exceeds max_tokens={self.max_tokens}")
             stride *= 2
+        if (lt // pt) * gh * gw > self.max_tokens:  # an extreme aspect ratio: no crop, no squash
+            raise Rejected("over_cap", f"{frames}x{height}x{width} needs {gh}x{gw} patches per "
+                           f"frame at least, over max_tokens={self.max_tokens}")
         kept = lt if ct == 1 else 1 + (lt - 1) * ct
-        return kept, stride, gh * uh, gw * uw
+        th, tw = gh * uh, gw * uw
+        events = []
+        if scale < 1.0:
+            events.append("downscaled")
+        elif (th, tw) != (height, width):
+            events.append("snapped")
+        if stride > 1:
+            events.append("time_subsampled")
+        if kept < f:
+            events.append("frames_trimmed")
+        return SizePlan(kept, stride, th, tw, tuple(events))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenDrop:
+    """NaViT token dropping: each sample loses a share of its generated tokens before packing.
+
+    Dropped tokens leave the row (the packer sees a shorter sample); kept tokens keep their grid
+    positions; conditioning tokens are always kept, and at least one generated token is. The rate is
+    per sample: "constant" (= rate), "beta" (~ Beta(beta_a, beta_b), capped at rate), or "size"
+    (rate * (1 - ref_tokens / n) for a sample of n > ref_tokens tokens: small samples keep all,
+    large ones approach rate). Sampling never drops (it does not use the data pipeline).
+    """
+
+    kind: str = "none"  # "none" | "constant" | "beta" | "size"
+    rate: float = 0.0  # the rate ("constant") or its cap ("beta", "size"), in [0, 1)
+    beta_a: float = 1.0
+    beta_b: float = 1.0
+    ref_tokens: int = 256  # "size": samples up to this many tokens keep every token
+
+    KINDS = ("none", "constant", "beta", "size")
+
+    def draw_rate(self, num_tokens: int, rng: np.random.Generator) -> float:
+        if self.kind == "none":
+            return 0.0
+        if self.kind == "constant":
+            return self.rate
+        if self.kind == "beta":
+            return min(float(rng.beta(self.beta_a, self.beta_b)), self.rate)
+        if self.kind == "size":
+            return self.rate * max(0.0, 1.0 - self.ref_tokens / max(num_tokens, 1))
+        raise ValueError(f"data.token_drop.kind={self.kind!r}: choose from {self.KINDS}")
+
+    def keep(self, cond: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sorted indices of the tokens kept, given the sample's conditioning mask (N,)."""
+        n = cond.shape[0]
+        rate = self.draw_rate(n, rng)
+        generated = np.flatnonzero(~cond)
+        # Stochastic rounding keeps the expected rate exact for small samples.
+        drop = min(int(rate * generated.size + rng.random()), max(generated.size - 1, 0))
+        if drop == 0:
+            return np.arange(n)
+        dropped = rng.choice(generated, size=drop, replace=False)
+        return np.setdiff1d(np.arange(n), dropped, assume_unique=True)
 
 
 def resize_video(video: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -85,36 +180,71 @@ class PipelineConfig:
     text_len_per_sample: int = 64  # caption tokens kept per sample
     caption_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)
     task_weights: tuple[tuple[str, float], ...] = (("t2v", 1.0),)
+    token_drop: TokenDrop = TokenDrop()
+    frame_stride: int = 1  # keep every k-th source frame (frame-rate subsampling)
+    max_fps: float = 0.0  # > 0: subsample sources with an "fps" above this (stride ceil(fps/max_fps))
     seed: int = 0
     workers: int = 0  # grain worker processes (0: in the training process)
 
 
+def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarray:
+    out = np.zeros((1, len(STATS)), np.int32)
+    for e in events:
+        out[0, STATS.index(e)] = 1
+    if rejected is not None:
+        out[0, STATS.index(f"rejected_{rejected}")] = 1
+    out[0, -1] = dropped
+    return out
+
+
 class _Prepare(grain.transforms.RandomMap):
-    """One sample dict {"video" uint8 (T,H,W,3), "caption"} -> the per-sample packing input."""
+    """One sample dict {"video" uint8 (T,H,W,3), "caption"[, "fps"]} -> the per-sample packing input,
+    or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`)."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        try:
+            return self._prepare(element, rng)
+        except Rejected as e:
+            log.warning("sample %s rejected: %s", element.get("index", "?"), e)
+            return {"stats": _stats(rejected=e.reason)}
+
+    def _prepare(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.cfg
-        video = element["video"]
-        if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] < 1:
-            raise ValueError(f"sample {element.get('index')}: expected (T, H, W, 3), got {video.shape}")
+        video = np.asarray(element["video"])
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise Rejected("bad_shape", f"expected (T, H, W, 3), got {video.shape}")
+        if np.issubdtype(video.dtype, np.floating) and not np.isfinite(video).all():
+            raise Rejected("non_finite", "NaN or inf in the video")
+        if video.dtype != np.uint8:
+            raise Rejected("bad_shape", f"expected uint8 frames, got {video.dtype}")
+        events = []
+        stride = cfg.frame_stride
+        if cfg.max_fps > 0 and "fps" in element:
+            stride = max(stride, math.ceil(float(element["fps"]) / cfg.max_fps - 1e-9))
+        if stride > 1 and video.shape[0] > 1:
+            video = video[::stride]
+            events.append("fps_subsampled")
         t, h, w, _ = video.shape
-        kept, stride, th, tw = cfg.size.plan(t, h, w)
-        resized = (th, tw) != (h, w) or stride > 1
-        video = resize_video(video[::stride][:kept], th, tw)
+        plan = cfg.size.plan(t, h, w)
+        video = resize_video(video[:: plan.stride][: plan.frames], plan.height, plan.width)
         if cfg.size.compression != (1, 1, 1):
             raise NotImplementedError("online VAE encoding: train on encoded latent records instead")
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
         patches, positions = packing.patchify(latent, cfg.size.patch)
-        grid = np.array([latent.shape[:3]], np.int32)  # (1, 3)
+        grid = np.array([latent.shape[:3]], np.int32)  # (1, 3): the full grid, also after dropping
 
         pt, ph, pw = cfg.size.patch
         frames = latent.shape[0] // pt
         task = tasks.draw_task(dict(cfg.task_weights), frames, rng)
         per_frame = (latent.shape[1] // ph) * (latent.shape[2] // pw)
         cond = tasks.token_mask(tasks.frame_mask(task, frames, rng), per_frame)
+        keep = cfg.token_drop.keep(cond, rng)
+        dropped = cond.shape[0] - keep.shape[0]
+        if dropped:
+            patches, positions, cond = patches[keep], positions[keep], cond[keep]
 
         text = element["caption"] if rng.random() >= cfg.caption_dropout else ""
         return {
@@ -123,8 +253,32 @@ class _Prepare(grain.transforms.RandomMap):
             "cond_mask": cond,
             "text": tokenize(text, cfg.text_len_per_sample),
             "grid": grid,
-            "resized": np.array([int(resized)], np.int32),
+            "stats": _stats((*events, *plan.events), dropped=dropped),
         }
+
+
+class _CountRejected(grain.IterDataset):
+    """Skips rejected samples, adding their counts to the next accepted sample's "stats"."""
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _CountRejectedIterator(self._parent.__iter__())
+
+
+class _CountRejectedIterator(grain.DatasetIterator):
+    def __next__(self) -> dict[str, Any]:
+        rejected = np.zeros_like(_stats())
+        while True:
+            element = next(self._parent)
+            if "patches" in element:
+                element["stats"] = element["stats"] + rejected
+                return element
+            rejected += element["stats"]
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -142,10 +296,28 @@ def validate(cfg: PipelineConfig) -> None:
             raise ValueError(f"data.tasks.{name}: unknown task; choose from {tasks.TASKS}")
         if weight < 0:
             raise ValueError(f"data.tasks.{name}: weight {weight} is negative")
+    d = cfg.token_drop
+    if d.kind not in TokenDrop.KINDS:
+        raise ValueError(f"data.token_drop.kind={d.kind!r}: choose from {TokenDrop.KINDS}")
+    if not 0.0 <= d.rate < 1.0:
+        raise ValueError(f"data.token_drop.rate={d.rate} must be in [0, 1)")
+    if d.kind == "beta" and (d.beta_a <= 0 or d.beta_b <= 0):
+        raise ValueError(f"data.token_drop.beta_a/beta_b must be positive, got {d.beta_a}, {d.beta_b}")
+    if cfg.frame_stride < 1:
+        raise ValueError(f"data.frame_stride={cfg.frame_stride} must be >= 1")
+    if cfg.max_fps < 0:
+        raise ValueError(f"data.max_fps={cfg.max_fps} must be >= 0 (0 = off)")
 
 
 def make_source(cfg: PipelineConfig):
     return SyntheticVideos(cfg.synthetic)
+
+
+def prepare_samples(ds: grain.MapDataset, cfg: PipelineConfig) -> grain.IterDataset:
+    """Source elements -> per-sample packing inputs; rejected samples are logged, skipped, and
+    counted in the next accepted sample's "stats" (so counts after the last accepted sample of a
+    finite dataset are only logged)."""
+    return _CountRejected(ds.random_map(_Prepare(cfg), seed=cfg.seed + 1).to_iter_dataset())
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -156,18 +328,16 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
             f"data.batch_rows={cfg.rows_per_batch} is not divisible by {process_count} processes"
         )
     ds = grain.MapDataset.source(make_source(cfg)).shuffle(seed=cfg.seed).repeat(None)
-    ds = ds[process_index::process_count]
-    ds = ds.random_map(_Prepare(cfg), seed=cfg.seed + 1)
-    it = ds.to_iter_dataset()
+    it = prepare_samples(ds[process_index::process_count], cfg)
     pack_cfg = dataclasses.replace(cfg.packing, seed=cfg.packing.seed + process_index)
-    it = packing.pack(it, pack_cfg, sample_features=("resized",))
+    it = packing.pack(it, pack_cfg, sample_features=("stats",))
     it = it.batch(cfg.rows_per_batch // process_count, drop_remainder=True)
     if cfg.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
     return it
 
 
-# Keys the device step reads; the rest ("resized") stay on the host for statistics.
+# Keys the device step reads; the rest ("stats": (B, S, len(STATS)) counts) stay on the host.
 DEVICE_KEYS = ("patches", "segment_ids", "positions", "text", "text_segment_ids", "text_positions",
                "cond_mask", "loss_mask", "grid")
 

@@ -140,6 +140,7 @@ class SyntheticConfig:
         (32, 24),
         (32, 32),
     )
+    fps: float = 8.0  # nominal frame rate reported with each sample
     colors: tuple[str, ...] = tuple(COLORS)
     shapes: tuple[str, ...] = SHAPES
     directions: tuple[str, ...] = DIRECTIONS
@@ -194,12 +195,13 @@ class SyntheticVideos:
         return self._draw_spec(self._rng(index))
 
     def __getitem__(self, index: int) -> dict:
-        """``{"video": uint8 (T, H, W, 3), "caption", "color", "direction", "shape", "index"}``."""
+        """``{"video": uint8 (T, H, W, 3), "caption", "fps", "color", "direction", "shape", "index"}``."""
         rng = self._rng(index)
         spec = self._draw_spec(rng)  # the same stream then drives the rendering
         return {
             "video": render(spec, rng),
             "caption": caption(spec),
+            "fps": self.cfg.fps,
             "color": spec.color,
             "direction": spec.direction,
             "shape": spec.shape,

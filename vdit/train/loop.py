@@ -56,7 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer = MetricsWriter(workdir)
     progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
     pending: list[dict] = []
-    host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0, "flops": 0.0}
+    host = _new_host_counts()
     t_last, last = time.perf_counter(), {}
     for step in range(start, tc.steps):
         batch = next(data_iter)
@@ -67,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         host["tokens"] += int((batch["segment_ids"] > 0).sum())
         host["slots"] += batch["segment_ids"].size
         host["samples"] += int((batch["grid"][..., 0] > 0).sum())
-        host["resized"] += int(batch["resized"].sum())
+        host["stats"] += batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
         host["flops"] += flops.step_flops(trainer.model_cfg, batch["segment_ids"],
                                           batch["text_segment_ids"])["total_useful"]
         state, metrics = train_step(state, pipeline.to_global(batch, batch_shardings))
@@ -87,14 +87,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 "steps_per_s": len(fetched) / dt,
                 "packing_fill": host["tokens"] / max(host["slots"], 1),
                 "samples_per_s": host["samples"] * jax.process_count() / dt,
-                "samples_resized": host["resized"],
+                # per interval: samples resized / rejected and why, tokens dropped (data.token_drop)
+                **{f"data_{k}": int(v) for k, v in zip(pipeline.STATS, host["stats"])},
+                "token_drop_rate": float(host["stats"][-1] / max(host["stats"][-1] + host["tokens"], 1)),
                 # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
                 "model_flops_per_s": host["flops"] * jax.process_count() / dt,
             }
             writer.write(done, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", fill=f"{last['packing_fill']:.3f}")
             pending, t_last = [], time.perf_counter()
-            host = {"tokens": 0, "slots": 0, "samples": 0, "resized": 0, "flops": 0.0}
+            host = _new_host_counts()
 
         ckpt.save(done, state, data_iter=data_iter, config=c, force=done == tc.steps)
         if done == tc.steps or (tc.sample_every and done % tc.sample_every == 0):
@@ -107,6 +109,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     ckpt.close()
     writer.close()
     return last
+
+
+def _new_host_counts() -> dict[str, Any]:
+    return {"tokens": 0, "slots": 0, "samples": 0, "flops": 0.0,
+            "stats": np.zeros(len(pipeline.STATS), np.int64)}
 
 
 class _NoProgress:
