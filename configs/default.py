@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_samples_per_row = 16  # S
     c.data.packing_bins = 16  # rows packed together (higher fill, more host memory)
     c.data.max_tokens_per_sample = 1024  # larger samples are resized down (never cropped)
+    c.data.time_fit = "resample"  # frames short of a whole temporal patch: "resample" picks the
+    # kept frames evenly over the clip (nothing cut off); "trim" drops the last ones
     c.data.frame_stride = 1  # keep every k-th source frame (frame-rate subsampling)
     c.data.max_fps = 0.0  # > 0: sources with a higher "fps" are strided down to at most this
     # NaViT token dropping: a share of each sample's generated tokens leaves the row before packing

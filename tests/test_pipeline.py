@@ -102,13 +102,21 @@ def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
     assert ("downscaled" in plan.events) == (h * w < (H // 4) * (W // 4) * 16)
     assert ("snapped" in plan.events) == ((h, w) != (H, W) and "downscaled" not in plan.events)
     assert ("time_subsampled" in plan.events) == (plan.stride > 1)
-    assert ("frames_trimmed" in plan.events) is False
+    assert not {"frames_trimmed", "frames_resampled"} & set(plan.events)
 
 
-def test_size_policy_trims_frames_to_whole_latent_patches():
-    plan = pipeline.SizePolicy(patch=(2, 4, 4), compression=(4, 1, 1), max_tokens=4096).plan(12, 16, 16)
-    # 12 frames -> 1 + 11 // 4 = 3 latent frames -> 2 (one temporal patch of 2) -> 1 + 1 * 4 pixels.
-    assert plan.frames == 5 and plan.events == ("frames_trimmed",)
+def test_size_policy_fits_frames_to_whole_latent_patches():
+    policy = pipeline.SizePolicy(patch=(2, 4, 4), compression=(4, 1, 1), max_tokens=4096)
+    plan = policy.plan(12, 16, 16)
+    # 12 frames -> 1 + 11 // 4 = 3 latent frames -> 2 (one temporal patch of 2) -> 1 + 1 * 4 pixels,
+    # picked over the whole clip (first and last frame kept)...
+    assert plan.frames == 5 and plan.events == ("frames_resampled",)
+    assert plan.frame_indices(12).tolist() == [0, 3, 6, 8, 11]
+    # ...or the first five.
+    trim = dataclasses.replace(policy, time_fit="trim").plan(12, 16, 16)
+    assert trim.events == ("frames_trimmed",) and trim.frame_indices(12).tolist() == [0, 1, 2, 3, 4]
+    strided = pipeline.SizePolicy(patch=(1, 4, 4), max_tokens=2).plan(7, 16, 16)
+    assert strided.stride == 4 and strided.frame_indices(7).tolist() == [0, 4]
 
 
 @pytest.mark.parametrize("shape, reason", [
@@ -122,7 +130,7 @@ def test_size_policy_rejects_with_a_reason(shape, reason):
 
 
 def _stats(element) -> dict[str, int]:
-    return dict(zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0)))
+    return dict(zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True))
 
 
 def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
@@ -192,8 +200,8 @@ def test_token_dropping_keeps_positions_and_conditioning():
     n_cond = 0
     for f, d in zip(full, dropped, strict=True):
         grid = f["grid"][0]
-        raster = lambda p: (p[:, 0] * (grid[1] // 4) + p[:, 1]) * (grid[2] // 4) + p[:, 2]
-        idx = raster(d["positions"])
+        p = d["positions"]
+        idx = (p[:, 0] * (grid[1] // 4) + p[:, 1]) * (grid[2] // 4) + p[:, 2]  # raster index
         assert (np.diff(idx) > 0).all()  # a sorted subset of the sample's own positions
         np.testing.assert_array_equal(d["patches"], f["patches"][idx])
         np.testing.assert_array_equal(d["grid"], f["grid"])  # the full grid (for the time shift)

@@ -141,7 +141,7 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
             size_choices=tuple(tuple(s) for s in syn.size_choices), fps=syn.fps,
         ),
         size=pipeline.SizePolicy(patch=patch_size(c), compression=tuple(c.autoencoder.compression),
-                                 max_tokens=d.max_tokens_per_sample),
+                                 max_tokens=d.max_tokens_per_sample, time_fit=d.time_fit),
         packing=packing.PackingConfig(row_len=d.row_len, text_len=d.text_len,
                                       max_samples=d.max_samples_per_row, num_bins=d.packing_bins,
                                       seed=d.seed),

@@ -31,6 +31,7 @@ EVENTS: tuple[str, ...] = (
     "snapped",  # resized by less than a patch so its sides are whole patches (aspect kept to a patch)
     "downscaled",  # resized down in space to fit max_tokens
     "time_subsampled",  # frames strided to fit max_tokens after the smallest useful spatial size
+    "frames_resampled",  # frames picked evenly over the whole clip to make whole temporal patches
     "frames_trimmed",  # trailing frames that make no whole temporal patch dropped (< pt * ct frames)
     "fps_subsampled",  # frames strided by data.frame_stride / data.max_fps
 )
@@ -61,6 +62,14 @@ class SizePlan:
     height: int  # target height in pixels (a whole number of patches)
     width: int  # target width in pixels
     events: tuple[str, ...]  # what changed, names from EVENTS
+    resample: bool = True  # pick `frames` evenly over the clip (else the first `frames`)
+
+    def frame_indices(self, source_frames: int) -> np.ndarray:
+        """Indices of the source frames kept, in order."""
+        strided = np.arange(0, source_frames, self.stride)
+        if not self.resample or self.frames == len(strided):
+            return strided[: self.frames]
+        return strided[np.round(np.linspace(0, len(strided) - 1, self.frames)).astype(int)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,10 @@ class SizePolicy:
     patch: tuple[int, int, int]  # (pt, ph, pw) latent patch
     compression: tuple[int, int, int] = (1, 1, 1)  # autoencoder (time, height, width) factors
     max_tokens: int = 1024  # tokens per sample at most
+    # Frames that make no whole temporal patch (at most pt * ct - 1): "resample" picks the kept
+    # frames evenly over the whole clip (nothing cut off, the frame rate changes by < pt*ct / T);
+    # "trim" drops them from the end.
+    time_fit: str = "resample"
 
     def latent_frames(self, frames: int) -> int:
         ct = self.compression[0]
@@ -96,9 +109,12 @@ class SizePolicy:
         while True:
             f = (frames - 1) // stride + 1
             lt = self.latent_frames(f) // pt * pt
-            scale = min(1.0, math.sqrt(self.max_tokens / (lt // pt * (height // uh) * (width // uw))))
-            gh = max(1, int(height * scale) // uh)
-            gw = max(1, int(width * scale) // uw)
+            if lt // pt * (height // uh) * (width // uw) <= self.max_tokens:
+                scale = 1.0
+            else:  # floor(a * s) * floor(b * s) <= a * b * s^2 = max_tokens per temporal patch
+                scale = math.sqrt(self.max_tokens / (lt // pt * (height / uh) * (width / uw)))
+            gh = max(1, int(height / uh * scale))
+            gw = max(1, int(width / uw * scale))
             if (lt // pt) * gh * gw <= self.max_tokens or lt == pt:
                 break
             stride *= 2
@@ -115,8 +131,8 @@ class SizePolicy:
         if stride > 1:
             events.append("time_subsampled")
         if kept < f:
-            events.append("frames_trimmed")
-        return SizePlan(kept, stride, th, tw, tuple(events))
+            events.append("frames_resampled" if self.time_fit == "resample" else "frames_trimmed")
+        return SizePlan(kept, stride, th, tw, tuple(events), self.time_fit == "resample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +245,7 @@ class _Prepare(grain.transforms.RandomMap):
             events.append("fps_subsampled")
         t, h, w, _ = video.shape
         plan = cfg.size.plan(t, h, w)
-        video = resize_video(video[:: plan.stride][: plan.frames], plan.height, plan.width)
+        video = resize_video(video[plan.frame_indices(t)], plan.height, plan.width)
         if cfg.size.compression != (1, 1, 1):
             raise NotImplementedError("online VAE encoding: train on encoded latent records instead")
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
@@ -303,6 +319,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError(f"data.token_drop.rate={d.rate} must be in [0, 1)")
     if d.kind == "beta" and (d.beta_a <= 0 or d.beta_b <= 0):
         raise ValueError(f"data.token_drop.beta_a/beta_b must be positive, got {d.beta_a}, {d.beta_b}")
+    if cfg.size.time_fit not in ("resample", "trim"):
+        raise ValueError(f"data.time_fit={cfg.size.time_fit!r}: choose 'resample' or 'trim'")
     if cfg.frame_stride < 1:
         raise ValueError(f"data.frame_stride={cfg.frame_stride} must be >= 1")
     if cfg.max_fps < 0:

@@ -88,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 "packing_fill": host["tokens"] / max(host["slots"], 1),
                 "samples_per_s": host["samples"] * jax.process_count() / dt,
                 # per interval: samples resized / rejected and why, tokens dropped (data.token_drop)
-                **{f"data_{k}": int(v) for k, v in zip(pipeline.STATS, host["stats"])},
+                **{f"data_{k}": int(v) for k, v in zip(pipeline.STATS, host["stats"], strict=True)},
                 "token_drop_rate": float(host["stats"][-1] / max(host["stats"][-1] + host["tokens"], 1)),
                 # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
                 "model_flops_per_s": host["flops"] * jax.process_count() / dt,
