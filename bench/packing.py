@@ -326,10 +326,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for s, n in enumerate(r, 1):
             seg[0, pos:pos + n] = s
             pos += n
-        u = useful_attention_flops(seg, seg, trainer.model_cfg.width)
-        e = executed_attention_flops_chunked(seg, seg, trainer.model_cfg.width, args.attn_block,
-                                             args.attn_block)
-        att.append((u, e, 2.0 * 2 * args.row_len**2 * trainer.model_cfg.width))
+        heads, dim = trainer.model_cfg.heads, trainer.model_cfg.width // trainer.model_cfg.heads
+        u = useful_attention_flops(seg, seg, heads, dim)
+        e = executed_attention_flops_chunked(seg, seg, heads, dim, block_q=args.attn_block,
+                                             block_kv=args.attn_block)
+        att.append((u, e, 2.0 * 2 * args.row_len**2 * heads * dim))
     return {
         "samples": args.samples, "budget_tokens": budget, "max_tokens": args.max_tokens,
         "row_len": args.row_len, "rows": args.rows, "model": dataclasses.asdict(trainer.model_cfg),

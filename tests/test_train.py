@@ -10,6 +10,7 @@ from tiny import tiny_config
 
 from vdit import configlib
 from vdit.data import pipeline
+from vdit.parallel.sharding import activation_sharding
 from vdit.train import step as step_lib
 from vdit.train.loop import train_and_evaluate
 
@@ -50,6 +51,42 @@ def test_sharded_equals_single_device():
     assert "fsdp" in str(kernel.sharding.spec)
     assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
     assert st8["opt_state"][1][0].mu["blocks"]["mlp"]["fc1"]["kernel"].sharding == kernel.sharding
+
+
+def _loss_and_grads(c, devices, batch):
+    trainer = step_lib.make_trainer(c, devices)
+    state = trainer.init_state()
+    shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
+    gbatch = pipeline.to_global(batch, shardings)
+
+    def loss(params):
+        with activation_sharding(trainer.mesh, trainer.rules):
+            return trainer.loss_fn(params, gbatch, state["step"])[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(state["params"])
+    return float(value), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    c = configlib.load(tiny_config(), 8)
+    batch = _batch(c)
+    return c, batch, _loss_and_grads(c.copy_and_resolve_references(), jax.devices()[:1], batch)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)],
+                         ids=lambda m: "x".join(map(str, m)))
+def test_loss_and_grads_equal_across_meshes(one_device, mesh):
+    """(data, fsdp, tensor, sequence) meshes of 8 devices == 1 device (and (2, 4, 1, 1) above).
+    With sequence=4 every device attends its own quarter of each row's queries."""
+    c, batch, (loss1, g1) = one_device
+    c = c.copy_and_resolve_references()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = mesh
+    configlib.load(c, 8)
+    loss8, g8 = _loss_and_grads(c, jax.devices(), batch)
+    np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_nan_batch_is_skipped_and_counted():

@@ -164,27 +164,40 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = constrain(q, ("batch", self.seq, "heads", "kv"))
-        out = self._attend(q, k, v, q_segment_ids, kv_seg)  # (B, L, H, K)
+        out = self._attend(q, k, v, q_segment_ids, kv_seg, context is None)  # (B, L, H, K)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
 
-    def _attend(self, q, k, v, q_seg, kv_seg):
-        """Attention; under a mesh, the chunked kernel runs per shard of rows and heads.
+    def _attend(self, q, k, v, q_seg, kv_seg, self_attention: bool):
+        """Attention; under a mesh, the kernel runs per device on its own rows, heads and queries.
 
-        Rows are independent, so `shard_map` over the batch (and heads) axes is exact and lets each
-        device loop over its own rows' blocks; keys and values are gathered along `sequence` first.
+        Rows are independent and so are heads, so `shard_map` over the batch and heads axes is exact.
+        Sequence parallelism: a row's tokens are sharded along `sequence`; each device all-gathers
+        the keys, values and key segment ids of its row (the backward pass reduce-scatters their
+        gradients) and attends its own query chunk to the whole row. With segment ids the chunked
+        kernel still skips key blocks that hold other samples.
         """
         fn = functools.partial(attention, impl=self.impl, block_q=self.block, block_kv=self.block)
         ctx = sharding.current()
         if ctx is None or self.impl == "xla":
             return fn(q, k, v, q_seg, kv_seg)
         mesh, rules = ctx
-        spec_q = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh, q.shape)
-        spec_k = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh, k.shape)
-        if spec_q != spec_k:  # e.g. heads divisible but not the same batch split: stay global
+        spec = lambda names, shape: (*sharding.logical_to_spec(names, rules, mesh, shape), None, None,
+                                     None, None)
+        bq, lq, hq, _ = spec(("batch", self.seq, "heads", None), q.shape)[:4]
+        kv_len = self.seq if self_attention else None
+        bk, lk, hk, _ = spec(("batch", kv_len, "heads", None), k.shape)[:4]
+        if (bq, hq) != (bk, hk):  # rows or heads split differently: let XLA lay it out
             return fn(q, k, v, q_seg, kv_seg)
-        spec_s = P(*spec_q[:1])
-        return jax.shard_map(fn, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, spec_s, spec_s),
+
+        def local(q, k, v, q_seg, kv_seg):
+            if lk is not None:
+                gather = functools.partial(jax.lax.all_gather, axis_name=lk, axis=1, tiled=True)
+                k, v, kv_seg = gather(k), gather(v), gather(kv_seg)
+            return fn(q, k, v, q_seg, kv_seg)
+
+        spec_q, spec_k = P(bq, lq, hq, None), P(bk, lk, hk, None)
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec_q, spec_k, spec_k, P(bq, lq), P(bk, lk)),
                              out_specs=spec_q)(q, k, v, q_seg, kv_seg)
 
 

@@ -404,7 +404,24 @@ def _flash_bwd(
     delta = _delta(out, dout)
     dq, _ = _flash_dq(q, k, v, q_seg, kv_seg, dout, lse, delta, block_q, block_kv, precision)
     dk, dv, _ = _flash_dkv(q, k, v, q_seg, kv_seg, dout, lse, delta, block_q, block_kv, precision)
-    return dq, dk, dv, None, None
+    return _sum_like(dq, q), _sum_like(dk, k), _sum_like(dv, v), None, None
+
+
+def _varying_axes(x: jax.Array) -> set[Any]:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # newer jax; older ones expose `vma`
+    return set(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
+
+
+def _sum_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """Sums a cotangent over the mesh axes it varies over but its primal does not.
+
+    Inside ``shard_map`` with sequence parallelism, keys and values are the same on every device of
+    the `sequence` axis (all-gathered) while each device's queries differ, so each device holds a
+    partial gradient of the shared keys and values: their sum is the gradient.
+    """
+    extra = _varying_axes(grad) - _varying_axes(primal)
+    return lax.psum(grad, tuple(sorted(extra, key=str))) if extra else grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -433,9 +450,7 @@ def _vary_like(init: tuple[jax.Array, ...], *refs: jax.Array) -> tuple[jax.Array
     """
     axes: set[Any] = set()
     for ref in refs:
-        aval = jax.typeof(ref)
-        mat = getattr(aval, "manual_axis_type", None)  # newer jax; older ones expose `vma`
-        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
+        axes |= _varying_axes(ref)
     if not axes:
         return init
     names = tuple(sorted(axes, key=str))
