@@ -136,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.sequence = 1
+    c.mesh.dcn_data = 1  # slices joined by the data-center network; `data` spans them (outermost)
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = default_rules()  # logical axis -> mesh axes
     return c

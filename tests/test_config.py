@@ -25,6 +25,10 @@ from vdit import configlib
         (lambda c: setattr(c.mesh, "data", 3), "mesh"),
         (lambda c: setattr(c.autoencoder, "compression", (4, 8, 8)), "autoencoder.compression"),
         (lambda c: setattr(c.mesh, "tensor", 8), "model.heads"),
+        (lambda c: setattr(c.mesh, "dcn_data", 3), "mesh.dcn_data"),
+        (lambda c: setattr(c.mesh, "sequence", 3), "mesh"),
+        (lambda c: setattr(c.data.token_drop, "rate", 1.0), "data.token_drop.rate"),
+        (lambda c: setattr(c.data, "time_fit", "stretch"), "data.time_fit"),
     ],
 )
 def test_validation_names_the_field(change, field):
@@ -40,3 +44,21 @@ def test_valid_config_resolves_variant():
     c = configlib.load(tiny_config("S/2"), 8)  # mesh data=-1 takes all 8
     assert (c.model.width, c.model.depth, c.model.heads) == (384, 12, 6)
     assert configlib.patch_size(c) == (1, 2, 2)
+
+
+def test_multi_slice_mesh():
+    """`data` spans the slices outermost; each slice holds the whole ICI layout."""
+    import jax
+    import numpy as np
+
+    from vdit.parallel.mesh import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices(), dcn_data=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert set(ids[0].ravel()) == {0, 1, 2, 3} and set(ids[1].ravel()) == {4, 5, 6, 7}
+    c = tiny_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.dcn_data = -1, 2, 2
+    assert configlib.load(c, 8).mesh.dcn_data == 2
+    with pytest.raises(ValueError, match="dcn_data"):
+        make_mesh({"data": -1}, jax.devices()[:6], dcn_data=4)

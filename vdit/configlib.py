@@ -94,10 +94,14 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
             _fail("data.synthetic.size_choices", f"{hw} is smaller than one patch {unit} in pixels")
 
     if num_devices is not None:
+        dcn = c.mesh.get("dcn_data", 1)
+        if dcn < 1 or num_devices % dcn:
+            _fail("mesh.dcn_data", f"{num_devices} devices do not split into {dcn} equal slices")
         try:
-            mesh = resolve_mesh_shape(dict(c.mesh), num_devices)
+            mesh = resolve_mesh_shape(dict(c.mesh), num_devices // dcn)
         except ValueError as e:
             raise ValueError(f"mesh: {e}") from None
+        mesh["data"] *= dcn
         rows_split = mesh["data"] * mesh["fsdp"]
         if dc.batch_rows % rows_split:
             _fail("data.batch_rows", f"{dc.batch_rows} rows do not split over mesh data x fsdp = "

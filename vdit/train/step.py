@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from vdit import configlib
 from vdit.diffusion import flow
 from vdit.models.dit import DiTConfig, VideoDiT
-from vdit.parallel.mesh import make_mesh
+from vdit.parallel.mesh import MESH_AXES, make_mesh
 from vdit.parallel.sharding import Rules, activation_sharding, logical_to_spec, param_shardings
 
 State = dict[str, Any]
@@ -199,7 +199,7 @@ def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
 
 
 def make_trainer(c: ml_collections.ConfigDict, devices=None) -> Trainer:
-    mesh = make_mesh(dict(c.mesh), devices)
+    mesh = make_mesh({a: c.mesh[a] for a in MESH_AXES}, devices, c.mesh.get("dcn_data", 1))
     return Trainer(
         configlib.model_config(c), configlib.flow_config(c), optim_config(c), mesh,
         tuple(tuple(r) for r in c.sharding.rules), seed=c.seed,
