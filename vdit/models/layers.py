@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from vdit.ops.attention import attention
+from vdit.ops.attention import attention, resolve_impl
 from vdit.parallel import sharding
 from vdit.parallel.sharding import constrain
 
@@ -169,14 +169,18 @@ class Attention(nnx.Module):
 
 
     def _attend(self, q, k, v, q_seg, kv_seg):
-        """Attention; under a mesh, the chunked kernel runs per shard of rows and heads.
+        """Attention; under a mesh, the chunked and splash kernels run per shard of rows and heads.
 
         Rows are independent, so `shard_map` over the batch (and heads) axes is exact and lets each
         device loop over its own rows' blocks; keys and values are gathered along `sequence` first.
+        `"auto"` is resolved for the mesh's platform (else JAX's default backend).
         """
-        fn = functools.partial(attention, impl=self.impl, block_q=self.block, block_kv=self.block)
         ctx = sharding.current()
-        if ctx is None or self.impl == "xla":
+        platform = None if ctx is None else ctx[0].devices.flat[0].platform
+        impl = resolve_impl(self.impl, platform)
+        fn = functools.partial(attention, impl=impl, block_q=self.block, block_kv=self.block,
+                               platform=platform)
+        if ctx is None or impl == "xla":
             return fn(q, k, v, q_seg, kv_seg)
         mesh, rules = ctx
         spec_q = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh, q.shape)
@@ -184,8 +188,10 @@ class Attention(nnx.Module):
         if spec_q != spec_k:  # e.g. heads divisible but not the same batch split: stay global
             return fn(q, k, v, q_seg, kv_seg)
         spec_s = P(*spec_q[:1])
+        # The splash kernel's pallas_call declares outputs without mesh-axis variance, which
+        # shard_map's variance checking rejects; its per-device semantics are plain, so skip it.
         return jax.shard_map(fn, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, spec_s, spec_s),
-                             out_specs=spec_q)(q, k, v, q_seg, kv_seg)
+                             out_specs=spec_q, check_vma=impl != "splash")(q, k, v, q_seg, kv_seg)
 
 
 class MLP(nnx.Module):
