@@ -291,10 +291,15 @@ def test_no_leak_across_segments(impl):
     q, k, v, _ = _inputs(1, 1, length, length)
     in2 = jnp.asarray(seg[..., None, None] == 2)
     noise = 100.0 * jax.random.normal(jax.random.PRNGKey(9), v.shape)
-    f = jax.jit(functools.partial(attention, impl=impl, block_q=8, block_kv=16))
-    out = np.asarray(f(q, k, v, seg, seg))
-    out_v = np.asarray(f(q, k, jnp.where(in2, v + noise, v), seg, seg))
-    out_kv = np.asarray(f(q, jnp.where(in2, k - noise, k), jnp.where(in2, v + noise, v), seg, seg))
+    # One ids array for q and kv (as self-attention layers pass them): the splash path that
+    # zeroes only padding queries.
+    f = jax.jit(
+        lambda q, k, v, seg: attention(q, k, v, seg, seg, impl=impl, block_q=8, block_kv=16)
+    )
+    out = np.asarray(f(q, k, v, seg))
+    out_v = np.asarray(f(q, k, jnp.where(in2, v + noise, v), seg))
+    out_kv = np.asarray(f(q, jnp.where(in2, k - noise, k), jnp.where(in2, v + noise, v), seg))
+    assert np.all(out[0, seg[0] == 0] == 0) and np.all(out[0, seg[0] != 0] != 0)
     seg1 = seg[0] == 1
     seg3 = seg[0] == 3
     for perturbed in (out_v, out_kv):

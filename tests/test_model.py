@@ -161,6 +161,7 @@ def test_precomputed_text_path():
         model(x, pos, seg, jnp.full((1, 4), 0.5), emb[..., :20], jnp.ones((1, 5), jnp.int32))
 
 
+@pytest.mark.slow
 def test_attention_module_splash_under_mesh():
     """Self-attention with impl "splash" (interpreted here) == "xla", values and input gradients,
     run per shard inside shard_map on a (data=2, tensor=2) mesh of CPU devices."""

@@ -188,6 +188,10 @@ class Attention(nnx.Module):
         if spec_q != spec_k:  # e.g. heads divisible but not the same batch split: stay global
             return fn(q, k, v, q_seg, kv_seg)
         spec_s = P(*spec_q[:1])
+        if q_seg is kv_seg:  # self-attention: pass the ids once, attention() relies on it
+            self_fn = lambda q, k, v, seg: fn(q, k, v, seg, seg)
+            return jax.shard_map(self_fn, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, spec_s),
+                                 out_specs=spec_q, check_vma=impl != "splash")(q, k, v, q_seg)
         # The splash kernel's pallas_call declares outputs without mesh-axis variance, which
         # shard_map's variance checking rejects; its per-device semantics are plain, so skip it.
         return jax.shard_map(fn, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, spec_s, spec_s),

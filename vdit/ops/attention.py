@@ -114,6 +114,8 @@ def attention(
       k, v: keys / values ``(B, Lk, H, D)``.
       q_segment_ids: ``(B, Lq)`` integer ids, ``1..S`` per sample, ``0`` = padding.
       kv_segment_ids: ``(B, Lk)`` integer ids with the same numbering as ``q_segment_ids``.
+        Passing the very same array as ``q_segment_ids`` (self-attention) lets ``"splash"`` skip
+        looking for segments without keys.
       impl: one of :data:`IMPL_CHOICES` (``"auto"`` goes through :func:`resolve_impl`).
       block_q, block_kv: block sizes of ``"chunked"`` and ``"splash"`` (ignored by ``"xla"``).
         ``"chunked"`` clips them to the sequence length rounded up to a multiple of 8;
@@ -132,6 +134,7 @@ def attention(
     """
     platform = platform or jax.default_backend()
     impl = resolve_impl(impl, platform)
+    same_ids = q_segment_ids is kv_segment_ids  # self-attention: every nonzero id has keys
     q_seg, kv_seg = _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
     if q.shape[1] == 0 or k.shape[1] == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -139,7 +142,9 @@ def attention(
         return _attention_xla(q, k, v, q_seg, kv_seg, precision)
     if impl == "splash":
         interpret = platform != "tpu"
-        return _attention_splash(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret=interpret)
+        return _attention_splash(
+            q, k, v, q_seg, kv_seg, block_q, block_kv, interpret=interpret, same_ids=same_ids
+        )
     return _attention_chunked(q, k, v, q_seg, kv_seg, block_q, block_kv, precision)
 
 
@@ -831,6 +836,7 @@ def _attention_splash(
     block_kv: int,
     *,
     interpret: bool,
+    same_ids: bool,
 ) -> jax.Array:
     """Splash attention per example (``vmap`` over the batch), heads first inside the kernel.
 
@@ -842,6 +848,8 @@ def _attention_splash(
       scores all equal the finite mask value) instead of zero. Both are overwritten: the output
       of padding queries and of queries whose segment has no keys is set to zero after the
       kernel, which also zeroes their cotangent, so they add nothing to any gradient.
+      Finding segments without keys takes a sort of the key ids (:func:`_has_key`); it is skipped
+      when ``same_ids`` (the caller passed one array as both q and kv ids: self-attention).
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -864,5 +872,5 @@ def _attention_splash(
 
     out = jax.vmap(one)(qh, kh, vh, q_ids, kv_ids)  # (B, H, Lq_pad, D)
     out = jnp.transpose(out[:, :, :lq], (0, 2, 1, 3))  # (B, Lq, H, D)
-    valid = _has_key(q_seg, kv_seg)  # (B, Lq)
+    valid = (q_seg != 0) if same_ids else _has_key(q_seg, kv_seg)  # (B, Lq)
     return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
