@@ -851,6 +851,8 @@ def _attention_splash(
       Finding segments without keys takes a sort of the key ids (:func:`_has_key`); it is skipped
       when ``same_ids`` (the caller passed one array as both q and kv ids: self-attention).
     """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = splash_blocks(block_q, block_kv, lq, lk)
@@ -865,7 +867,6 @@ def _attention_splash(
     q_ids = jnp.pad(q_seg, ((0, 0), (0, pq)))
     kv_ids = jnp.pad(kv_seg, ((0, 0), (0, pk)))
     kernel = _splash_kernel(h, lq + pq, lk + pk, bq, bk, interpret)
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     def one(qi, ki, vi, q_id, kv_id):
         return kernel(qi, ki, vi, segment_ids=SegmentIds(q=q_id, kv=kv_id))
