@@ -233,6 +233,15 @@ def test_splash_matches_xla_cross_attention():
     assert np.all(np.asarray(out)[0][q_seg[0] == 3] != 0)
 
 
+@pytest.mark.slow
+def test_splash_bf16_inputs():
+    seg = self_layouts(72, seed=3)
+    _compare(
+        seg, seg, 128, 128, seed=5, dtype=jnp.bfloat16, val_tol=BF16_TOL, grad_tol=BF16_TOL,
+        impl="splash",
+    )
+
+
 def test_splash_blocks_and_executed_flops():
     assert splash_blocks(128, 128, 200, 37) == (128, 128)
     assert splash_blocks(100, 512, 1000, 1000) == (128, 512)  # rounded up to 128

@@ -791,8 +791,13 @@ def executed_attention_flops_splash(
     return 4 * num_heads * head_dim * b * _round_up(lq, bq) * _round_up(lk, bk)
 
 
+@functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, lq: int, lk: int, bq: int, bk: int, interpret: bool) -> Any:
-    """A splash MHA kernel for one example: q ``(heads, lq, D)``, k, v ``(heads, lk, D)``."""
+    """A splash MHA kernel for one example: q ``(heads, lq, D)``, k, v ``(heads, lk, D)``.
+
+    Cached: building the block tables walks every block pair in numpy (seconds for 32k tokens
+    in blocks of 128), and every trace of a layer would otherwise redo it.
+    """
     # Imported here: the Pallas TPU modules are only needed when this implementation is used.
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
