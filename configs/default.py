@@ -37,8 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.patch_t = 1  # temporal patch pt (the spatial patch is the variant's p)
     c.model.qk_norm = True  # RMSNorm on queries and keys
     c.model.rope_theta = 10_000.0  # 3D RoPE base
-    c.model.attn_impl = "chunked"  # "chunked" (block-skipping, O(L) memory) | "xla" (dense reference)
-    c.model.attn_block = 128  # query/key block of "chunked" (smaller skips more across segments)
+    # "auto" (splash on TPU, chunked elsewhere) | "chunked" (block-skipping, O(L) memory) |
+    # "splash" (Pallas TPU kernel; interpreted, slowly, off TPU) | "xla" (dense reference)
+    c.model.attn_impl = "auto"
+    # query/key block of "chunked" (smaller skips more across segments) and "splash" (rounded up to
+    # a multiple of 128)
+    c.model.attn_block = 128
     c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
     c.model.scan_layers = True  # scan over stacked blocks (compile time independent of depth)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)

@@ -1,4 +1,7 @@
-"""Tests for vdit.ops.attention: chunked (block-skipping flash) vs dense reference."""
+"""Tests for vdit.ops.attention: chunked (block-skipping flash) and splash vs dense reference.
+
+Off TPU the splash kernel runs in Pallas interpret mode (slow): its tests use few, small shapes.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from vdit.ops.attention import (
     IMPLS,
     attention,
     executed_attention_flops_chunked,
+    executed_attention_flops_splash,
     executed_block_pairs_chunked,
+    resolve_impl,
+    splash_blocks,
     useful_attention_flops,
 )
 
@@ -107,14 +113,22 @@ def _value_and_grads(impl: str, block_q: int, block_kv: int):
 
 
 def _compare(
-    q_seg, kv_seg, block_q, block_kv, seed=0, dtype=jnp.float32, val_tol=VAL_TOL, grad_tol=GRAD_TOL
+    q_seg,
+    kv_seg,
+    block_q,
+    block_kv,
+    seed=0,
+    dtype=jnp.float32,
+    val_tol=VAL_TOL,
+    grad_tol=GRAD_TOL,
+    impl="chunked",
 ):
     b, lq = q_seg.shape
     lk = kv_seg.shape[1]
     q, k, v, cot = _inputs(seed, b, lq, lk, dtype)
     args = (q, k, v, jnp.asarray(q_seg), jnp.asarray(kv_seg), cot)
     ref_out, ref_grads = _value_and_grads("xla", block_q, block_kv)(*args)
-    out, grads = _value_and_grads("chunked", block_q, block_kv)(*args)
+    out, grads = _value_and_grads(impl, block_q, block_kv)(*args)
     assert out.dtype == dtype and out.shape == q.shape
     np.testing.assert_allclose(
         np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=val_tol, rtol=val_tol
@@ -191,6 +205,76 @@ def test_bf16_inputs():
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Splash (Pallas interpret mode off TPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_splash_matches_xla_self_attention():
+    # 200 tokens: padded to 256 = two 128-blocks; rows with tiny segments, padding, all padding.
+    seg = self_layouts(200, seed=7)
+    _compare(seg, seg, 128, 128, seed=7, impl="splash")
+
+
+def test_splash_matches_xla_cross_attention():
+    """Video queries over short text keys (Lk padded 37 -> 128); a segment without text -> 0."""
+    lq, lk = 150, 37
+    q_seg = np.stack(
+        [
+            _row_from_lengths([40, 30, 50, 20], lq),
+            _row_from_lengths([140], lq),
+            _row_from_lengths([60, 60, 30], lq),
+        ]
+    )
+    kv_seg = cross_layouts(q_seg, lk, seed=3, max_text=7)
+    kv_seg[0] = _row_from_lengths([5, 0, 7, 3], lk)  # segment 2 has no text tokens
+    out, _ = _compare(q_seg, kv_seg, 128, 128, seed=3, impl="splash")
+    assert np.all(np.asarray(out)[0][q_seg[0] == 2] == 0)
+    assert np.all(np.asarray(out)[0][q_seg[0] == 3] != 0)
+
+
+@pytest.mark.slow
+def test_splash_bf16_inputs():
+    seg = self_layouts(72, seed=3)
+    _compare(
+        seg, seg, 128, 128, seed=5, dtype=jnp.bfloat16, val_tol=BF16_TOL, grad_tol=BF16_TOL,
+        impl="splash",
+    )
+
+
+def test_splash_blocks_and_executed_flops():
+    assert splash_blocks(128, 128, 200, 37) == (128, 128)
+    assert splash_blocks(100, 512, 1000, 1000) == (128, 512)  # rounded up to 128
+    assert splash_blocks(512, 512, 300, 48) == (384, 128)  # clipped to the padded lengths
+    # No block skipping: a row of 64 clips costs the same as one 4096-token clip.
+    clips = np.repeat(np.arange(1, 65, dtype=np.int32), 64)[None]
+    one = np.ones_like(clips)
+    splash_clips = executed_attention_flops_splash(clips, clips, 4, 64, block_q=64, block_kv=64)
+    assert splash_clips == executed_attention_flops_splash(one, one, 4, 64)
+    assert splash_clips == 4 * 4 * 64 * 4096 * 4096
+    chunked = executed_attention_flops_chunked(clips, clips, 4, 64, block_q=128, block_kv=128)
+    assert splash_clips / chunked == pytest.approx(32.0)  # 32 blocks of 128 per side vs 2 each
+
+
+def test_auto_impl():
+    assert resolve_impl("auto", "tpu") == "splash"
+    assert resolve_impl("auto", "cpu") == "chunked"
+    assert resolve_impl("auto", "gpu") == "chunked"
+    assert resolve_impl("xla", "tpu") == "xla"
+    with pytest.raises(ValueError, match="auto"):
+        resolve_impl("flash")
+    # On this (CPU) backend "auto" is the chunked kernel: the same program.
+    seg = jnp.asarray(self_layouts(40, seed=2))
+    q, k, v, _ = _inputs(2, *seg.shape, 40)
+
+    def hlo(impl, platform=None):
+        f = functools.partial(attention, impl=impl, block_q=8, block_kv=8, platform=platform)
+        return jax.jit(f).lower(q, k, v, seg, seg).as_text(debug_info=False)
+
+    assert hlo("auto") == hlo("chunked")
+    assert hlo("auto", "gpu") == hlo("chunked")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fully_padded_rows_are_zero_and_finite(impl):
     # Same shapes as test_chunked_matches_xla_self_attention[40-8-8]: reuses its executable.
@@ -216,10 +300,15 @@ def test_no_leak_across_segments(impl):
     q, k, v, _ = _inputs(1, 1, length, length)
     in2 = jnp.asarray(seg[..., None, None] == 2)
     noise = 100.0 * jax.random.normal(jax.random.PRNGKey(9), v.shape)
-    f = jax.jit(functools.partial(attention, impl=impl, block_q=8, block_kv=16))
-    out = np.asarray(f(q, k, v, seg, seg))
-    out_v = np.asarray(f(q, k, jnp.where(in2, v + noise, v), seg, seg))
-    out_kv = np.asarray(f(q, jnp.where(in2, k - noise, k), jnp.where(in2, v + noise, v), seg, seg))
+    # One ids array for q and kv (as self-attention layers pass them): the splash path that
+    # zeroes only padding queries.
+    f = jax.jit(
+        lambda q, k, v, seg: attention(q, k, v, seg, seg, impl=impl, block_q=8, block_kv=16)
+    )
+    out = np.asarray(f(q, k, v, seg))
+    out_v = np.asarray(f(q, k, jnp.where(in2, v + noise, v), seg))
+    out_kv = np.asarray(f(q, jnp.where(in2, k - noise, k), jnp.where(in2, v + noise, v), seg))
+    assert np.all(out[0, seg[0] == 0] == 0) and np.all(out[0, seg[0] != 0] != 0)
     seg1 = seg[0] == 1
     seg3 = seg[0] == 3
     for perturbed in (out_v, out_kv):

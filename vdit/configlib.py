@@ -16,7 +16,7 @@ from vdit.data.synthetic import SyntheticConfig
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
 from vdit.models.text import TextEncoderConfig
-from vdit.ops.attention import IMPLS
+from vdit.ops.attention import IMPL_CHOICES
 from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.sharding import DEFAULT_RULES
 
@@ -65,8 +65,8 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
         _fail("model.heads", f"head dim {m.width // m.heads} must be even for 3D RoPE")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", f"{m.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    if m.attn_impl not in IMPLS:
-        _fail("model.attn_impl", f"{m.attn_impl!r} is not one of {IMPLS}")
+    if m.attn_impl not in IMPL_CHOICES:
+        _fail("model.attn_impl", f"{m.attn_impl!r} is not one of {IMPL_CHOICES}")
     if m.text.kind == "bytes" and m.text.width % m.text.heads:
         _fail("model.text.heads", f"{m.text.heads} do not divide model.text.width={m.text.width}")
     if c.autoencoder.kind != "identity":

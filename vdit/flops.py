@@ -12,15 +12,19 @@ Conventions:
   only the non-padding tokens.
 * Attention forward is ``QK^T + PV`` = ``4 * H * K`` FLOPs per (query, key) pair. Useful pairs are
   those inside one segment (:func:`vdit.ops.attention.useful_attention_flops`); executed pairs are
-  all ``Lq * Lk`` of a row for ``"xla"`` and the visited block pairs for ``"chunked"``.
+  all ``Lq * Lk`` of a row for ``"xla"``, the visited block pairs for ``"chunked"`` and every block
+  pair of the block-padded row for ``"splash"`` (it does not skip blocks by segment). ``"auto"`` is
+  counted as what it resolves to on JAX's default backend.
 * Attention backward: ``2x`` forward for useful (model) FLOPs and for the dense ``"xla"``
   implementation (dS -> dQ, dK and dP, dV: four matmuls for the forward's two, no recompute). The
   ``"chunked"`` kernel recomputes the scores in both of its backward passes (dq pass: QK^T, dO V^T,
   dS K; dk/dv pass: QK^T, P^T dO, dO V^T, dS^T Q), seven block matmuls, so its executed backward is
-  ``3.5x`` forward. (FlashAttention papers count ``2.5x``: one recompute of QK^T.)
+  ``3.5x`` forward; so does ``"splash"`` (separate dq and dk/dv kernels, the same seven).
+  (FlashAttention papers count ``2.5x``: one recompute of QK^T.)
 * Rematerialisation re-runs forward work of the blocks in the backward pass: ``"full"`` all of it
   except the cross-attention k, v projections of the text (XLA computes those once);
-  ``"save_dots_no_batch"`` (and ``"save_dots"`` with the chunked kernel) the attention forward;
+  ``"save_dots_no_batch"`` (and ``"save_dots"`` with the chunked or splash kernel) the attention
+  forward;
   ``"save_dots"`` with dense attention only elementwise work. That work is reported
   as ``"recompute"``, included in ``"total_executed"`` and excluded from model FLOPs
   (``"total_useful"``), which is the numerator of MFU.
@@ -34,7 +38,12 @@ import numpy as np
 
 from vdit.models import layers
 from vdit.models.dit import DiTConfig
-from vdit.ops.attention import executed_attention_flops_chunked, useful_attention_flops
+from vdit.ops.attention import (
+    executed_attention_flops_chunked,
+    executed_attention_flops_splash,
+    resolve_impl,
+    useful_attention_flops,
+)
 
 # Width of the sinusoidal timestep embedding fed to time_fc1 (fixed in VideoDiT).
 TIME_EMBED_DIM = 256
@@ -42,7 +51,7 @@ TIME_EMBED_DIM = 256
 TEXT_ATTN_BLOCK: int = inspect.signature(layers.Attention.__init__).parameters["block"].default
 # Backward / forward ratios of attention (see the module docstring).
 ATTN_BWD_USEFUL = 2.0
-ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5}
+ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5, "splash": 3.5}
 # Parts whose input is not a function of the parameters: backward computes only the weight gradient.
 _NO_INPUT_GRAD = frozenset({"patch_embed", "time_fc1"})
 
@@ -94,10 +103,14 @@ def _attention(
 ) -> tuple[float, float]:
     """(useful, executed) forward FLOPs of one attention layer over the batch."""
     useful = float(useful_attention_flops(q_seg, kv_seg, heads, head_dim))
+    impl = resolve_impl(impl)
     if impl == "xla":
         executed = 4.0 * heads * head_dim * q_seg.shape[0] * q_seg.shape[1] * kv_seg.shape[1]
     elif impl == "chunked":
         executed = float(executed_attention_flops_chunked(
+            q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block))
+    elif impl == "splash":
+        executed = float(executed_attention_flops_splash(
             q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block))
     else:
         raise ValueError(f"unknown attention impl {impl!r}")
@@ -149,8 +162,8 @@ def step_flops(
     tseg = np.asarray(text_segment_ids)
     if seg.ndim != 2 or tseg.ndim != 2 or seg.shape[0] != tseg.shape[0]:
         raise ValueError(f"expected ids (B, L) and (B, C); got {seg.shape} and {tseg.shape}")
-    impl = attn_impl or cfg.attn_impl
-    text_impl = attn_impl or cfg.text.attn_impl
+    impl = resolve_impl(attn_impl or cfg.attn_impl)
+    text_impl = resolve_impl(attn_impl or cfg.text.attn_impl)
     remat = cfg.remat if remat is None else remat
     video_slots, text_slots = float(seg.size), float(tseg.size)
     video_tokens, text_tokens = float((seg > 0).sum()), float((tseg > 0).sum())
@@ -176,9 +189,10 @@ def step_flops(
         # ... except the cross-attention k, v projections of the text context: their inputs are the
         # same in both passes and XLA computes them once (seen in the compiled HLO).
         recompute = video_slots * block_mm + block_attn_x
-    elif remat == "save_dots_no_batch" or (remat == "save_dots" and impl == "chunked"):
+    elif remat == "save_dots_no_batch" or (remat == "save_dots" and impl in ("chunked", "splash")):
         # Dense-layer outputs are saved; the attention forward is not (its einsums have batch dims,
-        # and the chunked kernel's outputs come from loops, not dots), so it runs again.
+        # and the chunked / splash kernels' outputs come from loops or a kernel call, not dots), so
+        # it runs again.
         recompute = block_attn_x
     elif remat not in ("none", "save_dots"):
         raise ValueError(f"unknown remat policy {remat!r}")

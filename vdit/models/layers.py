@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from vdit.ops.attention import attention
+from vdit.ops.attention import attention, resolve_impl
 from vdit.parallel import sharding
 from vdit.parallel.sharding import constrain
 
@@ -173,13 +173,16 @@ class Attention(nnx.Module):
 
         Rows are independent and so are heads, so `shard_map` over the batch and heads axes is exact.
         Sequence parallelism: a row's tokens are sharded along `sequence`; each device all-gathers
-        the keys, values and key segment ids of its row (the backward pass reduce-scatters their
-        gradients) and attends its own query chunk to the whole row. With segment ids the chunked
-        kernel still skips key blocks that hold other samples.
+        the keys, values and key segment ids of its row (the backward pass sums their gradients back)
+        and attends its own query chunk to the whole row. With segment ids the chunked kernel still
+        skips key blocks that hold other samples. `"auto"` is resolved for the mesh's platform.
         """
-        fn = functools.partial(attention, impl=self.impl, block_q=self.block, block_kv=self.block)
         ctx = sharding.current()
-        if ctx is None or self.impl == "xla":
+        platform = None if ctx is None else ctx[0].devices.flat[0].platform
+        impl = resolve_impl(self.impl, platform)
+        fn = functools.partial(attention, impl=impl, block_q=self.block, block_kv=self.block,
+                               platform=platform)
+        if ctx is None or impl == "xla":
             return fn(q, k, v, q_seg, kv_seg)
         mesh, rules = ctx
         spec = lambda names, shape: (*sharding.logical_to_spec(names, rules, mesh, shape), None, None,
@@ -189,6 +192,14 @@ class Attention(nnx.Module):
         bk, lk, hk, _ = spec(("batch", kv_len, "heads", None), k.shape)[:4]
         if (bq, hq) != (bk, hk):  # rows or heads split differently: let XLA lay it out
             return fn(q, k, v, q_seg, kv_seg)
+        spec_q, spec_k = P(bq, lq, hq, None), P(bk, lk, hk, None)
+        # The splash kernel's pallas_call declares outputs without mesh-axis variance, which
+        # shard_map's variance checking rejects; its per-device semantics are plain, so skip it.
+        check = impl != "splash"
+        if q_seg is kv_seg and lk is None:  # self-attention, whole rows: pass the ids once
+            one = lambda q, k, v, seg: fn(q, k, v, seg, seg)
+            return jax.shard_map(one, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, P(bq)),
+                                 out_specs=spec_q, check_vma=check)(q, k, v, q_seg)
 
         def local(q, k, v, q_seg, kv_seg):
             if lk is not None:
@@ -196,9 +207,8 @@ class Attention(nnx.Module):
                 k, v, kv_seg = gather(k), gather(v), gather(kv_seg)
             return fn(q, k, v, q_seg, kv_seg)
 
-        spec_q, spec_k = P(bq, lq, hq, None), P(bk, lk, hk, None)
         return jax.shard_map(local, mesh=mesh, in_specs=(spec_q, spec_k, spec_k, P(bq, lq), P(bk, lk)),
-                             out_specs=spec_q)(q, k, v, q_seg, kv_seg)
+                             out_specs=spec_q, check_vma=check)(q, k, v, q_seg, kv_seg)
 
 
 class MLP(nnx.Module):

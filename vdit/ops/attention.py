@@ -6,12 +6,18 @@ key tokens with the same nonzero segment id; padding never attends and is never 
 A query without any allowed key (padding, or a segment that has no keys, which can happen in
 cross-attention) outputs exactly zero and receives a zero gradient.
 
-Two implementations behind one entry point, :func:`attention`:
+Three implementations behind one entry point, :func:`attention`:
 
 * ``"xla"``: dense reference, einsum + mask, O(L^2) memory.
 * ``"chunked"``: blockwise (flash-attention style) online softmax in plain JAX with a
   ``jax.custom_vjp``; memory is O(L * block) in forward and backward. Block pairs that
   cannot share a nonzero segment are skipped, see :func:`block_ranges`.
+* ``"splash"``: the Pallas TPU splash-attention kernel
+  (``jax.experimental.pallas.ops.tpu.splash_attention``) with a full (non-causal) static mask
+  and the segment ids as its ``SegmentIds``; see :func:`_attention_splash`. On other platforms
+  it runs in Pallas interpret mode (slow; for tests).
+
+``"auto"`` (:func:`resolve_impl`) is ``"splash"`` on TPU and ``"chunked"`` elsewhere.
 
 Block skipping
 --------------
@@ -54,7 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("xla", "chunked")
+IMPLS = ("xla", "chunked", "splash")
+# What a config may ask for: a concrete implementation or "auto" (see `resolve_impl`).
+IMPL_CHOICES = ("auto", *IMPLS)
 
 # Finite stand-in for -inf: keeps max/exp free of inf - inf for rows without allowed keys.
 _MASK_VALUE = -1e30
@@ -62,6 +70,9 @@ _MASK_VALUE = -1e30
 _NO_ID = int(np.iinfo(np.int32).max)
 # Blocks larger than a sequence are clipped to the sequence length rounded up to this.
 _LENGTH_ALIGN = 8
+# The splash kernel's blocks (and so the padded sequence lengths) are multiples of the TPU lane
+# width: its segment-id masks are tiled over 128 lanes in both the forward and the dk/dv kernels.
+SPLASH_ALIGN = 128
 
 Precision = Any  # None, a jax.lax.Precision, a string such as "highest", or a pair of those.
 
@@ -69,6 +80,18 @@ Precision = Any  # None, a jax.lax.Precision, a string such as "highest", or a p
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation for ``impl`` on ``platform`` (default: JAX's default backend).
+
+    ``"auto"`` is ``"splash"`` on TPU and ``"chunked"`` anywhere else; other names pass through.
+    """
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPL_CHOICES}")
+    if impl != "auto":
+        return impl
+    return "splash" if (platform or jax.default_backend()) == "tpu" else "chunked"
 
 
 def attention(
@@ -82,6 +105,7 @@ def attention(
     block_q: int = 512,
     block_kv: int = 512,
     precision: Precision = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """Segment-masked multi-head attention.
 
@@ -90,22 +114,37 @@ def attention(
       k, v: keys / values ``(B, Lk, H, D)``.
       q_segment_ids: ``(B, Lq)`` integer ids, ``1..S`` per sample, ``0`` = padding.
       kv_segment_ids: ``(B, Lk)`` integer ids with the same numbering as ``q_segment_ids``.
-      impl: one of :data:`IMPLS`.
-      block_q, block_kv: block sizes of the ``"chunked"`` implementation (ignored by ``"xla"``).
-        Clipped to the sequence length rounded up to a multiple of 8.
-      precision: matmul precision passed to the einsums.
+        Passing the very same array as ``q_segment_ids`` (self-attention) lets ``"splash"`` skip
+        looking for segments without keys.
+      impl: one of :data:`IMPL_CHOICES` (``"auto"`` goes through :func:`resolve_impl`).
+      block_q, block_kv: block sizes of ``"chunked"`` and ``"splash"`` (ignored by ``"xla"``).
+        ``"chunked"`` clips them to the sequence length rounded up to a multiple of 8;
+        ``"splash"`` rounds them up to a multiple of 128 and clips them to the sequence length
+        rounded up to 128.
+      precision: matmul precision passed to the einsums (``"splash"`` ignores it).
+      platform: the platform the call is compiled for (``"tpu"``, ``"cpu"``, ...); default
+        ``jax.default_backend()``. It decides what ``"auto"`` means and whether ``"splash"`` runs
+        the compiled Mosaic kernel (TPU) or Pallas interpret mode (anywhere else). Pass it when
+        compiling for devices other than the default backend's (e.g. ahead of time for a TPU
+        topology from a CPU host).
 
     Returns:
       ``(B, Lq, H, D)`` in ``q.dtype``. Scores are scaled by ``1/sqrt(D)``; the softmax is
       computed in float32 whatever the input dtype.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    platform = platform or jax.default_backend()
+    impl = resolve_impl(impl, platform)
+    same_ids = q_segment_ids is kv_segment_ids  # self-attention: every nonzero id has keys
     q_seg, kv_seg = _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
     if q.shape[1] == 0 or k.shape[1] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if impl == "xla":
         return _attention_xla(q, k, v, q_seg, kv_seg, precision)
+    if impl == "splash":
+        interpret = platform != "tpu"
+        return _attention_splash(
+            q, k, v, q_seg, kv_seg, block_q, block_kv, interpret=interpret, same_ids=same_ids
+        )
     return _attention_chunked(q, k, v, q_seg, kv_seg, block_q, block_kv, precision)
 
 
@@ -721,3 +760,138 @@ def _pair_counts_jit(
     _, n_dq = _flash_dq(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
     _, _, n_dkv = _flash_dkv(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
     return n_fwd, n_dq, n_dkv
+
+
+# ----------------------------------------------------------------------------------------------
+# Splash attention (Pallas TPU kernel)
+# ----------------------------------------------------------------------------------------------
+
+
+def splash_blocks(block_q: int, block_kv: int, lq: int, lk: int) -> tuple[int, int]:
+    """Block sizes the splash kernel uses for sequence lengths ``lq``, ``lk``.
+
+    Each block is rounded up to a multiple of :data:`SPLASH_ALIGN` (128) and clipped to its
+    sequence length rounded up to 128; the sequences are then padded to block multiples.
+    """
+    out = []
+    for block, length in ((block_q, lq), (block_kv, lk)):
+        block = int(block)
+        if block <= 0:
+            raise ValueError(f"block sizes must be positive; got {block}")
+        out.append(min(_round_up(block, SPLASH_ALIGN), _round_up(max(length, 1), SPLASH_ALIGN)))
+    return out[0], out[1]
+
+
+def executed_attention_flops_splash(
+    q_segment_ids: Any,
+    kv_segment_ids: Any,
+    num_heads: int,
+    head_dim: int,
+    *,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> int:
+    """Forward FLOPs the splash kernel executes: every block pair of the padded sequences.
+
+    With a full static mask the kernel's block-sparsity tables mark every block pair as
+    computable; segment ids only mask scores inside a block, so nothing is skipped.
+    """
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    b, lq = q_ids.shape
+    lk = kv_ids.shape[1]
+    if lq == 0 or lk == 0:
+        return 0
+    bq, bk = splash_blocks(block_q, block_kv, lq, lk)
+    return 4 * num_heads * head_dim * b * _round_up(lq, bq) * _round_up(lk, bk)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, lq: int, lk: int, bq: int, bk: int, interpret: bool) -> Any:
+    """A splash MHA kernel for one example: q ``(heads, lq, D)``, k, v ``(heads, lk, D)``.
+
+    Cached: building the block tables walks every block pair in numpy (seconds for 32k tokens
+    in blocks of 128), and every trace of a layer would otherwise redo it.
+    """
+    # Imported here: the Pallas TPU modules are only needed when this implementation is used.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    mask = splash_mask.MultiHeadMask(tuple(splash_mask.FullMask((lq, lk)) for _ in range(heads)))
+    sizes = splash.BlockSizes(
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
+    )
+    # The mask-info tables are built with numpy; evaluate their conversion eagerly so that the
+    # kernel holds constants, not values of the trace it was built in.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _has_key(q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
+    """``(B, Lq)`` bool: the query's nonzero id occurs among the row's key ids."""
+    sorted_kv = jnp.sort(kv_seg, axis=-1)
+    idx = jax.vmap(jnp.searchsorted)(sorted_kv, q_seg)
+    idx = jnp.minimum(idx, kv_seg.shape[1] - 1)
+    return (jnp.take_along_axis(sorted_kv, idx, axis=-1) == q_seg) & (q_seg != 0)
+
+
+def _attention_splash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array,
+    kv_seg: jax.Array,
+    block_q: int,
+    block_kv: int,
+    *,
+    interpret: bool,
+    same_ids: bool,
+) -> jax.Array:
+    """Splash attention per example (``vmap`` over the batch), heads first inside the kernel.
+
+    * The kernel does not scale scores: q is multiplied by ``1/sqrt(D)`` before it (in float32,
+      then cast back to the input dtype). Matmuls take the input dtype and accumulate in float32.
+    * The sequences are padded to block multiples with id 0 (see :func:`splash_blocks`).
+    * ``SegmentIds`` only allows pairs with equal ids, so padding (id 0) would attend padding.
+      A query row without any allowed key gets a uniform average from the kernel (its masked
+      scores all equal the finite mask value) instead of zero. Both are overwritten: the output
+      of padding queries and of queries whose segment has no keys is set to zero after the
+      kernel, which also zeroes their cotangent, so they add nothing to any gradient.
+      Finding segments without keys takes a sort of the key ids (:func:`_has_key`); it is skipped
+      when ``same_ids`` (the caller passed one array as both q and kv ids: self-attention).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    bq, bk = splash_blocks(block_q, block_kv, lq, lk)
+    pq, pk = _round_up(lq, bq) - lq, _round_up(lk, bk) - lk
+    scale = 1.0 / math.sqrt(d)
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+
+    def heads_first(x: jax.Array, pad: int) -> jax.Array:  # (B, L, H, D) -> (B, H, L + pad, D)
+        return jnp.pad(jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    qh, kh, vh = heads_first(qs, pq), heads_first(k, pk), heads_first(v, pk)
+    q_ids = jnp.pad(q_seg, ((0, 0), (0, pq)))
+    kv_ids = jnp.pad(kv_seg, ((0, 0), (0, pk)))
+    kernel = _splash_kernel(h, lq + pq, lk + pk, bq, bk, interpret)
+
+    def one(qi, ki, vi, q_id, kv_id):
+        return kernel(qi, ki, vi, segment_ids=SegmentIds(q=q_id, kv=kv_id))
+
+    out = jax.vmap(one)(qh, kh, vh, q_ids, kv_ids)  # (B, H, Lq_pad, D)
+    out = jnp.transpose(out[:, :, :lq], (0, 2, 1, 3))  # (B, Lq, H, D)
+    valid = (q_seg != 0) if same_ids else _has_key(q_seg, kv_seg)  # (B, Lq)
+    return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
