@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	JAX_PLATFORMS=cpu $(VENV)/bin/vdit train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
-# The test suite (what CI runs). Eight fake CPU devices are set up by tests/conftest.py.
+# The test suite. Eight fake CPU devices are set up by tests/conftest.py. Tests marked `slow` are
+# left out by default; `make test MARK=slow` runs just those, `make test MARK=` runs everything.
+MARK ?= not slow
 test: install
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q $(ARGS)
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -m "$(MARK)" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check vdit tests bench configs
