@@ -105,6 +105,35 @@ def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
     assert not {"frames_trimmed", "frames_resampled"} & set(plan.events)
 
 
+def test_size_policy_on_random_sizes():
+    """Over many random sizes, patches and compressions: within the cap, never larger than the
+    source (so never cropped and never upscaled), aspect kept to a patch, or a named rejection."""
+    rng = np.random.default_rng(0)
+    accepted = 0
+    for _ in range(500):
+        patch = (int(rng.integers(1, 3)), int(rng.choice([1, 2, 4])), int(rng.choice([1, 2, 4])))
+        comp = (int(rng.choice([1, 4])), int(rng.choice([1, 8])), int(rng.choice([1, 8])))
+        cap = int(rng.integers(1, 5000))
+        policy = pipeline.SizePolicy(patch=patch, compression=comp, max_tokens=cap)
+        t, h, w = int(rng.integers(0, 130)), int(rng.integers(1, 1100)), int(rng.integers(1, 2000))
+        try:
+            plan = policy.plan(t, h, w)
+        except pipeline.Rejected as e:
+            assert e.reason in pipeline.REJECTS
+            continue
+        accepted += 1
+        uh, uw = patch[1] * comp[1], patch[2] * comp[2]
+        tokens = policy.latent_frames(plan.frames) // patch[0] * (plan.height // uh) * (plan.width // uw)
+        assert 1 <= tokens <= cap
+        assert plan.height % uh == 0 and plan.width % uw == 0
+        assert plan.height <= h and plan.width <= w
+        idx = plan.frame_indices(t)
+        assert len(idx) == plan.frames and idx[0] == 0 and (np.diff(idx) > 0).all() and idx[-1] < t
+        if plan.height > uh and plan.width > uw:  # aspect ratio kept to within a patch
+            assert abs(plan.height / plan.width - h / w) <= (uh / plan.height + uw / plan.width) * h / w * 1.01
+    assert accepted > 250
+
+
 def test_size_policy_fits_frames_to_whole_latent_patches():
     policy = pipeline.SizePolicy(patch=(2, 4, 4), compression=(4, 1, 1), max_tokens=4096)
     plan = policy.plan(12, 16, 16)
