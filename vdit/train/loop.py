@@ -78,11 +78,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     t_last, last = time.perf_counter(), {}
     for step in range(start, tc.steps):
         batch = next(data_iter)
-        if train_step is None:
+        if batch_shardings is None:
             batch_shardings = trainer.batch_shardings(
                 {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
-            gbatch = pipeline.to_global(batch, batch_shardings)
-            train_step = trainer.jit_train_step(batch_shardings).lower(state, gbatch).compile()
+        global_batch = pipeline.to_global(batch, batch_shardings)
+        if train_step is None:
+            train_step = trainer.jit_train_step(batch_shardings).lower(state, global_batch).compile()
             distributed.barrier("vdit_train_step_compiled")  # no process runs it before all compiled
         host["tokens"] += int((batch["segment_ids"] > 0).sum())
         host["slots"] += batch["segment_ids"].size
@@ -90,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         host["resized"] += int(batch["resized"].sum())
         host["flops"] += flops.step_flops(trainer.model_cfg, batch["segment_ids"],
                                           batch["text_segment_ids"])["total_useful"]
-        state, metrics = train_step(state, pipeline.to_global(batch, batch_shardings))
+        state, metrics = train_step(state, global_batch)
         pending.append(metrics)
         done = step + 1
         progress.update(1)
