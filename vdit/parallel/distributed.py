@@ -16,7 +16,7 @@ Where the process layout comes from, in order:
    | SLURM (`srun`) | `SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS` > 1, `SLURM_PROCID`, `SLURM_LOCALID` | coordinator = first node of `SLURM_STEP_NODELIST`, processes = `SLURM_NTASKS`, id = `SLURM_PROCID`, local device = `SLURM_LOCALID` (one GPU per task) |
    | Open MPI (`mpirun`) | `OMPI_MCA_orte_hnp_uri`, `OMPI_COMM_WORLD_SIZE` > 1 | coordinator from the URI, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_LOCAL_RANK` |
    | TPU slice on GKE | `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`) with more than one host | the host list, `TPU_WORKER_ID` |
-   | Cloud TPU VM | libtpu installed and TPU chips attached (`/dev/accel*` or `/dev/vfio/<n>`) | the VM metadata server (`agent-worker-number`, `worker-network-endpoints`) |
+   | Cloud TPU VM | libtpu installed, TPU chips attached (`/dev/accel*` or `/dev/vfio/<n>`), no `TPU_SKIP_MDS_QUERY` | the VM metadata server (`agent-worker-number`, `worker-network-endpoints`) |
 
    `JAX_COORDINATOR_ADDRESS` (and `JAX_COORDINATOR_PORT`) override the coordinator JAX derives; other
    environments JAX knows (Kubernetes JobSets, `mpi4py`) are used with `--distributed=on`.
@@ -74,8 +74,8 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def _on_cloud_tpu_vm() -> bool:
-    if importlib.util.find_spec("libtpu") is None:
-        return False
+    if importlib.util.find_spec("libtpu") is None or "TPU_SKIP_MDS_QUERY" in os.environ:
+        return False  # JAX skips the metadata server when TPU_SKIP_MDS_QUERY is set
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
