@@ -16,7 +16,7 @@ Where the process layout comes from, in order:
    | SLURM (`srun`) | `SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS` > 1, `SLURM_PROCID`, `SLURM_LOCALID` | coordinator = first node of `SLURM_STEP_NODELIST`, processes = `SLURM_NTASKS`, id = `SLURM_PROCID`, local device = `SLURM_LOCALID` (one GPU per task) |
    | Open MPI (`mpirun`) | `OMPI_MCA_orte_hnp_uri`, `OMPI_COMM_WORLD_SIZE` > 1 | coordinator from the URI, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_LOCAL_RANK` |
    | TPU slice on GKE | `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`) with more than one host | the host list, `TPU_WORKER_ID` |
-   | Cloud TPU VM | libtpu installed, TPU chips attached (`/dev/accel*` or `/dev/vfio/<n>`), no `TPU_SKIP_MDS_QUERY` | the VM metadata server (`agent-worker-number`, `worker-network-endpoints`) |
+   | Cloud TPU VM | libtpu installed, TPU chips attached (`/dev/accel*` or `/dev/vfio/<n>`), no `TPU_SKIP_MDS_QUERY` | the VM metadata server (this worker's number, the network endpoints of all workers) |
 
    `JAX_COORDINATOR_ADDRESS` (and `JAX_COORDINATOR_PORT`) override the coordinator JAX derives; other
    environments JAX knows (Kubernetes JobSets, `mpi4py`) are used with `--distributed=on`.
