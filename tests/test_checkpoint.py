@@ -211,3 +211,21 @@ def test_relative_directory_saves_and_restores(tmp_path: Path, monkeypatch) -> N
         restored, step = ckpt.restore(state)
     assert step == 2 and np.array_equal(restored["w"], np.arange(4.0))
     assert read_config("runs/x/checkpoints")["a"] == 2
+
+
+def test_restore_with_another_process_count_names_it(tmp_path: Path) -> None:
+    """The iterator state is per process: a checkpoint of a two-process run cannot feed one process."""
+    state = {"w": jnp.arange(4.0)}
+    it = iter(_shuffled_pipeline())
+    next(it)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, state, data_iter=it)
+    data = tmp_path / "1" / "data"
+    # What the two processes of a two-process run leave behind.
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(ValueError, match="a run of 2 processes, this run has 1"):
+            ckpt.restore(state, data_iter=iter(_shuffled_pipeline()))
+        restored, _ = ckpt.restore(state)  # the train state alone restores on any process count
+    _assert_trees_equal(restored, state)

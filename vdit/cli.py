@@ -7,6 +7,18 @@
     vdit params --config=configs/default.py       every parameter's shape and sharding on the mesh
 
 `train` resumes from the latest checkpoint in its work directory by itself.
+
+Multi-process runs (one process per host, all running the same command; `train`, `sample`, `eval`):
+
+    --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
+    --distributed=auto|on|off
+
+`auto` (the default) initializes `jax.distributed` from these flags, or with no arguments when the
+environment is a cluster JAX detects (SLURM, Open MPI, a TPU slice; see vdit/parallel/distributed.py
+for the variables read), and otherwise runs one process. `on` always calls
+`jax.distributed.initialize()` (for other environments JAX knows), `off` never does. In `train` every
+process reads its share of the data and process 0 writes metrics and samples; in `sample` and `eval`
+every process computes the same result and process 0 writes the file.
 """
 
 from __future__ import annotations
@@ -34,6 +46,17 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the confi
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: sample.cfg_scale).")
 _NUM = flags.DEFINE_integer("num", 48, "Prompts to evaluate.")
 _UPSCALE = flags.DEFINE_integer("upscale", 1, "Nearest-neighbour enlargement of written videos.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start-up: auto = from the --coordinator_address/--num_processes/--process_id flags "
+    "or a detected cluster (SLURM, Open MPI, TPU slice), else one process; on = always call "
+    "jax.distributed.initialize() (any environment JAX detects); off = one process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None, "Comma-separated local devices this process uses (e.g. one GPU each).")
 
 
 def _usage() -> str:
@@ -44,6 +67,18 @@ def _require(flag, name: str):
     if flag.value is None:
         raise app.UsageError(f"--{name} is required")
     return flag.value
+
+
+def _init_distributed() -> None:
+    """jax.distributed from the flags or the cluster (before any device is touched); log the layout."""
+    from vdit.parallel import distributed
+
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _LOCAL_DEVICE_IDS.value, _DISTRIBUTED.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    logging.getLogger("vdit").info(distributed.describe())
 
 
 def _train() -> None:
@@ -66,6 +101,8 @@ def _load(workdir: str):
 def _sample() -> None:
     import dataclasses
 
+    import jax
+
     from vdit import configlib
     from vdit.data.video_io import upscale, write_video
     from vdit.diffusion.evaluate import generate
@@ -81,7 +118,9 @@ def _sample() -> None:
         cfg_scale=setup.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value,
     )
     (video,) = generate(trainer.graphdef, params, [_PROMPT.value], shape, setup, seed=_SEED.value)
-    path = write_video(_OUT.value, upscale(video, _UPSCALE.value), fps=config.sample.fps)
+    path = _OUT.value
+    if jax.process_index() == 0:  # every process computes the same sample; one writes it
+        path = write_video(path, upscale(video, _UPSCALE.value), fps=config.sample.fps)
     print(json.dumps({"out": path, "shape": list(video.shape), "tokens": tokens}))
 
 
@@ -118,6 +157,8 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}; {_usage()}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if argv[1] in ("train", "sample", "eval"):
+        _init_distributed()
     {"train": _train, "sample": _sample, "eval": _eval, "params": _params}[argv[1]]()
 
 

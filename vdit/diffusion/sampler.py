@@ -5,6 +5,9 @@ or the CLI hands them down). Each request becomes one row of tokens; requests of
 one batch, and the conditional and unconditional (empty-caption) passes share that batch. Conditioning
 frames (image/video prompts) are token masks, the same as in training: their tokens are given clean with
 t = 0 at every step and kept as given.
+
+The parameters may be sharded over the devices of several processes (the train state of a multi-host
+run): then every process calls `sample` with the same requests, and each gets all the samples back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vdit.data import packing
 from vdit.diffusion import flow
@@ -105,6 +109,8 @@ def _sample_same_size(graphdef, params, reqs, grid, patch, channels, flow_cfg, s
         jnp.asarray(np.broadcast_to(positions, (2 * n, *positions.shape))),
         jnp.asarray(text), jnp.asarray(text_seg), jnp.asarray(ts),
     )
+    if not x.is_fully_addressable:  # parameters sharded over processes: every process gets all samples
+        x = multihost_utils.process_allgather(x, tiled=True)
     x = np.asarray(x)
     return [packing.unpatchify(x[i], grid, patch) for i in range(n)]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -168,6 +169,7 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"checkpoint step {step} in {self.directory} has no data iterator state"
                 )
+            _check_process_count(self.directory / str(step) / DATA)
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], step
@@ -201,6 +203,20 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         self.wait()
         return _pick_step(self._manager.all_steps(), step, self.directory)
+
+
+def _check_process_count(data_dir: epath.Path) -> None:
+    """The iterator state is per process: a run with another process count cannot continue it."""
+    index, count = jax.process_index(), jax.process_count()
+    if (data_dir / f"process_{index}-of-{count}.json").exists():
+        return
+    saved = sorted({m.group(1) for p in data_dir.iterdir()
+                    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))})
+    raise ValueError(
+        f"{data_dir} holds the data-iterator state of a run of {' or '.join(saved) or 'no'} "
+        f"processes, this run has {count}: resume with the same process count (the mesh and the "
+        "device count may differ), or start the data afresh in a new work directory"
+    )
 
 
 def _pick_step(steps: Any, step: int | None, directory: epath.Path) -> int:

@@ -4,7 +4,16 @@
     -> for each step: next batch -> global arrays -> jitted step -> metrics / checkpoint / samples
 
 A run resumes from the latest checkpoint in WORKDIR/checkpoints by itself, with the data iterator where
-it stopped, so a restarted job continues as if it had never stopped.
+it stopped, so a restarted job continues as if it had never stopped. The mesh of the resumed run may
+differ from the one that saved (the state is resharded on restore); the process count may not (each
+process saves its own data-iterator state).
+
+Multi-host (after `jax.distributed.initialize`, see vdit/parallel/distributed.py), every process runs
+this same function: it reads only its share of the data (`pipeline.build(..., process_index,
+process_count)`) and contributes its rows to the global batch; checkpoints are saved and restored by
+all processes together (orbax coordinates them, grain writes one iterator state per process); every
+process runs the jitted step and the end-of-run sample grid, and only process 0 writes metrics,
+TensorBoard events, samples and the progress bar.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 
 from vdit import configlib, flops
 from vdit.data import pipeline
+from vdit.parallel import distributed
 from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.metrics import MetricsWriter
@@ -31,15 +41,23 @@ log = logging.getLogger(__name__)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
     """Train (or resume) to `config.train.steps`; returns the last logged metrics.
 
-    `devices` (default: all) are the devices the mesh is built from.
+    `devices` (default: all, over every process) are the devices the mesh is built from; in a
+    multi-process run they must include devices of every process. Every process calls this together.
     """
     devices = jax.devices() if devices is None else list(devices)
+    missing = set(range(jax.process_count())) - {d.process_index for d in devices}
+    if missing:
+        raise ValueError(f"the mesh devices include none of processes {sorted(missing)}: a "
+                         "multi-process run needs a mesh over the devices of every process")
     c = configlib.load(config, len(devices))
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
     trainer = step_lib.make_trainer(c, devices)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    log.info("mesh %s, %s parameters", dict(trainer.mesh.shape), f"{n_params:,}")
+    log.info("process %d of %d (%d of %d devices local), mesh %s, %s parameters",
+             jax.process_index(), jax.process_count(),
+             sum(d.process_index == jax.process_index() for d in devices), len(devices),
+             dict(trainer.mesh.shape), f"{n_params:,}")
 
     data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
     data_iter = iter(data)
@@ -60,17 +78,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     t_last, last = time.perf_counter(), {}
     for step in range(start, tc.steps):
         batch = next(data_iter)
-        if train_step is None:
+        if batch_shardings is None:
             batch_shardings = trainer.batch_shardings(
                 {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
-            train_step = trainer.jit_train_step(batch_shardings)
+        global_batch = pipeline.to_global(batch, batch_shardings)
+        if train_step is None:
+            train_step = trainer.jit_train_step(batch_shardings).lower(state, global_batch).compile()
+            distributed.barrier("vdit_train_step_compiled")  # no process runs it before all compiled
         host["tokens"] += int((batch["segment_ids"] > 0).sum())
         host["slots"] += batch["segment_ids"].size
         host["samples"] += int((batch["grid"][..., 0] > 0).sum())
         host["stats"] += batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
         host["flops"] += flops.step_flops(trainer.model_cfg, batch["segment_ids"],
                                           batch["text_segment_ids"])["total_useful"]
-        state, metrics = train_step(state, pipeline.to_global(batch, batch_shardings))
+        state, metrics = train_step(state, global_batch)
         pending.append(metrics)
         done = step + 1
         progress.update(1)
