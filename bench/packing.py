@@ -10,7 +10,7 @@ images) go through three strategies with the same token budget per step (`--rows
   and the highest resolution it is at least as large as, among the buckets whose tokens fit
   `--max-tokens`; it is center-cropped to the nearest of 9 aspect ratios and cut to the bucket's
   frames; a bucket batch holds floor(budget / bucket tokens) samples; samples no bucket takes are
-  dropped, and each epoch's incomplete batches are dropped too (drop_last).
+  dropped; an epoch's incomplete batches wait for a later epoch (counted, not lost).
 
 Latent space: a causal VAE of (4, 8, 8) compression and 16 channels, 1x2x2 patches (one token per
 4 frames of 16x16 pixels). "Pixels kept" is the share of each source's space-time extent that reaches
@@ -205,16 +205,18 @@ def contract_batch(rows: list[list[int]], row_len: int, max_samples: int, rng) -
 
 
 class StepTimer:
-    """Compiles the train step once per batch shape and times a batch (median of `reps`)."""
+    """The real train step, compiled once per batch shape; jobs are timed in interleaved rounds so a
+    change of machine load during the run hits every strategy alike (median per job)."""
 
-    def __init__(self, trainer: step_lib.Trainer, reps: int):
-        self.trainer, self.reps = trainer, reps
+    def __init__(self, trainer: step_lib.Trainer):
+        self.trainer = trainer
         self.state = trainer.init_state()
         self.compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_s: list[float] = []
+        self.jobs: list[tuple[Any, Any]] = []
 
-    def time(self, rows: list[list[int]], row_len: int, max_samples: int) -> float:
-        batch = contract_batch(rows, row_len, max_samples, np.random.default_rng(0))
+    def add(self, rows: list[list[int]], row_len: int, max_samples: int) -> int:
+        batch = contract_batch(rows, row_len, max_samples, np.random.default_rng(len(self.jobs)))
         shardings = self.trainer.batch_shardings({k: batch[k].ndim for k in pipeline.DEVICE_KEYS})
         gb = pipeline.to_global(batch, shardings)
         key = (len(rows), row_len, max_samples)
@@ -222,14 +224,21 @@ class StepTimer:
             t0 = time.perf_counter()
             self.compiled[key] = self.trainer.jit_train_step(shardings).lower(self.state, gb).compile()
             self.compile_s.append(time.perf_counter() - t0)
-        step = self.compiled[key]
-        times = []
-        for _ in range(self.reps + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            self.state, m = step(self.state, gb)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
+            log(f"  compiled {key} in {self.compile_s[-1]:.1f}s")
+        self.jobs.append((self.compiled[key], gb))
+        return len(self.jobs) - 1
+
+    def run(self, rounds: int) -> list[float]:
+        times: list[list[float]] = [[] for _ in self.jobs]
+        for r in range(rounds + 1):  # round 0 warms up
+            for i, (step, gb) in enumerate(self.jobs):
+                t0 = time.perf_counter()
+                self.state, m = step(self.state, gb)
+                jax.block_until_ready(m)
+                if r:
+                    times[i].append(time.perf_counter() - t0)
+            log(f"  round {r}/{rounds} done")
+        return [statistics.median(t) for t in times]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,82 +250,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = distribution(args.samples, args.seed, args.image_fraction)
     budget = args.rows * args.row_len
     trainer = make_trainer(args)
-    timer = StepTimer(trainer, args.reps)
-    results: dict[str, dict[str, Any]] = {}
+    timer = StepTimer(trainer)
 
-    # vdit packing.
+    # vdit packing: vdit's size policy and packer.
     tokens, kept = vdit_sizes(samples, args.max_tokens)
     num_rows = math.ceil(sum(tokens) / args.row_len)
     num_rows += (-num_rows) % args.rows
     rows = pack_rows(tokens, args.row_len, args.max_samples, args.bins, num_rows)
-    useful = sum(map(sum, rows))
     steps = [rows[i:i + args.rows] for i in range(0, len(rows), args.rows)]
-    log(f"pack: {len(steps)} steps; timing {args.timed_steps} of them")
-    timed = [timer.time(s, args.row_len, args.max_samples) for s in steps[:args.timed_steps]]
-    pack_time = statistics.mean(timed) * len(steps)
-    results["pack"] = {
-        "fill": useful / (len(rows) * args.row_len), "pixels_kept": float(np.mean(kept)),
-        "dropped": 0, "steps": len(steps), "useful_tokens": useful, "epoch_s": pack_time,
-        "useful_tokens_per_s": useful / pack_time, "step_s": statistics.median(timed),
-        "rows": rows,
-    }
+    pack_jobs = [timer.add(s, args.row_len, args.max_samples) for s in steps[:args.timed_steps]]
 
     # Pad to max: the same sizes, one sample per row of max_tokens.
     per_step = budget // args.max_tokens
     pad_steps = [tokens[i:i + per_step] for i in range(0, len(tokens), per_step)]
     pad_steps = [s for s in pad_steps if len(s) == per_step]
-    log(f"pad: {len(pad_steps)} steps; timing {args.timed_steps} of them")
-    timed = [timer.time([[n] for n in s], args.max_tokens, 1) for s in pad_steps[:args.timed_steps]]
-    pad_useful = sum(map(sum, pad_steps))
-    pad_time = statistics.mean(timed) * len(pad_steps)
-    results["pad"] = {
-        "fill": pad_useful / (len(pad_steps) * per_step * args.max_tokens),
-        "pixels_kept": float(np.mean(kept)), "dropped": 0, "steps": len(pad_steps),
-        "useful_tokens": pad_useful, "epoch_s": pad_time, "useful_tokens_per_s": pad_useful / pad_time,
-        "step_s": statistics.median(timed),
-    }
+    pad_jobs = [timer.add([[n] for n in s], args.max_tokens, 1) for s in pad_steps[:args.timed_steps]]
 
-    # Open-Sora-style buckets.
+    # Open-Sora-style buckets: per-bucket batches of floor(budget / tokens), drop_last.
     assigned = [assign_bucket(s, args.max_tokens) for s in samples]
     by_bucket: dict[Any, list[int]] = collections.defaultdict(list)
     for i, a in enumerate(assigned):
         if a is not None:
             by_bucket[a[0]].append(i)
-    bucket_kept = np.zeros(len(samples))
-    batches = []  # (batch size, tokens per sample)
-    for _key, idx in by_bucket.items():
+    batches, incomplete = [], 0  # (batch size, tokens per sample)
+    for idx in by_bucket.values():
         n = assigned[idx[0]][1]
         bs = max(1, budget // n)
-        full = len(idx) // bs * bs
-        batches += [(bs, n)] * (full // bs)
-        for i in idx[:full]:  # an incomplete last batch is dropped (drop_last)
-            bucket_kept[i] = assigned[i][2]
-    dropped = sum(a is None for a in assigned)
-    incomplete = sum(len(idx) - len(idx) // max(1, budget // assigned[idx[0]][1])
-                     * max(1, budget // assigned[idx[0]][1]) for idx in by_bucket.values())
-    shapes = collections.Counter(batches)
-    log(f"bucket: {len(batches)} steps of {len(shapes)} distinct shapes; timing each")
-    shape_s = {}
-    for k, (bs, n) in enumerate(sorted(shapes)):
-        shape_s[(bs, n)] = timer.time([[n]] * bs, n, 1)
-        log(f"  shape {k + 1}/{len(shapes)} ({bs} x {n}): {shape_s[(bs, n)]:.3f}s")
+        batches += [(bs, n)] * (len(idx) // bs)
+        incomplete += len(idx) % bs  # left for a later epoch: deferred, not counted as lost
+    shapes = sorted(set(batches))
+    log(f"pack {len(steps)} steps, pad {len(pad_steps)}, bucket {len(batches)} of {len(shapes)} shapes")
+    bucket_jobs = {shape: timer.add([[shape[1]]] * shape[0], shape[1], 1) for shape in shapes}
+    t = timer.run(args.reps)
+
+    results: dict[str, dict[str, Any]] = {}
+    useful = sum(map(sum, rows))
+    pack_time = statistics.mean(t[j] for j in pack_jobs) * len(steps)
+    results["pack"] = {
+        "fill": useful / (len(rows) * args.row_len), "pixels_kept": float(np.mean(kept)),
+        "dropped": 0, "steps": len(steps), "useful_tokens": useful, "epoch_s": pack_time,
+        "useful_tokens_per_s": useful / pack_time,
+    }
+    pad_useful = sum(map(sum, pad_steps))
+    pad_time = statistics.mean(t[j] for j in pad_jobs) * len(pad_steps)
+    results["pad"] = {
+        "fill": pad_useful / (len(pad_steps) * per_step * args.max_tokens),
+        "pixels_kept": float(np.mean(kept)), "dropped": 0, "steps": len(pad_steps),
+        "useful_tokens": pad_useful, "epoch_s": pad_time, "useful_tokens_per_s": pad_useful / pad_time,
+    }
+    shape_s = {shape: t[j] for shape, j in bucket_jobs.items()}
     b_useful = sum(bs * n for bs, n in batches)
     b_time = sum(shape_s[b] for b in batches)
     # 8 data-parallel ranks: each global step takes 8 bucket batches; the slowest sets the time.
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(batches))
+    order = np.random.default_rng(args.seed).permutation(len(batches))
     groups = [order[i:i + 8] for i in range(0, len(order) - 7, 8)]
     dp_useful = sum(batches[j][0] * batches[j][1] for g in groups for j in g)
     dp_time = sum(8 * max(shape_s[batches[j]] for j in g) for g in groups)  # rank-seconds
+    kept_b = [a[2] if a is not None else 0.0 for a in assigned]
     results["bucket"] = {
-        "fill": b_useful / (len(batches) * budget), "pixels_kept": float(bucket_kept.mean()),
-        "dropped": dropped, "incomplete_batch_samples": incomplete, "steps": len(batches),
-        "useful_tokens": b_useful, "epoch_s": b_time, "useful_tokens_per_s": b_useful / b_time,
+        "fill": b_useful / (len(batches) * budget), "pixels_kept": float(np.mean(kept_b)),
+        "dropped": sum(a is None for a in assigned), "incomplete_batch_samples": incomplete,
+        "steps": len(batches), "useful_tokens": b_useful, "epoch_s": b_time,
+        "useful_tokens_per_s": b_useful / b_time,
         "useful_tokens_per_s_8_ranks": dp_useful / dp_time, "distinct_shapes": len(shapes),
         "buckets_used": len(by_bucket),
     }
-    results["pack"]["useful_tokens_per_s_8_ranks"] = results["pack"]["useful_tokens_per_s"]
-    results["pad"]["useful_tokens_per_s_8_ranks"] = results["pad"]["useful_tokens_per_s"]
+    for name in ("pack", "pad"):  # every step has the same shape: no rank waits for another
+        results[name]["useful_tokens_per_s_8_ranks"] = results[name]["useful_tokens_per_s"]
 
     # Attention cost of the packed rows (chunked, block skipping) vs dense.
     att = []
@@ -355,8 +355,8 @@ def print_tables(r: dict[str, Any]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in ("pack", "pad", "bucket"):
         x = s[name]
-        drop = f"{x['dropped']}" + (f" (+{x['incomplete_batch_samples']} in incomplete batches)"
-                                    if "incomplete_batch_samples" in x else "")
+        drop = f"{x['dropped']}" + (f" (+{x['incomplete_batch_samples']} deferred: incomplete "
+                                    "batches)" if "incomplete_batch_samples" in x else "")
         print(f"| {name} | {x['fill']:.1%} | {x['pixels_kept']:.1%} | {drop} | {x['steps']} | "
               f"{x['useful_tokens_per_s']:,.0f} | "
               f"{x['useful_tokens_per_s'] / s['pad']['useful_tokens_per_s']:.2f}x | "
@@ -371,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--image-fraction", type=float, default=1 / 3)
-    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per sample at most")
-    p.add_argument("--row-len", type=int, default=4096)
-    p.add_argument("--rows", type=int, default=2, help="rows per step (budget = rows x row-len)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per sample at most")
+    p.add_argument("--row-len", type=int, default=16384)
+    p.add_argument("--rows", type=int, default=1, help="rows per step (budget = rows x row-len)")
     p.add_argument("--max-samples", type=int, default=64, help="samples per packed row at most")
     p.add_argument("--bins", type=int, default=64, help="packing bins")
     p.add_argument("--width", type=int, default=128)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--attn-block", type=int, default=128)
     p.add_argument("--timed-steps", type=int, default=3, help="pack/pad steps timed (shapes fixed)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3, help="timing rounds over all batches (median)")
     p.add_argument("--attention-rows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/packing.json"))
@@ -389,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args)
     print_tables(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    r["strategies"]["pack"].pop("rows")
     args.out.write_text(json.dumps(r, indent=1, default=str))
     return 0
 
