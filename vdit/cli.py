@@ -5,6 +5,10 @@
                 --seed=0 --out=sample.mp4
     vdit eval   --workdir=DIR [--num=48]          colour / motion accuracy of samples vs prompts
     vdit params --config=configs/default.py       every parameter's shape and sharding on the mesh
+    vdit flops  --config=configs/default.py       analytic FLOPs of one train step, by part
+    vdit compile --config=configs/default.py:XL/2 --topology=v5p-8 [--json]
+                                                  compile the train step for a TPU slice (needs
+                                                  libtpu, not a TPU): memory per device, FLOPs, fit
 
 `train` resumes from the latest checkpoint in its work directory by itself.
 """
@@ -19,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "params")
+COMMANDS = ("train", "sample", "eval", "params", "flops", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
@@ -34,6 +38,12 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the confi
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: sample.cfg_scale).")
 _NUM = flags.DEFINE_integer("num", 48, "Prompts to evaluate.")
 _UPSCALE = flags.DEFINE_integer("upscale", 1, "Nearest-neighbour enlargement of written videos.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "compile: TPU slice, 'v5p:2x2x1' or 'v5p-8', 'v4-8', 'v5e-8', 'v6e-8' "
+    "(v4/v5p count TensorCores, v5e/v6e chips), or 'local' for this process's devices.")
+_JSON = flags.DEFINE_bool("json", False, "compile / flops: print the figures as one JSON object.")
+_BATCHES = flags.DEFINE_integer(
+    "batches", 4, "flops: packed batches of the data pipeline to average over (0: full rows).")
 
 
 def _usage() -> str:
@@ -112,13 +122,29 @@ def _params() -> None:
     print(f"total parameters: {total:,}")
 
 
+def _flops() -> None:
+    from vdit import aot, configlib
+
+    c = configlib.load(_require(_CONFIG, "config"), plan_only=True)
+    r = aot.flops_report(c, _BATCHES.value)
+    print(json.dumps(r) if _JSON.value else aot.format_flops(r))
+
+
+def _compile() -> None:
+    from vdit import aot
+
+    r = aot.compile_report(_require(_CONFIG, "config"), _require(_TOPOLOGY, "topology"))
+    print(json.dumps(r) if _JSON.value else aot.format_report(r))
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(_usage())
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}; {_usage()}")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    {"train": _train, "sample": _sample, "eval": _eval, "params": _params}[argv[1]]()
+    {"train": _train, "sample": _sample, "eval": _eval, "params": _params, "flops": _flops,
+     "compile": _compile}[argv[1]]()
 
 
 def main() -> None:
