@@ -448,3 +448,20 @@ def format_flops(r: dict[str, Any]) -> str:
         lines.append(f"| {k} | {'' if v is None else f'{v:.4g}'} | {'' if t is None else f'{t:.4g}'} |")
     lines.append(f"\nmodel FLOPs per useful token: {f['total_useful'] / max(r['tokens_per_step'], 1):.4g}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `vdit params`
+# ---------------------------------------------------------------------------------------------------
+def param_table(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> str:
+    """Every parameter's path, shape and PartitionSpec on the config's mesh over `devices` (default
+    all), from abstract shapes only: what `vdit params` prints and tests/golden/ holds."""
+    from vdit.parallel.sharding import describe
+    from vdit.train.step import make_trainer
+
+    trainer = make_trainer(c, None if devices is None else list(devices))
+    rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
+    lines = [f"mesh {dict(trainer.mesh.shape)}"]
+    lines += [f"{name:60s} {str(shape):24s} {spec}" for name, shape, spec in rows]
+    lines.append(f"total parameters: {sum(math.prod(s) for _, s, _ in rows):,}")
+    return "\n".join(lines)

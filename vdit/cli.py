@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 
 from absl import app, flags
@@ -108,18 +107,10 @@ def _eval() -> None:
 def _params() -> None:
     import jax
 
-    from vdit import configlib
-    from vdit.parallel.sharding import describe
-    from vdit.train.step import make_trainer
+    from vdit import aot, configlib
 
     c = configlib.load(_require(_CONFIG, "config"), jax.device_count())
-    trainer = make_trainer(c)
-    rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
-    print(f"mesh {dict(trainer.mesh.shape)}")
-    for name, shape, spec in rows:
-        print(f"{name:60s} {str(shape):24s} {spec}")
-    total = sum(math.prod(s) for _, s, _ in rows)
-    print(f"total parameters: {total:,}")
+    print(aot.param_table(c))
 
 
 def _flops() -> None:

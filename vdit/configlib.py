@@ -128,6 +128,9 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
                   f"mesh.sequence={mesh['sequence']}")
     if c.train.steps < 1:
         _fail("train.steps", f"{c.train.steps} must be >= 1")
+    if c.train.get("peak_flops_per_device", 0.0) < 0:
+        _fail("train.peak_flops_per_device", f"{c.train.peak_flops_per_device} must be >= 0 "
+              "(0: from the device kind)")
     if c.train.checkpoint_every < 1:
         _fail("train.checkpoint_every", f"{c.train.checkpoint_every} must be >= 1")
     return c
