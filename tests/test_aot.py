@@ -138,7 +138,7 @@ def test_compile_for_tpu_topology(topology):
     # XLA's buffers hold at least those bytes (TPU layouts pad small arrays to tiles)
     assert b["arguments"] >= b["params"] + b["opt_state"] + b["ema"] + b["batch"]
     assert b["aliased"] >= b["params"] + b["opt_state"] + b["ema"]
-    assert 0 < b["temporaries"] and b["total"] < r["chip"]["hbm_per_device"]
+    assert b["arguments"] <= b["total"] < r["chip"]["hbm_per_device"]
 
     f = r["flops"]
     # cost analysis counts the scanned blocks once: compare with the analytic count of the same

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -146,6 +147,10 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
         import libtpu  # noqa: F401
     except ImportError as e:
         raise RuntimeError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'") from e
+    if "tpu" not in os.environ.get("JAX_PLATFORMS", "tpu"):
+        # This process only compiles: do not take libtpu's single-process lock, which would stop
+        # a training job or another compile on the same machine (and this one with them).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name).devices)
 
 
