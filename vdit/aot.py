@@ -249,6 +249,8 @@ def _suggestions(c: ml_collections.ConfigDict, mesh: dict[str, int]) -> list[str
         tries.append("mesh.data=1 mesh.fsdp=-1 (shard parameters and optimizer over all devices)")
     if c.data.batch_rows > mesh["data"] * mesh["fsdp"]:
         tries.append(f"fewer data.batch_rows (now {c.data.batch_rows})")
+    else:  # one row per device already: split rows' tokens instead
+        tries.append("mesh.sequence > 1 (each row's tokens over several devices, fewer rows)")
     if m.param_dtype == "float32":
         tries.append("model.param_dtype=bfloat16 (halves parameters, optimizer state and EMA)")
     tries.append("a larger slice")
