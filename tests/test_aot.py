@@ -62,6 +62,14 @@ def test_chip_table():
     assert aot.CHIPS["v5p"].peak_flops == 459e12 and aot.CHIPS["v5p"].hbm_bytes == 95 * aot.GiB
 
 
+def test_out_of_memory_message_is_parsed():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (131.96G) exceeds available HBM (95.74G).")
+    m = aot._OOM.search(msg)
+    assert aot._xla_size(*m.group(1, 2)) == int(131.96 * aot.GiB)
+    assert aot._xla_size(*m.group(3, 4)) == int(95.74 * aot.GiB)
+
+
 def test_abstract_batch_matches_the_pipeline():
     c = configlib.load(tiny_config(), 8)
     real = next(iter(pipeline.build(configlib.pipeline_config(c))))

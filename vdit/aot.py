@@ -13,6 +13,9 @@ tokens, ...). Nothing is allocated. The report gives, per device:
   code; their sum ``arguments + outputs - aliased + temporaries + code`` against the chip's HBM;
 * the analytic FLOPs of the step (`vdit.flops`) and XLA's `cost_analysis()` flops.
 
+The TPU compiler itself refuses a program that does not fit in HBM (RESOURCE_EXHAUSTED); the report
+then gives what the compiler said it needed instead of the memory analysis, and "does NOT fit".
+
 XLA's cost analysis counts the body of a while loop once. The blocks run under `nnx.scan`, and the
 chunked attention kernel loops over block pairs, so its raw count of a scanned model is the step of
 a one-block model with attention loops counted once. The report therefore puts it next to the
@@ -214,17 +217,38 @@ def nbytes(x) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Compile and report
 # ---------------------------------------------------------------------------------------------------
-def compile_train_step(c: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
-    """(trainer, compiled step, abstract state, abstract batch, seconds to lower + compile)."""
+def build(c: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+    """(trainer, abstract sharded state, abstract batch) of the loaded config over `devices`."""
     from vdit.train.step import make_trainer
 
     trainer = make_trainer(c, list(devices))
-    state = trainer.abstract_sharded_state()
-    batch = abstract_batch(c, trainer)
+    return trainer, trainer.abstract_sharded_state(), abstract_batch(c, trainer)
+
+
+def compile_step(trainer, state, batch):
+    """The jitted train step lowered on the abstract inputs and compiled; and the seconds it took."""
     shardings = {k: v.sharding for k, v in batch.items()}
     t0 = time.perf_counter()
     compiled = trainer.jit_train_step(shardings).lower(state, batch).compile()
-    return trainer, compiled, state, batch, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
+
+
+def compile_train_step(c: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+    """(trainer, compiled step, abstract state, abstract batch, seconds to lower + compile)."""
+    trainer, state, batch = build(c, devices)
+    compiled, seconds = compile_step(trainer, state, batch)
+    return trainer, compiled, state, batch, seconds
+
+
+# The TPU compiler refuses a program whose buffers exceed HBM, e.g. "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (131.96G) exceeds available HBM
+# (95.74G)." (sizes as XLA prints them).
+_OOM = re.compile(r"(?:temporaries|required)[^(]*\(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)",
+                  re.S)
+
+
+def _xla_size(num: str, unit: str) -> int:
+    return int(float(num) * 1024 ** "KMGT".index(unit) * 1024)
 
 
 def _flops_like_xla(cfg, seg, tseg) -> float:
@@ -260,7 +284,14 @@ def _suggestions(c: ml_collections.ConfigDict, mesh: dict[str, int]) -> list[str
 def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip: Chip | None = None,
            topology: str = "local") -> dict[str, Any]:
     """Compile the train step of the loaded config `c` over `devices`; every figure of the table."""
-    trainer, compiled, state, batch, seconds = compile_train_step(c, devices)
+    trainer, state, batch = build(c, devices)
+    oom = None
+    try:
+        compiled, seconds = compile_step(trainer, state, batch)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, seconds, oom = None, float("nan"), str(e).strip().splitlines()[0]
     n = len(devices)
     per_chip = 1
     if chip is not None:  # compile-only v4 devices are TensorCores (2 per chip)
@@ -269,18 +300,26 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
             for k in ("params", "opt_state", "ema")}
     part["step_counters"] = sharded_nbytes(state["step"]) + sharded_nbytes(state["skipped"])
     part["batch"] = sum(sharded_nbytes(x) for x in batch.values())
-    ma = compiled.memory_analysis()
-    mem = {
-        "arguments": int(ma.argument_size_in_bytes),
-        "outputs": int(ma.output_size_in_bytes),
-        "aliased": int(ma.alias_size_in_bytes),
-        "temporaries": int(ma.temp_size_in_bytes),
-        "generated_code": int(ma.generated_code_size_in_bytes),
-    }
-    mem["total"] = (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
-                    + mem["generated_code"])
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    if compiled is not None:
+        ma = compiled.memory_analysis()
+        mem = {
+            "arguments": int(ma.argument_size_in_bytes),
+            "outputs": int(ma.output_size_in_bytes),
+            "aliased": int(ma.alias_size_in_bytes),
+            "temporaries": int(ma.temp_size_in_bytes),
+            "generated_code": int(ma.generated_code_size_in_bytes),
+        }
+        mem["total"] = (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+                        + mem["generated_code"])
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+    else:  # the compiler refused: what it needed, from its message, on top of the state and batch
+        m = _OOM.search(oom)
+        temp = _xla_size(*m.group(1, 2)) if m else 0
+        args = sum(part.values())
+        mem = {"arguments": args, "outputs": args, "aliased": args, "temporaries": temp,
+               "generated_code": 0, "total": args + temp}
+        cost = {}
     seg, tseg = full_rows_layout(c)
     cfg = trainer.model_cfg
     f = flops.step_flops(cfg, seg, tseg)
@@ -305,12 +344,14 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
         },
         "tokens_per_step": int((seg > 0).sum()),
     }
+    if oom is not None:
+        out["compile_error"] = oom
     if chip is not None:
         hbm = chip.hbm_bytes // per_chip
         peak = chip.peak_flops / per_chip
         out["chip"] = {"name": chip.name, "devices_per_chip": per_chip, "chips": n // per_chip,
                        "hbm_per_device": hbm, "peak_flops_per_device": peak}
-        out["fits"] = mem["total"] <= hbm
+        out["fits"] = oom is None and mem["total"] <= hbm
         # the step can take no less than its model FLOPs at peak; useful / executed bounds MFU
         out["step_seconds_at_peak"] = f["total_useful"] / (n * peak)
         out["mfu_bound"] = f["total_useful"] / f["total_executed"]
@@ -354,6 +395,9 @@ def format_report(r: dict[str, Any]) -> str:
         ("generated_code", "memory_analysis"),
         ("total", "arguments + outputs - aliased + temporaries + code"),
     ]
+    if "compile_error" in r:  # nothing from memory_analysis: the compiler's own count instead
+        rows = rows[:4] + [("temporaries", "the TPU compiler's out-of-memory error"),
+                           ("total", "state + batch + temporaries (at least)")]
     lines += [f"| {k} | {_size(b[k])} | {src} |" for k, src in rows]
     chip = r.get("chip")
     if chip:
@@ -382,6 +426,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['step_seconds_at_peak'] * 1e3:.3g} ms at 100% MFU; useful / executed FLOPs = "
             f"{r['mfu_bound']:.3f} (the MFU ceiling)")
         hbm, total = chip["hbm_per_device"], b["total"]
+        if "compile_error" in r:
+            lines.append(f"compiler: {r['compile_error']}")
         if r["fits"]:
             lines.append(f"fits: {_gib(total)} of {_gib(hbm)} GiB per device "
                          f"({100 * total / hbm:.0f}%)")
