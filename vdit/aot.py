@@ -382,8 +382,8 @@ def format_report(r: dict[str, Any]) -> str:
     b, f = r["bytes_per_device"], r["flops"]
     lines = [
         f"topology {r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
-        f"{r['parameters']:,} parameters, {r['tokens_per_step']:,} tokens/step, compiled in "
-        f"{r['compile_seconds']:.1f} s",
+        f"{r['parameters']:,} parameters, {r['tokens_per_step']:,} tokens/step, "
+        f"{'refused' if 'compile_error' in r else 'compiled'} in {r['compile_seconds']:.1f} s",
         "",
         "| per device | bytes | source |",
         "|---|---:|---|",
