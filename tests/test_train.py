@@ -103,4 +103,5 @@ def test_resume_equals_uninterrupted(tmp_path):
     fill = lambda d: [(r["step"], r["packing_fill"], r["loss"]) for r in rows(d) if "loss" in r]
     assert fill(straight)[-1] == pytest.approx(fill(resumed)[-1])
     # CPU is not in the chip table and no peak is configured: no `mfu` is logged
-    assert all("mfu" not in r for r in rows(straight)) and "model_flops_per_s" in rows(straight)[-1]
+    assert all("mfu" not in r for r in rows(straight))
+    assert any("model_flops_per_s" in r for r in rows(straight))
