@@ -23,7 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Autoencoder: what a "latent" is. Identity = pixels in [-1, 1].
     c.autoencoder = ml_collections.ConfigDict()
-    c.autoencoder.kind = "identity"  # "identity" (pixel space)
+    # "identity" (pixel space) | "latent" (pre-encoded samples of `compression` and `channels`; only
+    # `vdit compile` / `vdit flops` accept it until a data source reads such records)
+    c.autoencoder.kind = "identity"
     c.autoencoder.compression = (1, 1, 1)  # (time, height, width) downsampling of the autoencoder
     c.autoencoder.channels = 3  # latent channels
 
@@ -119,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
     c.train.progress = True  # progress bar
+    # peak FLOP/s of one device for the logged `mfu`; 0 = look up jax's device kind in
+    # vdit.aot.CHIPS (TPU v4/v5e/v5p/v6e, bf16 peak); an unknown kind (e.g. CPU) logs no `mfu`
+    c.train.peak_flops_per_device = 0.0
 
     # --- Sampling (Euler ODE with classifier-free guidance).
     c.sample = ml_collections.ConfigDict()

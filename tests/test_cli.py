@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from tiny import DEFAULT_CONFIG, ROOT
@@ -31,6 +32,9 @@ TINY_FLAGS = [
 ]
 
 
+PEAK = 1e11  # FLOP/s per device for the logged mfu
+
+
 def _vdit(*args, check=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "vdit.cli", *args], cwd=ROOT, env=env,
@@ -43,7 +47,8 @@ def _vdit(*args, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    out = _vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2")
+    out = _vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2",
+                f"--config.train.peak_flops_per_device={PEAK}")
     return workdir, out
 
 
@@ -54,6 +59,9 @@ def test_train_two_steps_writes_everything(trained):
     rows = [json.loads(r) for r in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(0 < r["packing_fill"] <= 1 for r in rows if "loss" in r)
+    devices = jax.device_count()  # the subprocess sees the same fake CPU devices (XLA_FLAGS)
+    for r in (r for r in rows if "loss" in r):
+        assert 0 < r["mfu"] == pytest.approx(r["model_flops_per_s"] / (PEAK * devices))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
     grid = read_video(os.path.join(workdir, "samples", "step_0000002.mp4"))

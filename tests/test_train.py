@@ -139,3 +139,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     rows = lambda d: [json.loads(r) for r in open(os.path.join(d, "metrics.jsonl"))]
     fill = lambda d: [(r["step"], r["packing_fill"], r["loss"]) for r in rows(d) if "loss" in r]
     assert fill(straight)[-1] == pytest.approx(fill(resumed)[-1])
+    # CPU is not in the chip table and no peak is configured: no `mfu` is logged
+    assert all("mfu" not in r for r in rows(straight))
+    assert any("model_flops_per_s" in r for r in rows(straight))

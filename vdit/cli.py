@@ -5,6 +5,10 @@
                 --seed=0 --out=sample.mp4
     vdit eval   --workdir=DIR [--num=48]          colour / motion accuracy of samples vs prompts
     vdit params --config=configs/default.py       every parameter's shape and sharding on the mesh
+    vdit flops  --config=configs/default.py       analytic FLOPs of one train step, by part
+    vdit compile --config=configs/default.py:XL/2 --topology=v5p-8 [--json]
+                                                  compile the train step for a TPU slice (needs
+                                                  libtpu, not a TPU): memory per device, FLOPs, fit
 
 `train` resumes from the latest checkpoint in its work directory by itself.
 
@@ -25,13 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "params")
+COMMANDS = ("train", "sample", "eval", "params", "flops", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
@@ -57,6 +60,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "local_device_ids", None, "Comma-separated local devices this process uses (e.g. one GPU each).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "compile: TPU slice, 'v5p:2x2x1' or 'v5p-8', 'v4-8', 'v5e-8', 'v6e-8' "
+    "(v4/v5p count TensorCores, v5e/v6e chips), or 'local' for this process's devices.")
+_JSON = flags.DEFINE_bool("json", False, "compile / flops: print the figures as one JSON object.")
+_BATCHES = flags.DEFINE_integer(
+    "batches", 4, "flops: packed batches of the data pipeline to average over (0: full rows).")
 
 
 def _usage() -> str:
@@ -137,18 +146,25 @@ def _eval() -> None:
 def _params() -> None:
     import jax
 
-    from vdit import configlib
-    from vdit.parallel.sharding import describe
-    from vdit.train.step import make_trainer
+    from vdit import aot, configlib
 
     c = configlib.load(_require(_CONFIG, "config"), jax.device_count())
-    trainer = make_trainer(c)
-    rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
-    print(f"mesh {dict(trainer.mesh.shape)}")
-    for name, shape, spec in rows:
-        print(f"{name:60s} {str(shape):24s} {spec}")
-    total = sum(math.prod(s) for _, s, _ in rows)
-    print(f"total parameters: {total:,}")
+    print(aot.param_table(c))
+
+
+def _flops() -> None:
+    from vdit import aot, configlib
+
+    c = configlib.load(_require(_CONFIG, "config"), plan_only=True)
+    r = aot.flops_report(c, _BATCHES.value)
+    print(json.dumps(r) if _JSON.value else aot.format_flops(r))
+
+
+def _compile() -> None:
+    from vdit import aot
+
+    r = aot.compile_report(_require(_CONFIG, "config"), _require(_TOPOLOGY, "topology"))
+    print(json.dumps(r) if _JSON.value else aot.format_report(r))
 
 
 def _main(argv: list[str]) -> None:
@@ -159,7 +175,8 @@ def _main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     if argv[1] in ("train", "sample", "eval"):
         _init_distributed()
-    {"train": _train, "sample": _sample, "eval": _eval, "params": _params}[argv[1]]()
+    {"train": _train, "sample": _sample, "eval": _eval, "params": _params, "flops": _flops,
+     "compile": _compile}[argv[1]]()
 
 
 def main() -> None:

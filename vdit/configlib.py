@@ -50,8 +50,19 @@ def _fail(field: str, msg: str) -> None:
     raise ValueError(f"{field}: {msg}")
 
 
-def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
-    """Resolve and validate; returns an unlocked copy with width/depth/heads filled in."""
+# "identity": pixels in [-1, 1], what the data pipeline produces. "latent": samples already encoded
+# by an autoencoder with `autoencoder.compression` and `autoencoder.channels`; no data source reads
+# such records yet, so only shape-level planning (`vdit compile`, `vdit flops`) accepts it.
+AUTOENCODER_KINDS = ("identity", "latent")
+
+
+def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
+         plan_only: bool = False):
+    """Resolve and validate; returns an unlocked copy with width/depth/heads filled in.
+
+    `plan_only=True` is for tools that need only shapes (compiling for a topology, FLOP counts): it
+    also accepts `autoencoder.kind="latent"`, whose data no pipeline reads yet.
+    """
     c = ml_collections.ConfigDict(config.to_dict())
     name, p = parse_variant(c.model.variant)
     w, d, h = MODEL_SIZES[name]
@@ -69,9 +80,17 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
         _fail("model.attn_impl", f"{m.attn_impl!r} is not one of {IMPL_CHOICES}")
     if m.text.kind == "bytes" and m.text.width % m.text.heads:
         _fail("model.text.heads", f"{m.text.heads} do not divide model.text.width={m.text.width}")
-    if c.autoencoder.kind != "identity":
-        _fail("autoencoder.kind", f"{c.autoencoder.kind!r}: only 'identity' is available")
-    if tuple(c.autoencoder.compression) != (1, 1, 1) or c.autoencoder.channels != 3:
+    ae = c.autoencoder
+    if ae.kind not in AUTOENCODER_KINDS:
+        _fail("autoencoder.kind", f"{ae.kind!r} is not one of {AUTOENCODER_KINDS}")
+    if ae.kind == "latent" and not plan_only:
+        _fail("autoencoder.kind", "'latent' (pre-encoded samples) has no data source yet; only "
+              "`vdit compile` and `vdit flops` accept it")
+    if ae.kind == "latent" and (len(ae.compression) != 3 or min(ae.compression) < 1
+                                or ae.channels < 1):
+        _fail("autoencoder.compression", f"{tuple(ae.compression)} and {ae.channels} channels: "
+              "expected three positive factors (time, height, width) and positive channels")
+    if ae.kind == "identity" and (tuple(ae.compression) != (1, 1, 1) or ae.channels != 3):
         _fail("autoencoder.compression", "the identity autoencoder is pixel space: compression "
               f"(1, 1, 1) and 3 channels, got {tuple(c.autoencoder.compression)} and "
               f"{c.autoencoder.channels}")
@@ -113,6 +132,9 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None):
                   f"mesh.sequence={mesh['sequence']}")
     if c.train.steps < 1:
         _fail("train.steps", f"{c.train.steps} must be >= 1")
+    if c.train.get("peak_flops_per_device", 0.0) < 0:
+        _fail("train.peak_flops_per_device", f"{c.train.peak_flops_per_device} must be >= 0 "
+              "(0: from the device kind)")
     if c.train.checkpoint_every < 1:
         _fail("train.checkpoint_every", f"{c.train.checkpoint_every} must be >= 1")
     return c

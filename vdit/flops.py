@@ -156,7 +156,8 @@ def step_flops(
 
     `attn_impl` / `remat` override the config's (the text encoder follows `attn_impl` too).
     Returns ``matmul``, ``matmul_useful``, ``attention_useful``, ``attention_executed``,
-    ``recompute``, ``total_useful`` (model FLOPs) and ``total_executed`` (incl. recompute).
+    ``recompute``, ``total_useful`` (model FLOPs) and ``total_executed`` (incl. recompute), and
+    ``text``: the part of ``matmul`` spent on text tokens (encoder, projections, cross k and v).
     """
     seg = np.asarray(segment_ids)
     tseg = np.asarray(text_segment_ids)
@@ -203,6 +204,7 @@ def step_flops(
         "attention_useful": attention_useful,
         "attention_executed": attention_executed,
         "recompute": recompute,
+        "text": text_slots * text_fb,
         "total_useful": matmul_useful + attention_useful,
         "total_executed": matmul + attention_executed + recompute,
     }

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import configlib, flops
+from vdit import aot, configlib, flops
 from vdit.data import pipeline
 from vdit.parallel import distributed
 from vdit.train import step as step_lib
@@ -58,6 +58,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
              jax.process_index(), jax.process_count(),
              sum(d.process_index == jax.process_index() for d in devices), len(devices),
              dict(trainer.mesh.shape), f"{n_params:,}")
+    # peak FLOP/s of the run's devices for `mfu`: the config's, else the chip table's; 0 = unknown
+    peak = float(tc.get("peak_flops_per_device", 0.0)) or (aot.peak_flops_per_device(devices[0]) or 0.0)
+    peak *= len(devices)
 
     data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
     data_iter = iter(data)
@@ -114,6 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
                 "model_flops_per_s": host["flops"] * jax.process_count() / dt,
             }
+            if peak > 0:  # model FLOPs utilisation of all devices of the run
+                last["mfu"] = flops.mfu(last["model_flops_per_s"], peak)
             writer.write(done, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", fill=f"{last['packing_fill']:.3f}")
             pending, t_last = [], time.perf_counter()

@@ -1,0 +1,185 @@
+"""Ahead-of-time compilation for TPU topologies, memory per device, `vdit flops` and `vdit compile`.
+
+The TPU tests compile for compile-only devices from `jax.experimental.topologies`: they need libtpu
+(the `tpu` extra), not a TPU, and are skipped when libtpu is not installed.
+"""
+
+import importlib.util
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from test_cli import _vdit
+from tiny import DEFAULT_CONFIG, tiny_config
+
+from vdit import aot, configlib
+from vdit.data import pipeline
+from vdit.train.step import make_trainer
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+@pytest.mark.parametrize("name, chip, shape", [
+    ("v5p:2x2x1", "v5p", (2, 2, 1)),
+    ("v5p-8", "v5p", (2, 2, 1)),  # 8 TensorCores = 4 chips
+    ("v5p-16", "v5p", (2, 2, 2)),
+    ("v5p-64", "v5p", (2, 4, 4)),
+    ("v4-8", "v4", (2, 2, 1)),
+    ("v4-32", "v4", (2, 2, 4)),
+    ("v5e-8", "v5e", (2, 4)),  # v5e / v6e names count chips
+    ("v5litepod-4", "v5e", (2, 2)),
+    ("v6e-8", "v6e", (2, 4)),
+    ("v6e-256", "v6e", (16, 16)),
+    ("v6e:2x2", "v6e", (2, 2)),
+])
+def test_parse_topology(name, chip, shape):
+    t = aot.parse_topology(name)
+    assert (t.chip.name, t.shape) == (chip, shape)
+    assert t.name == f"{chip}:{'x'.join(map(str, shape))}"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("v7x-8", "unknown TPU topology"),
+    ("tpu-8", "unknown TPU topology"),
+    ("v5p", "unknown TPU topology"),
+    ("v5p:2x2", "3 positive axes"),
+    ("v5p-7", "2 per chip"),
+    ("v6e-12", "power of two"),
+])
+def test_unknown_or_malformed_topology_is_a_clear_error(name, words):
+    with pytest.raises(ValueError, match=words) as e:
+        aot.parse_topology(name)
+    assert name in str(e.value)
+
+
+def test_chip_table():
+    assert aot.chip_for_device_kind("TPU v5 lite") is aot.CHIPS["v5e"]
+    assert aot.chip_for_device_kind("TPU v6 lite") is aot.CHIPS["v6e"]
+    assert aot.peak_flops_per_device(jax.devices()[0]) is None  # cpu: not logged as mfu
+    assert aot.CHIPS["v5p"].peak_flops == 459e12 and aot.CHIPS["v5p"].hbm_bytes == 95 * aot.GiB
+
+
+def test_out_of_memory_message_is_parsed():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (131.96G) exceeds available HBM (95.74G).")
+    m = aot._OOM.search(msg)
+    assert aot._xla_size(*m.group(1, 2)) == int(131.96 * aot.GiB)
+    assert aot._xla_size(*m.group(3, 4)) == int(95.74 * aot.GiB)
+
+
+def test_abstract_batch_matches_the_pipeline():
+    c = configlib.load(tiny_config(), 8)
+    real = next(iter(pipeline.build(configlib.pipeline_config(c))))
+    shapes = aot.batch_shapes(c)
+    assert set(shapes) == set(pipeline.DEVICE_KEYS)
+    for k, (shape, dtype) in shapes.items():
+        assert (np.shape(real[k]), np.asarray(real[k]).dtype) == (shape, dtype), k
+
+
+def test_full_rows_layout():
+    c = configlib.load(tiny_config(), 8)
+    c.data.max_tokens_per_sample = 96  # 2 samples of 96 tokens in a 256-token row, 64 padding
+    seg, tseg = aot.full_rows_layout(c)
+    assert seg.shape == (8, 256) and tseg.shape == (8, 128)
+    assert [int((seg[0] == s).sum()) for s in (0, 1, 2)] == [64, 96, 96]
+    assert [int((tseg[0] == s).sum()) for s in (1, 2)] == [32, 32]  # model.text.max_len each
+
+
+def _expected_shard_bytes(x, mesh_shape) -> int:
+    """Per-device bytes of an abstract array from its PartitionSpec (independent of shard_shape)."""
+    split = 1
+    for axes in x.sharding.spec:
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            split *= mesh_shape[a]
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize // split
+
+
+def _small(c):
+    c.model.depth = 1
+    c.model.attn_impl = "xla"
+    c.data.row_len = 64
+    c.data.max_tokens_per_sample = 64
+    c.data.text_len = 64
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c
+
+
+@pytest.mark.slow  # one compile for 8 CPU devices: ~40 s on two shared cores
+def test_fsdp8_state_bytes_per_device_from_compiled_memory_analysis():
+    """fsdp=8 on the 8 CPU devices: what XLA allocates for the arguments of one device is the
+    state split 8 ways (plus that device's batch rows)."""
+    c = configlib.load(_small(tiny_config()), 8, plan_only=True)
+    r = aot.report(c, jax.devices())
+    assert r["mesh"]["fsdp"] == 8
+    b, total = r["bytes_per_device"], r["total_bytes"]
+    state_total = sum(total.values())
+    state_per_device = b["arguments"] - b["batch"]
+    assert abs(state_per_device - state_total / 8) <= 0.10 * state_total / 8, (state_per_device,
+                                                                                  state_total / 8)
+    assert b["params"] == pytest.approx(total["params"] / 8, rel=0.10)
+    assert b["aliased"] >= b["params"] + b["opt_state"] + b["ema"]  # the state is donated
+    assert "chip" not in r and "total" in aot.format_report(r)
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_compile_for_tpu_topology(topology):
+    c = _small(tiny_config())
+    c.model.depth = 2  # scanned (the default): XLA counts the block once
+    r = aot.compile_report(c, topology)
+    chip = aot.parse_topology(topology).chip
+    assert r["devices"] == 4 and r["mesh"]["fsdp"] == 4 and r["chip"]["name"] == chip.name
+    assert r["chip"]["hbm_per_device"] == chip.hbm_bytes and r["fits"]
+
+    # state bytes per device: shapes and PartitionSpecs, recomputed here from the specs
+    devices = aot.topology_devices(aot.parse_topology(topology))
+    state = make_trainer(configlib.load(c, 4), devices).abstract_sharded_state()
+    b = r["bytes_per_device"]
+    for k in ("params", "opt_state", "ema"):
+        assert b[k] == sum(_expected_shard_bytes(x, r["mesh"]) for x in jax.tree.leaves(state[k]))
+        assert b[k] < r["total_bytes"][k] / 2  # sharded, not replicated
+    # XLA's buffers hold at least those bytes (TPU layouts pad small arrays to tiles)
+    assert b["arguments"] >= b["params"] + b["opt_state"] + b["ema"] + b["batch"]
+    assert b["aliased"] >= b["params"] + b["opt_state"] + b["ema"]
+    assert b["arguments"] <= b["total"] < r["chip"]["hbm_per_device"]
+
+    f = r["flops"]
+    # cost analysis counts the scanned blocks once: compare with the analytic count of the same
+    ratio = f["xla_per_device"] / f["analytic_like_xla_per_device"]
+    assert 1.0 <= ratio <= 1.3, ratio
+    assert f["xla_per_device"] < f["per_device_executed"]  # depth 2 counted as 1
+    assert 0 < r["mfu_bound"] <= 1
+    text = aot.format_report(r)
+    assert text.splitlines()[-1].startswith("fits: ")
+
+
+def test_flops_report_on_pipeline_batches_and_full_rows():
+    c = configlib.load(tiny_config(), plan_only=True)
+    packed = aot.flops_report(c, batches=2)
+    full = aot.flops_report(c, batches=0)
+    assert "pipeline" in packed["layout"] and "max_tokens" in full["layout"]
+    assert 0 < packed["fill"] <= 1 and full["fill"] == 1  # 256-token samples fill 256-token rows
+    f = packed["flops"]
+    assert f["total_useful"] == pytest.approx(f["matmul_useful"] + f["attention_useful"])
+    assert 0 < f["text"] < f["matmul"] and f["recompute"] == 0
+    text = aot.format_flops(packed)
+    for part in ("matmul", "attention (useful", "attention (executed", "recompute", "text tokens",
+                 "total model FLOPs", "time_proj"):
+        assert part in text, part
+
+
+def test_flops_cli_prints_json():
+    proc = _vdit("flops", f"--config={DEFAULT_CONFIG}:mu/4", "--batches=0", "--json",
+                 "--config.model.remat=full")
+    f = json.loads(proc.stdout)["flops"]
+    assert f["recompute"] > 0 and f["total_executed"] > f["total_useful"] > 0
+
+
+def test_compile_cli_rejects_an_unknown_topology():
+    proc = _vdit("compile", f"--config={DEFAULT_CONFIG}:mu/4", "--topology=v9z-8", check=False)
+    assert proc.returncode != 0 and "unknown TPU topology 'v9z-8'" in proc.stderr
