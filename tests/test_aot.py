@@ -183,3 +183,16 @@ def test_flops_cli_prints_json():
 def test_compile_cli_rejects_an_unknown_topology():
     proc = _vdit("compile", f"--config={DEFAULT_CONFIG}:mu/4", "--topology=v9z-8", check=False)
     assert proc.returncode != 0 and "unknown TPU topology 'v9z-8'" in proc.stderr
+
+
+@needs_libtpu
+def test_multi_slice_mesh_puts_slices_outermost_on_data():
+    """Two v5p:2x2x1 slices: `data` spans the slices (DCN), each slice holds fsdp x tensor (ICI)."""
+    from vdit.parallel.mesh import make_mesh
+
+    devices = aot.topology_devices(aot.parse_topology("v5p:2x2x1"), num_slices=2)
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices, dcn_data=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+    for i in range(2):
+        assert {d.slice_index for d in mesh.devices[i].ravel()} == {i}

@@ -142,8 +142,9 @@ def parse_topology(name: str) -> Topology:
         raise ValueError(f"topology {name!r}: {e}") from None
 
 
-def topology_devices(topology: Topology) -> list[jax.Device]:
-    """Compile-only devices of the slice (needs libtpu; no TPU needs to be attached)."""
+def topology_devices(topology: Topology, num_slices: int = 1) -> list[jax.Device]:
+    """Compile-only devices of `num_slices` such slices (needs libtpu; no TPU needs to be attached).
+    Devices of several slices carry their `slice_index` (see `mesh.dcn_data`)."""
     from jax.experimental import topologies
 
     try:
@@ -154,7 +155,8 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
         # This process only compiles: do not take libtpu's single-process lock, which would stop
         # a training job or another compile on the same machine (and this one with them).
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
+                                             num_slices=num_slices).devices)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,8 +451,10 @@ def compile_report(config: ml_collections.ConfigDict, topology: str) -> dict[str
         devices, chip = jax.devices(), chip_for_device_kind(jax.devices()[0].device_kind)
     else:
         topo = parse_topology(topology)
-        devices, chip = topology_devices(topo), topo.chip
+        slices = int(config.mesh.get("dcn_data", 1))
+        devices, chip = topology_devices(topo, slices), topo.chip
         topology = f"{topology} ({topo.name})" if topology != topo.name else topology
+        topology += f" x {slices} slices" if slices > 1 else ""
     c = configlib.load(config, len(devices), plan_only=True)
     return report(c, devices, chip=chip, topology=topology)
 
