@@ -50,20 +50,10 @@ except ImportError:  # running from a checkout without the package installed
         useful_attention_flops,
     )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import clip_layout  # noqa: E402  (bench/attention.py: the same row layouts)
+
 IMPLS = ("splash", "chunked")
-
-
-def clip_layout(length: int, clip_min: int, clip_max: int, seed: int) -> np.ndarray:
-    """One row of contiguous clips with random lengths in [clip_min, clip_max]."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((1, length), np.int32)
-    pos, sid = 0, 1
-    while pos < length:
-        n = int(rng.integers(clip_min, clip_max + 1))
-        seg[0, pos : pos + n] = sid
-        pos += n
-        sid += 1
-    return seg
 
 
 def compile_step(impl: str, mesh, length: int, args: argparse.Namespace) -> dict[str, Any]:
