@@ -297,3 +297,28 @@ def test_training_reads_a_tfds_dataset(tfds_dir):
     for s in samples:
         np.testing.assert_array_equal(s["latent"], by_caption[detokenize(s["text"])])
     assert {detokenize(s["text"]) for s in samples} == set(by_caption)
+
+
+def test_a_shard_that_is_not_array_record_names_the_field(tmp_path):
+    (tmp_path / records.shard_name(0)).write_bytes(b"interrupted write, no footer")
+    cfg = _pipeline_cfg(**{"source": "records", "records.path": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"data.records.path=.*cannot open the 1 shards"):
+        pipeline.make_source(cfg)
+
+
+@pytest.mark.slow
+def test_vdit_train_on_prepared_videos(media, tmp_path):
+    """`vdit prepare`, then `vdit train` with data.source=records for two steps: finite loss and
+    the prepared samples counted in the metrics, none rejected."""
+    from test_cli import TINY_FLAGS, _vdit
+
+    src, captions, _ = media
+    out, workdir = tmp_path / "out", tmp_path / "run"
+    assert _prepare_cli(f"--input={src}", f"--out={out}", f"--captions={captions}",
+                        "--max_side=24").returncode == 0
+    proc = _vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2",
+                 "--config.data.source=records", f"--config.data.records.path={out}")
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert np.isfinite(final["loss"]) and final["skipped_steps"] == 0
+    assert final["samples_per_s"] > 0
+    assert all(final[f"data_rejected_{r}"] == 0 for r in pipeline.REJECTS)

@@ -223,7 +223,8 @@ def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarr
 
 class _Prepare(grain.transforms.RandomMap):
     """One sample dict {"video" uint8 (T,H,W,3), "caption"[, "fps"]} -> the per-sample packing input,
-    or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`)."""
+    or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`). A source marks a
+    sample it could not decode with a "decode_error" message (rejected as "decode_error")."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -356,7 +357,11 @@ def make_source(cfg: PipelineConfig):
         if not shards:
             raise ValueError(f"data.records.path={cfg.records_path!r}: no shards (*"
                              f"{records.SHARD_SUFFIX}) found; write them with `vdit prepare`")
-        source = records.RecordsSource(shards)
+        try:
+            source = records.RecordsSource(shards)
+        except Exception as e:  # a shard without its footer (an interrupted write), not a shard
+            raise ValueError(f"data.records.path={cfg.records_path!r}: cannot open the "
+                             f"{len(shards)} shards ({type(e).__name__}: {e})") from None
         if len(source) == 0:
             raise ValueError(f"data.records.path={cfg.records_path!r}: the {len(shards)} shards "
                              "hold no records")
