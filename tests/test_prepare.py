@@ -1,6 +1,7 @@
 """Real data: `vdit prepare` (folder of videos and images -> ArrayRecord shards), the "records" and
 "tfds" training sources, and how bad files and records are counted instead of stopping anything."""
 
+import io
 import json
 import os
 import subprocess
@@ -113,6 +114,33 @@ def test_prepare_downsizes_and_caps_frames(media, tmp_path):
     expected = np.asarray(Image.fromarray(videos["still.png"][0]).resize((24, 16), Image.Resampling.BOX))
     np.testing.assert_array_equal(got["still.png"]["video"][0], expected)
     assert manifest["captions"]["sidecar"] == 1  # the sidecar still applies
+
+
+def test_prepare_mp4_encoding(media, tmp_path):
+    """--encoding=mp4: videos re-encoded (approximately equal, odd sizes kept), images kept raw; a
+    record whose MP4 does not decode is an error for RecordsSource to turn into decode_error."""
+    src, _, videos = media
+    raw = prep.prepare(str(src), str(tmp_path / "raw"), options=prep.PrepareOptions(max_side=47))
+    mp4 = prep.prepare(str(src), str(tmp_path / "mp4"),
+                       options=prep.PrepareOptions(max_side=47, encoding="mp4"))
+    assert mp4["written"] == raw["written"] == 3 and mp4["options"]["encoding"] == "mp4"
+    exact = {e["source"]: e["video"] for e in _read_all(tmp_path / "raw")}
+    got = {e["source"]: e["video"] for e in _read_all(tmp_path / "mp4")}
+    for name, video in exact.items():
+        assert got[name].shape == video.shape and video.shape[1:3] == (31, 47)  # odd sides kept
+        err = np.abs(got[name].astype(int) - video.astype(int))
+        assert err.mean() < 6, name
+    np.testing.assert_array_equal(got["still.png"], exact["still.png"])  # one frame: raw
+
+    record = records.encode_record(exact["anim.gif"], "c", 5.0, "anim.gif", encoding="mp4")
+    assert records.decode_record(record)["video"].shape == (3, 31, 47, 3)
+    with np.load(io.BytesIO(record)) as z:
+        members = {k: z[k] for k in z.files}
+    members["video_mp4"] = members["video_mp4"][: len(members["video_mp4"]) // 3]  # cut the MP4
+    buf = io.BytesIO()
+    np.savez(buf, **members)
+    with pytest.raises(ValueError, match="MP4 does not decode"):
+        records.decode_record(buf.getvalue())
 
 
 def test_fit_side_keeps_the_aspect_ratio():

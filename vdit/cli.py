@@ -6,7 +6,8 @@
     vdit eval   --workdir=DIR [--num=48]          colour / motion accuracy of samples vs prompts
     vdit params --config=configs/default.py       every parameter's shape and sharding on the mesh
     vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
-                 [--max_side=N]                   videos and images -> shards for data.source=records
+                 [--max_side=N] [--encoding=raw|mp4]
+                                                  videos and images -> shards for data.source=records
 
 `train` resumes from the latest checkpoint in its work directory by itself.
 
@@ -57,6 +58,9 @@ _SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "prepare: records per Arr
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "prepare: keep the first N frames (0 = all).")
 _MAX_SIDE = flags.DEFINE_integer(
     "max_side", 0, "prepare: downsize to at most N pixels on the longer side, aspect kept (0 = native).")
+_ENCODING = flags.DEFINE_enum(
+    "encoding", "raw", ["raw", "mp4"], "prepare: frames stored raw (lossless) or as H.264 MP4 "
+    "(lossy, much smaller, decoded when training reads them); images are always raw.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process start-up: auto = from the --coordinator_address/--num_processes/--process_id flags "
@@ -169,7 +173,7 @@ def _prepare() -> None:
         raise app.UsageError("--out is required (the output folder)")
     try:
         options = prepare.PrepareOptions(shard_size=_SHARD_SIZE.value, max_frames=_MAX_FRAMES.value,
-                                         max_side=_MAX_SIDE.value)
+                                         max_side=_MAX_SIDE.value, encoding=_ENCODING.value)
         manifest = prepare.prepare(_require(_INPUT, "input"), _OUT.value, _CAPTIONS.value, options,
                                    progress=lambda line: print(line, file=sys.stderr))
     except (ValueError, OSError) as e:  # a missing input, a used output folder, a bad captions file

@@ -1,7 +1,7 @@
 """`vdit prepare`: a folder of videos and images -> ArrayRecord shards the training pipeline reads.
 
     vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
-                 [--max_side=N]
+                 [--max_side=N] [--encoding=raw|mp4]
 
 What it does, in order:
 
@@ -15,9 +15,11 @@ What it does, in order:
   uncaptioned). A sidecar `.txt` is not itself a sample.
 - `--max_frames` keeps the first N frames (the frame rate is unchanged); `--max_side` downsizes frames
   whose longer side is over N to that side, aspect ratio kept (area filter). 0 leaves either alone.
+- `--encoding` stores the frames "raw" (lossless, the default) or re-encoded as "mp4" (H.264, much
+  smaller, decoded by ffmpeg when training reads them); see `vdit/data/records.py`.
 - Writes the samples in order to `--out/shard-00000.array_record`, ... (`--shard_size` records each;
   format in `vdit/data/records.py`), then `--out/manifest.json` last (its presence means the run
-  completed): written count, shards, captions by origin, uncaptioned files, and every skipped file
+  completed): written count, frames and bytes, shards, captions by origin, uncaptioned files, and every skipped file
   with its reason (`SKIP_REASONS`) and the decoder's message.
 
 A file that cannot be used is skipped, counted and listed, never fatal. The output folder must not
@@ -68,8 +70,11 @@ class PrepareOptions:
     shard_size: int = 1000  # records per shard
     max_frames: int = 0  # keep the first N frames (0: all)
     max_side: int = 0  # downsize so the longer side is at most N pixels (0: native size)
+    encoding: str = "raw"  # frames in a record: "raw" (lossless) or "mp4" (H.264, see records.py)
 
     def __post_init__(self):
+        if self.encoding not in records.ENCODINGS:
+            raise ValueError(f"encoding={self.encoding!r}: choose from {records.ENCODINGS}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size} must be >= 1")
         if self.max_frames < 0:
@@ -254,7 +259,7 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
     skipped: list[dict[str, str]] = []
     uncaptioned: list[str] = []
     caption_origin: Counter[str] = Counter()
-    frames_written = 0
+    frames_written = bytes_written = 0
     try:
         for rel in files:
             stem, ext = os.path.splitext(rel)
@@ -277,8 +282,10 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
                 caption, origin = "", "none"
                 uncaptioned.append(rel)
             caption_origin[origin] += 1
-            shard, index = writer.write(records.encode_record(video, caption, fps, rel))
+            record = records.encode_record(video, caption, fps, rel, options.encoding)
+            shard, index = writer.write(record)
             frames_written += video.shape[0]
+            bytes_written += len(record)
             if progress:
                 progress(f"ok   {rel}: {source_shape} -> {video.shape[:3]}, fps {fps:g}, "
                          f"shard {shard} record {index}")
@@ -290,6 +297,7 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
         "format": records.FORMAT,
         "written": written,
         "frames": frames_written,
+        "bytes": bytes_written,
         "shards": writer.shards,
         "skipped_count": len(skipped),
         "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
@@ -307,7 +315,8 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
 def summary(manifest: dict[str, Any]) -> str:
     """A table of what was written and what was skipped, by reason, with the skipped files."""
     rows = [("written", manifest["written"], f"{len(manifest['shards'])} shards, "
-                                             f"{manifest['frames']} frames")]
+             f"{manifest['frames']} frames, {manifest['bytes'] / 2**20:.1f} MiB "
+             f"({manifest['options']['encoding']})")]
     for origin, n in manifest["captions"].items():
         rows.append((f"caption from {origin}", n, ""))
     for reason, n in manifest["skipped_by_reason"].items():
