@@ -28,6 +28,7 @@ already hold shards or a manifest (nothing is overwritten).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -121,7 +122,8 @@ def _frames(path: str, ext: str) -> tuple[Iterator[np.ndarray], float]:
 
 
 def decode(path: str, options: PrepareOptions = PrepareOptions()) -> tuple[np.ndarray, float, tuple]:
-    """Decode, cap and downsize one file: (uint8 (T, H, W, 3) frames, fps, source (T, H, W)).
+    """Decode, cap and downsize one file: (uint8 (T, H, W, 3) frames, fps, (frames read, source
+    height, source width)).
 
     Raises Skip with the reason. Frames are read one at a time, so a long video capped by
     `max_frames` is not decoded to its end.
@@ -131,7 +133,7 @@ def decode(path: str, options: PrepareOptions = PrepareOptions()) -> tuple[np.nd
         raise Skip("not_media", f"extension {ext or '(none)'!r}")
     if os.path.getsize(path) == 0:
         raise Skip("empty_file", "0 bytes")
-    kept, source_hw, total = [], None, 0
+    kept, source_hw, total, frames = [], None, 0, None
     try:
         frames, fps = _frames(path, ext)
         for frame in frames:
@@ -149,12 +151,14 @@ def decode(path: str, options: PrepareOptions = PrepareOptions()) -> tuple[np.nd
             kept.append(frame)
             if options.max_frames and total >= options.max_frames:
                 break
-        if hasattr(frames, "close"):
-            frames.close()  # stops the ffmpeg reader of a capped video
     except Skip:
         raise
     except Exception as e:  # imageio/ffmpeg/Pillow raise OSError, ValueError, RuntimeError, ...
         raise Skip("decode_error", _short(e)) from None
+    finally:
+        if hasattr(frames, "close"):
+            with contextlib.suppress(Exception):
+                frames.close()  # ends the reader (ffmpeg's process) of a capped or failed file
     if not kept:
         raise Skip("no_frames", "0 frames decoded")
     return np.stack(kept), fps, (total, *source_hw)
