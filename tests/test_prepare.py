@@ -143,6 +143,18 @@ def test_prepare_mp4_encoding(media, tmp_path):
         records.decode_record(buf.getvalue())
 
 
+def test_worker_processes_write_the_same_shards(media, tmp_path):
+    src, captions, _ = media
+    alone = prep.prepare(str(src), str(tmp_path / "alone"), str(captions),
+                         prep.PrepareOptions(shard_size=2))
+    pooled = prep.prepare(str(src), str(tmp_path / "pooled"), str(captions),
+                          prep.PrepareOptions(shard_size=2, workers=2))
+    assert {**pooled, "options": None} == {**alone, "options": None}
+    for shard in alone["shards"]:
+        assert (tmp_path / "alone" / shard["file"]).read_bytes() == \
+            (tmp_path / "pooled" / shard["file"]).read_bytes()
+
+
 def test_fit_side_keeps_the_aspect_ratio():
     assert prep.fit_side(32, 48, 24) == (16, 24)
     assert prep.fit_side(32, 48, 0) == (32, 48) and prep.fit_side(32, 48, 64) == (32, 48)

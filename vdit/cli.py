@@ -6,7 +6,7 @@
     vdit eval   --workdir=DIR [--num=48]          colour / motion accuracy of samples vs prompts
     vdit params --config=configs/default.py       every parameter's shape and sharding on the mesh
     vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
-                 [--max_side=N] [--encoding=raw|mp4]
+                 [--max_side=N] [--encoding=raw|mp4] [--workers=N]
                                                   videos and images -> shards for data.source=records
 
 `train` resumes from the latest checkpoint in its work directory by itself.
@@ -61,6 +61,9 @@ _MAX_SIDE = flags.DEFINE_integer(
 _ENCODING = flags.DEFINE_enum(
     "encoding", "raw", ["raw", "mp4"], "prepare: frames stored raw (lossless) or as H.264 MP4 "
     "(lossy, much smaller, decoded when training reads them); images are always raw.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 0, "prepare: files decoded at a time in worker processes (0 = in this process); "
+    "the output does not depend on it.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process start-up: auto = from the --coordinator_address/--num_processes/--process_id flags "
@@ -173,7 +176,8 @@ def _prepare() -> None:
         raise app.UsageError("--out is required (the output folder)")
     try:
         options = prepare.PrepareOptions(shard_size=_SHARD_SIZE.value, max_frames=_MAX_FRAMES.value,
-                                         max_side=_MAX_SIDE.value, encoding=_ENCODING.value)
+                                         max_side=_MAX_SIDE.value, encoding=_ENCODING.value,
+                                         workers=_WORKERS.value)
         manifest = prepare.prepare(_require(_INPUT, "input"), _OUT.value, _CAPTIONS.value, options,
                                    progress=lambda line: print(line, file=sys.stderr))
     except (ValueError, OSError) as e:  # a missing input, a used output folder, a bad captions file

@@ -1,7 +1,7 @@
 """`vdit prepare`: a folder of videos and images -> ArrayRecord shards the training pipeline reads.
 
     vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
-                 [--max_side=N] [--encoding=raw|mp4]
+                 [--max_side=N] [--encoding=raw|mp4] [--workers=N]
 
 What it does, in order:
 
@@ -17,6 +17,8 @@ What it does, in order:
   whose longer side is over N to that side, aspect ratio kept (area filter). 0 leaves either alone.
 - `--encoding` stores the frames "raw" (lossless, the default) or re-encoded as "mp4" (H.264, much
   smaller, decoded by ffmpeg when training reads them); see `vdit/data/records.py`.
+- `--workers=N` decodes (and encodes) N files at a time in worker processes; the shards are the
+  same as with 0 (decoding in the calling process), in the same order.
 - Writes the samples in order to `--out/shard-00000.array_record`, ... (`--shard_size` records each;
   format in `vdit/data/records.py`), then `--out/manifest.json` last (its presence means the run
   completed): written count, frames and bytes, shards, captions by origin, uncaptioned files, and every skipped file
@@ -28,9 +30,12 @@ already hold shards or a manifest (nothing is overwritten).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 from collections import Counter
@@ -54,6 +59,7 @@ SKIP_REASONS: dict[str, str] = {
     "decode_error": "the decoder failed (corrupt, truncated, or not the format its name says)",
     "no_frames": "the decoder returned no frames",
     "bad_frames": "frames are not 8-bit RGB images of at least 1x1 pixel",
+    "encode_error": "re-encoding the frames (--encoding=mp4) failed",
 }
 
 
@@ -72,6 +78,7 @@ class PrepareOptions:
     max_frames: int = 0  # keep the first N frames (0: all)
     max_side: int = 0  # downsize so the longer side is at most N pixels (0: native size)
     encoding: str = "raw"  # frames in a record: "raw" (lossless) or "mp4" (H.264, see records.py)
+    workers: int = 0  # decoding processes (0: decode in the calling process); output is the same
 
     def __post_init__(self):
         if self.encoding not in records.ENCODINGS:
@@ -82,6 +89,8 @@ class PrepareOptions:
             raise ValueError(f"max_frames={self.max_frames} must be >= 0 (0 = all frames)")
         if self.max_side < 0:
             raise ValueError(f"max_side={self.max_side} must be >= 0 (0 = native size)")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers} must be >= 0 (0 = no worker processes)")
 
 
 def fit_side(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -241,6 +250,39 @@ class _ShardWriter:
             self._writer = None
 
 
+def _sample(job: tuple[str, str, str, str], options: PrepareOptions) -> dict[str, Any]:
+    """Decode and encode one file (in a worker process when options.workers > 0): the record and
+    its sizes, or the reason it is skipped."""
+    path, rel, caption, _ = job
+    try:
+        video, fps, source_shape = decode(path, options)
+    except Skip as e:
+        return {"reason": e.reason, "message": str(e)}
+    try:
+        record = records.encode_record(video, caption, fps, rel, options.encoding)
+    except Exception as e:  # ffmpeg failing to write the MP4
+        return {"reason": "encode_error", "message": _short(e)}
+    return {"record": record, "fps": fps, "source_shape": source_shape, "shape": video.shape[:3]}
+
+
+def _in_order(jobs: list, options: PrepareOptions) -> Iterator[dict[str, Any]]:
+    """_sample over jobs, results in job order; with workers, at most 2 x workers files in flight
+    (decoded videos are large, so the pool never runs far ahead of the writer)."""
+    if options.workers == 0:
+        yield from (_sample(job, options) for job in jobs)
+        return
+    # "spawn": the caller may hold threads (JAX does), which fork would copy in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.submit(_sample, job, options))
+            if len(pending) >= 2 * options.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def prepare(input_dir: str, out_dir: str, captions: str | None = None,
             options: PrepareOptions = PrepareOptions(),
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -259,40 +301,41 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
     all_files = set(files)
     media_stems = _media_stems(files)
 
+    jobs = []  # (path, relative path, caption, caption origin) of each file but sidecars, in order
+    for rel in files:
+        stem, ext = os.path.splitext(rel)
+        if ext.lower() == SIDECAR_EXT and stem in media_stems:
+            continue  # a caption, read with its media file
+        if rel in by_file:
+            caption, origin = by_file[rel], "jsonl"
+        elif (sidecar := stem + SIDECAR_EXT) in all_files:
+            with open(os.path.join(input_dir, sidecar), encoding="utf-8") as f:
+                caption, origin = f.read().strip(), "sidecar"
+        else:
+            caption, origin = "", "none"
+        jobs.append((os.path.join(input_dir, rel), rel, caption, origin))
+
     writer = _ShardWriter(out_dir, options.shard_size)
     skipped: list[dict[str, str]] = []
     uncaptioned: list[str] = []
     caption_origin: Counter[str] = Counter()
     frames_written = bytes_written = 0
     try:
-        for rel in files:
-            stem, ext = os.path.splitext(rel)
-            if ext.lower() == SIDECAR_EXT and stem in media_stems:
-                continue  # a caption, read with its media file
-            path = os.path.join(input_dir, rel)
-            try:
-                video, fps, source_shape = decode(path, options)
-            except Skip as e:
-                skipped.append({"file": rel, "reason": e.reason, "message": str(e)})
+        for (_, rel, _, origin), done in zip(jobs, _in_order(jobs, options), strict=True):
+            if "reason" in done:
+                skipped.append({"file": rel, "reason": done["reason"], "message": done["message"]})
                 if progress:
-                    progress(f"skip {rel}: {e.reason}: {e}")
+                    progress(f"skip {rel}: {done['reason']}: {done['message']}")
                 continue
-            if rel in by_file:
-                caption, origin = by_file[rel], "jsonl"
-            elif (sidecar := stem + SIDECAR_EXT) in all_files:
-                with open(os.path.join(input_dir, sidecar), encoding="utf-8") as f:
-                    caption, origin = f.read().strip(), "sidecar"
-            else:
-                caption, origin = "", "none"
-                uncaptioned.append(rel)
             caption_origin[origin] += 1
-            record = records.encode_record(video, caption, fps, rel, options.encoding)
-            shard, index = writer.write(record)
-            frames_written += video.shape[0]
-            bytes_written += len(record)
+            if origin == "none":
+                uncaptioned.append(rel)
+            shard, index = writer.write(done["record"])
+            frames_written += done["shape"][0]
+            bytes_written += len(done["record"])
             if progress:
-                progress(f"ok   {rel}: {source_shape} -> {video.shape[:3]}, fps {fps:g}, "
-                         f"shard {shard} record {index}")
+                progress(f"ok   {rel}: {done['source_shape']} -> {done['shape']}, "
+                         f"fps {done['fps']:g}, shard {shard} record {index}")
     finally:
         writer.close()
 
