@@ -362,3 +362,17 @@ def test_vdit_train_on_prepared_videos(media, tmp_path):
     assert np.isfinite(final["loss"]) and final["skipped_steps"] == 0
     assert final["samples_per_s"] > 0
     assert all(final[f"data_rejected_{r}"] == 0 for r in pipeline.REJECTS)
+
+
+def test_tfds_without_tensorflow_says_so(monkeypatch):
+    """TFDS's Video and Image features import TensorFlow when a dataset is opened; without it the
+    error names the dataset and says what to install."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def needs_tensorflow(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+    monkeypatch.setattr(tfds, "data_source", needs_tensorflow)
+    cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "ucf101"})
+    with pytest.raises(ValueError, match=r"data.tfds.name='ucf101'.*pip install tensorflow"):
+        pipeline.make_source(cfg)
