@@ -23,7 +23,7 @@ H, W = 32, 48
 
 
 def _clip(frames: int, color, seed: int) -> np.ndarray:
-    """A square of `color` moving right over a noisy background: distinct frames, few colours."""
+    """A square of `color` moving right on a plain background: distinct frames, few colours."""
     rng = np.random.default_rng(seed)
     video = np.zeros((frames, H, W, 3), np.uint8)
     video[...] = rng.integers(30, 60, size=3, dtype=np.uint8)
