@@ -56,9 +56,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text.depth = 2  # text encoder blocks
     c.model.text.heads = 4  # text encoder heads
 
-    # --- Data: procedural captioned videos at native sizes, packed.
+    # --- Data: captioned videos at native sizes, packed. Procedural by default (see BUILD.md,
+    # "Real data", for prepared videos and TFDS datasets).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic"
+    # "synthetic" (procedural, data.synthetic) | "records" (shards written by `vdit prepare`,
+    # data.records) | "tfds" (a locally prepared TensorFlow Datasets dataset, data.tfds)
+    c.data.source = "synthetic"
     c.data.seed = 0  # shuffling, caption dropout, task draws, packing
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_samples = 1_000_000  # index space of the procedural source
@@ -66,6 +69,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images): the image/video mix
     c.data.synthetic.fps = 8.0  # nominal frame rate of the procedural videos (see data.max_fps)
     c.data.synthetic.size_choices = ((16, 16), (16, 32), (32, 16), (24, 32), (32, 24), (32, 32))
+    c.data.records = ml_collections.ConfigDict()
+    c.data.records.path = ""  # a folder of shards written by `vdit prepare`, or a glob of shards
+    c.data.tfds = ml_collections.ConfigDict()  # read with tfds.data_source(download=False)
+    c.data.tfds.name = ""  # dataset name (e.g. "ucf101" or "ucf101/ucf101_1_256:2.0.0")
+    c.data.tfds.split = "train"  # split, with TFDS slicing ("train[:90%]")
+    c.data.tfds.data_dir = ""  # where it was prepared in ArrayRecord format ("" = TFDS default)
+    c.data.tfds.video_key = "video"  # feature with the frames (T, H, W, C) or an image (H, W, C)
+    c.data.tfds.caption_key = ""  # Text or ClassLabel feature used as caption ("" = none)
+    c.data.tfds.fps = 0.0  # nominal frame rate of the dataset for data.max_fps (0 = unknown)
     c.data.batch_rows = 2  # global rows per step
     c.data.row_len = 1024  # L: tokens per row
     c.data.text_len = 384  # C: text tokens per row

@@ -9,6 +9,9 @@
     vdit compile --config=configs/default.py:XL/2 --topology=v5p-8 [--json]
                                                   compile the train step for a TPU slice (needs
                                                   libtpu, not a TPU): memory per device, FLOPs, fit
+    vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
+                 [--max_side=N] [--encoding=raw|mp4] [--workers=N]
+                                                  videos and images -> shards for data.source=records
 
 `train` resumes from the latest checkpoint in its work directory by itself.
 
@@ -34,7 +37,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "params", "flops", "compile")
+COMMANDS = ("train", "sample", "eval", "params", "flops", "compile", "prepare")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
@@ -44,11 +47,26 @@ _FRAMES = flags.DEFINE_integer("frames", 8, "Frames to sample (1 = an image).")
 _HEIGHT = flags.DEFINE_integer("height", 32, "Height in pixels.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Width in pixels.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_OUT = flags.DEFINE_string("out", "sample.mp4", "Output file: .mp4, .gif (or .png for one frame).")
+_OUT = flags.DEFINE_string("out", "sample.mp4", "sample: output file, .mp4, .gif (or .png for one "
+                           "frame); prepare: output folder for the shards (required).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: sample.cfg_scale).")
 _NUM = flags.DEFINE_integer("num", 48, "Prompts to evaluate.")
 _UPSCALE = flags.DEFINE_integer("upscale", 1, "Nearest-neighbour enlargement of written videos.")
+_INPUT = flags.DEFINE_string("input", None, "prepare: folder of videos and images (walked recursively).")
+_CAPTIONS = flags.DEFINE_string(
+    "captions", None, 'prepare: JSON Lines file of {"file": path relative to --input, "caption": '
+    "text}; files without a line use a sidecar NAME.txt, else an empty caption.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "prepare: records per ArrayRecord shard.")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "prepare: keep the first N frames (0 = all).")
+_MAX_SIDE = flags.DEFINE_integer(
+    "max_side", 0, "prepare: downsize to at most N pixels on the longer side, aspect kept (0 = native).")
+_ENCODING = flags.DEFINE_enum(
+    "encoding", "raw", ["raw", "mp4"], "prepare: frames stored raw (lossless) or as H.264 MP4 "
+    "(lossy, much smaller, decoded when training reads them); images are always raw.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 0, "prepare: files decoded at a time in worker processes (0 = in this process); "
+    "the output does not depend on it.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process start-up: auto = from the --coordinator_address/--num_processes/--process_id flags "
@@ -167,6 +185,24 @@ def _compile() -> None:
     print(json.dumps(r) if _JSON.value else aot.format_report(r))
 
 
+def _prepare() -> None:
+    from vdit.data import prepare
+
+    if not flags.FLAGS["out"].present:  # --out's default is sample's file name, not a folder
+        raise app.UsageError("--out is required (the output folder)")
+    try:
+        options = prepare.PrepareOptions(shard_size=_SHARD_SIZE.value, max_frames=_MAX_FRAMES.value,
+                                         max_side=_MAX_SIDE.value, encoding=_ENCODING.value,
+                                         workers=_WORKERS.value)
+        manifest = prepare.prepare(_require(_INPUT, "input"), _OUT.value, _CAPTIONS.value, options,
+                                   progress=lambda line: print(line, file=sys.stderr))
+    except (ValueError, OSError) as e:  # a missing input, a used output folder, a bad captions file
+        raise app.UsageError(str(e)) from None
+    print(prepare.summary(manifest))
+    print(json.dumps({"out": _OUT.value, "written": manifest["written"],
+                      "skipped": manifest["skipped_count"], "shards": len(manifest["shards"])}))
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(_usage())
@@ -176,7 +212,7 @@ def _main(argv: list[str]) -> None:
     if argv[1] in ("train", "sample", "eval"):
         _init_distributed()
     {"train": _train, "sample": _sample, "eval": _eval, "params": _params, "flops": _flops,
-     "compile": _compile}[argv[1]]()
+     "compile": _compile, "prepare": _prepare}[argv[1]]()
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import ml_collections
 
 from vdit.data import packing, pipeline
 from vdit.data.synthetic import SyntheticConfig
+from vdit.data.tfds_source import TfdsConfig
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
 from vdit.models.text import TextEncoderConfig
@@ -183,6 +184,9 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
         max_fps=d.max_fps,
         seed=d.seed,
         workers=d.workers,
+        source=d.source,
+        records_path=d.records.path if "records" in d else "",
+        tfds=TfdsConfig(**d.tfds.to_dict()) if "tfds" in d else TfdsConfig(),
     )
 
 

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vdit.data import packing, tasks
+from vdit.data import packing, records, tasks
 from vdit.data.synthetic import SyntheticConfig, SyntheticVideos
+from vdit.data.tfds_source import TfdsConfig, TfdsVideos
 from vdit.models.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ REJECTS: tuple[str, ...] = (
     "too_short",  # fewer frames than one temporal patch
     "non_finite",  # NaN or inf values
     "over_cap",  # over max_tokens even at one patch on its short side and one temporal patch
+    "decode_error",  # the source could not read or decode it (e.g. a corrupt record)
 )
 STATS: tuple[str, ...] = (*EVENTS, *(f"rejected_{r}" for r in REJECTS), "tokens_dropped")
 
@@ -201,6 +203,12 @@ class PipelineConfig:
     max_fps: float = 0.0  # > 0: subsample sources with an "fps" above this (stride ceil(fps/max_fps))
     seed: int = 0
     workers: int = 0  # grain worker processes (0: in the training process)
+    source: str = "synthetic"  # one of SOURCES
+    records_path: str = ""  # "records": a folder of shards written by `vdit prepare`, or a glob
+    tfds: TfdsConfig = TfdsConfig()  # "tfds": a locally prepared TFDS dataset
+
+
+SOURCES = ("synthetic", "records", "tfds")
 
 
 def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarray:
@@ -215,7 +223,8 @@ def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarr
 
 class _Prepare(grain.transforms.RandomMap):
     """One sample dict {"video" uint8 (T,H,W,3), "caption"[, "fps"]} -> the per-sample packing input,
-    or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`)."""
+    or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`). A source marks a
+    sample it could not decode with a "decode_error" message (rejected as "decode_error")."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -229,6 +238,8 @@ class _Prepare(grain.transforms.RandomMap):
 
     def _prepare(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.cfg
+        if element.get("decode_error"):
+            raise Rejected("decode_error", element["decode_error"])
         video = np.asarray(element["video"])
         if video.ndim != 4 or video.shape[-1] != 3:
             raise Rejected("bad_shape", f"expected (T, H, W, 3), got {video.shape}")
@@ -325,9 +336,43 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError(f"data.frame_stride={cfg.frame_stride} must be >= 1")
     if cfg.max_fps < 0:
         raise ValueError(f"data.max_fps={cfg.max_fps} must be >= 0 (0 = off)")
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r}: choose from {SOURCES}")
+    if cfg.source == "records" and not cfg.records_path:
+        raise ValueError("data.records.path: required with data.source='records' (a folder of "
+                         "shards written by `vdit prepare`, or a glob of them)")
+    if cfg.source == "tfds":
+        for field in ("name", "split", "video_key"):
+            if not getattr(cfg.tfds, field):
+                raise ValueError(f"data.tfds.{field}: required with data.source='tfds'")
+        if cfg.tfds.fps < 0:
+            raise ValueError(f"data.tfds.fps={cfg.tfds.fps} must be >= 0 (0 = unknown)")
 
 
 def make_source(cfg: PipelineConfig):
+    """The random-access source of `data.source`: elements {"video" uint8 (T, H, W, 3), "caption",
+    "index"[, "fps"]}, or {"decode_error": message, ...} for one that could not be decoded."""
+    if cfg.source == "records":
+        shards = records.find_shards(cfg.records_path)
+        if not shards:
+            raise ValueError(f"data.records.path={cfg.records_path!r}: no shards (*"
+                             f"{records.SHARD_SUFFIX}) found; write them with `vdit prepare`")
+        try:
+            source = records.RecordsSource(shards)
+        except Exception as e:  # a shard without its footer (an interrupted write), not a shard
+            raise ValueError(f"data.records.path={cfg.records_path!r}: cannot open the "
+                             f"{len(shards)} shards ({type(e).__name__}: {e})") from None
+        if len(source) == 0:
+            raise ValueError(f"data.records.path={cfg.records_path!r}: the {len(shards)} shards "
+                             "hold no records")
+        return source
+    if cfg.source == "tfds":
+        source = TfdsVideos(cfg.tfds)
+        if len(source) == 0:
+            raise ValueError(f"data.tfds.split={cfg.tfds.split!r} of {cfg.tfds.name!r} is empty")
+        return source
+    if cfg.source != "synthetic":
+        raise ValueError(f"data.source={cfg.source!r}: choose from {SOURCES}")
     return SyntheticVideos(cfg.synthetic)
 
 

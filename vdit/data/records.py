@@ -1,0 +1,159 @@
+"""Prepared video records: the on-disk format written by `vdit prepare` and the source that reads it.
+
+Shards are ArrayRecord files (`shard-00000.array_record`, ...) written with `group_size:1`, so every
+record can be read by index (`grain.sources.ArrayRecordDataSource`). One record is one sample: the
+bytes of a numpy `.npz` archive written by `np.savez_compressed` (zlib-deflated members, read back
+with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
+
+| member      | dtype, shape        | what                                                            |
+|-------------|---------------------|-----------------------------------------------------------------|
+| `format`    | str, ()             | `FORMAT` ("vdit-video-npz-1")                                   |
+| `encoding`  | str, ()             | how the frames are stored: "raw" or "mp4" (`ENCODINGS`)         |
+| `video`     | uint8, (T, H, W, 3) | "raw": RGB frames as decoded (after the optional downsizing)    |
+| `video_mp4` | uint8, (N,)         | "mp4": the bytes of an H.264 MP4 of the frames                  |
+| `shape`     | int64, (3,)         | "mp4": (T, H, W) of the frames (the MP4 pads odd sides to even) |
+| `caption`   | str, ()             | the caption ("" when the file had none)                         |
+| `fps`       | float64, ()         | frames per second of the source, 0 when unknown (images)        |
+| `source`    | str, ()             | path of the source file relative to the prepared folder         |
+
+"raw" (the default) is lossless: training reads exactly what `prepare` decoded and never runs a
+video decoder, at the cost of space (zlib only). "mp4" re-encodes multi-frame samples with H.264
+(lossy, imageio's default quality; typically tens of times smaller) and decodes them with ffmpeg
+when read; one-frame samples (images) are always stored "raw". `RecordsSource` turns records back
+into the element dict of the training pipeline (`vdit/data/pipeline.py`); a record that cannot be
+read or decoded becomes an element with a "decode_error" message, which the pipeline counts as a
+rejected sample instead of stopping.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+FORMAT = "vdit-video-npz-1"
+ENCODINGS = ("raw", "mp4")
+MP4_DEFAULT_FPS = 8.0  # frame rate written into MP4s of sources without one (playback only)
+SHARD_SUFFIX = ".array_record"
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access without decoding neighbours
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}{SHARD_SUFFIX}"
+
+
+def _encode_mp4(video: np.ndarray, fps: float) -> np.ndarray:
+    import imageio.v3 as iio
+
+    # H.264 in yuv420p needs even sides: replicate the last row/column (cropped again when read).
+    t, h, w, _ = video.shape
+    padded = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    data = iio.imwrite("<bytes>", padded, extension=".mp4", plugin="FFMPEG",
+                       fps=fps if fps > 0 else MP4_DEFAULT_FPS, macro_block_size=1)
+    return np.frombuffer(data, np.uint8)
+
+
+def _decode_mp4(data: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    import imageio.v3 as iio
+
+    t, h, w = (int(v) for v in shape)
+    video = np.asarray(iio.imread(data.tobytes(), extension=".mp4", plugin="FFMPEG", index=None))
+    if video.ndim != 4 or video.shape[0] != t or video.shape[1] < h or video.shape[2] < w:
+        raise ValueError(f"the MP4 decodes to {video.shape}, the record says {(t, h, w)}")
+    return np.ascontiguousarray(video[:, :h, :w, :3])
+
+
+def encode_record(video: np.ndarray, caption: str, fps: float, source: str,
+                  encoding: str = "raw") -> bytes:
+    """One sample -> record bytes (see the module docstring)."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: choose from {ENCODINGS}")
+    if encoding == "mp4" and video.shape[0] > 1:
+        frames = {"video_mp4": _encode_mp4(video, fps), "shape": np.array(video.shape[:3], np.int64)}
+    else:
+        encoding, frames = "raw", {"video": video}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, format=np.str_(FORMAT), encoding=np.str_(encoding), **frames,
+                        caption=np.str_(caption), fps=np.float64(fps), source=np.str_(source))
+    return buf.getvalue()
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Record bytes -> {"video", "caption", "fps", "source"}; ValueError on anything malformed."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            members = {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, EOFError, ValueError, ...
+        raise ValueError(f"not a readable record ({type(e).__name__}: {e})") from None
+    encoding = str(members.get("encoding", ""))
+    frames = {"raw": {"video"}, "mp4": {"video_mp4", "shape"}}.get(encoding, set())
+    missing = {"format", "encoding", *frames, "caption", "fps", "source"} - set(members)
+    if missing:
+        raise ValueError(f"record lacks {sorted(missing)}")
+    if str(members["format"]) != FORMAT:
+        raise ValueError(f"record format {str(members['format'])!r}, expected {FORMAT!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"record encoding {encoding!r}, expected one of {ENCODINGS}")
+    if encoding == "mp4":
+        try:
+            video = _decode_mp4(members["video_mp4"], members["shape"])
+        except Exception as e:  # ffmpeg's errors: OSError, RuntimeError, ...
+            raise ValueError(f"the record's MP4 does not decode ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    else:
+        video = members["video"]
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"record video is {video.dtype} {video.shape}, expected uint8 (T, H, W, 3)")
+    return {"video": video, "caption": str(members["caption"]), "fps": float(members["fps"]),
+            "source": str(members["source"])}
+
+
+def find_shards(path: str) -> list[str]:
+    """A directory (its `*.array_record` files) or a glob pattern -> sorted shard paths."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(glob.escape(path), "*" + SHARD_SUFFIX)))
+    return sorted(p for p in glob.glob(path) if os.path.isfile(p))
+
+
+class RecordsSource:
+    """Random-access source over prepared shards (a grain MapDataset source: __len__, __getitem__).
+
+    Elements are {"video" uint8 (T, H, W, 3), "caption", "source", "index"} plus "fps" when the
+    source's frame rate is known; a record that fails to read or decode gives
+    {"video": None, "caption": "", "index", "decode_error": message}.
+    """
+
+    def __init__(self, paths: list[str]):
+        import grain
+
+        if not paths:
+            raise ValueError("no shards given")
+        self.paths = list(paths)
+        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range [0, {len(self)})")
+        try:
+            record = decode_record(self._records[index])
+        except Exception as e:  # a corrupt chunk in the shard, or a malformed record
+            return {"video": None, "caption": "", "index": index,
+                    "decode_error": f"record {index}: {type(e).__name__}: {e}"}
+        element = {"video": record["video"], "caption": record["caption"],
+                   "source": record["source"], "index": index}
+        if record["fps"] > 0:
+            element["fps"] = record["fps"]
+        return element
+
+    def __repr__(self) -> str:
+        return f"RecordsSource({len(self.paths)} shards, {len(self)} records)"
