@@ -43,7 +43,7 @@ def hlo_dot_flops(hlo: str) -> int:
     return total
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_matches_xla_cost_analysis(remat):
     c = tiny_config()
     c.model.scan_layers = False

@@ -137,6 +137,7 @@ def test_zero_init_predicts_zero(batch):
     np.testing.assert_array_equal(out, 0.0)
 
 
+@pytest.mark.slow  # four gradient compiles: about a minute on two cores
 def test_remat_policies_give_same_gradients(batch):
     b, c = batch
     cfg = configlib.model_config(c)

@@ -74,8 +74,11 @@ def one_device():
     return c, batch, _loss_and_grads(c.copy_and_resolve_references(), jax.devices()[:1], batch)
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)],
-                         ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("mesh", [
+    pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
+    pytest.param((2, 2, 2, 1), marks=pytest.mark.slow),
+    (1, 2, 1, 4),  # sequence parallelism, in the default suite
+], ids=lambda m: "x".join(map(str, m)))
 def test_loss_and_grads_equal_across_meshes(one_device, mesh):
     """(data, fsdp, tensor, sequence) meshes of 8 devices == 1 device (and (2, 4, 1, 1) above).
     With sequence=4 every device attends its own quarter of each row's queries."""
