@@ -142,7 +142,12 @@ def _params() -> None:
     from vdit.train.step import make_trainer
 
     c = configlib.load(_require(_CONFIG, "config"), jax.device_count())
-    trainer = make_trainer(c)
+    if c.get("kind", "dit") == "vae":
+        from vdit.train.vae_train import make_trainer as make_vae_trainer
+
+        trainer = make_vae_trainer(c)
+    else:
+        trainer = make_trainer(c)
     rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
     print(f"mesh {dict(trainer.mesh.shape)}")
     for name, shape, spec in rows:

@@ -172,9 +172,11 @@ class VAETrainer:
         kernels are drawn on the host, see `vae._normal`) and placed shard by shard."""
         model = vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(self.seed))
         _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
-        place = lambda tree, shardings: jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i, a=np.asarray(a): a[i]),
-            tree, shardings)
+        def put(a, sharding):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+        place = lambda tree, shardings: jax.tree.map(put, tree, shardings)
         params = place(nnx.to_pure_dict(params), self.param_shardings)
         sh = self.state_shardings
         return {
