@@ -224,6 +224,7 @@ def test_batches_are_a_function_of_the_step_and_bounded():
     assert len({s[1:] for s in shapes}) > 1  # several native sizes
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss(tmp_path):
     from vdit.train.loop import train_and_evaluate
     from vdit.train.metrics import read_metrics
