@@ -91,6 +91,21 @@ def test_chunked_equals_full(model):
         vae.encode_chunked(model, x, 6)
 
 
+def test_groupnorm_and_attention_stay_causal_and_chunkable():
+    """Per-frame GroupNorm and per-frame attention: still causal, chunked still == full."""
+    cfg = vae.VAEConfig(base_channels=4, channel_mults=(1, 1), temporal_down=(True,),
+                        blocks_per_level=1, latent_channels=4, norm="group", groups=2,
+                        mid_attention=True, pad_mode="zeros")
+    m = vae.CausalVAE3D(cfg, rngs=nnx.Rngs(1))
+    x = _video(7, (1, 7, 8, 8, 3))  # ct = 2: 4 latent frames
+    mean, _ = vae._encode_full(m, x)
+    changed, _ = vae._encode_full(m, x.at[:, 3].set(0.5))  # first seen by latent frame 2
+    np.testing.assert_array_equal(np.asarray(changed[:, :2]), np.asarray(mean[:, :2]))
+    assert np.abs(np.asarray(changed[:, 2:] - mean[:, 2:])).max() > 1e-4
+    np.testing.assert_allclose(np.asarray(vae.encode_chunked(m, x, 2)[0]), np.asarray(mean),
+                               atol=2e-5)
+
+
 def test_tiled_is_exact_when_the_overlap_margin_covers_the_receptive_field():
     """One level (no downsampling): the encoder sees 8 pixels around, the decoder 10. The outer
     quarter of an overlap is not blended in, so with overlap // 4 >= that radius, tiled == full."""
