@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 
 from absl import app, flags
@@ -167,6 +168,17 @@ def _params() -> None:
     from vdit import aot, configlib
 
     c = configlib.load(_require(_CONFIG, "config"), jax.device_count())
+    if c.get("kind", "dit") == "vae":
+        from vdit.parallel.sharding import describe
+        from vdit.train.vae_train import make_trainer as make_vae_trainer
+
+        trainer = make_vae_trainer(c)
+        rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
+        print(f"mesh {dict(trainer.mesh.shape)}")
+        for name, shape, spec in rows:
+            print(f"{name:60s} {str(shape):24s} {spec}")
+        print(f"total parameters: {sum(math.prod(s) for _, s, _ in rows):,}")
+        return
     print(aot.param_table(c))
 
 

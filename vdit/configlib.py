@@ -17,6 +17,7 @@ from vdit.data.tfds_source import TfdsConfig
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
 from vdit.models.text import TextEncoderConfig
+from vdit.models.vae import NORMS, PAD_MODES, VAEConfig
 from vdit.ops.attention import IMPL_CHOICES
 from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.sharding import DEFAULT_RULES
@@ -65,6 +66,11 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     also accepts `autoencoder.kind="latent"`, whose data no pipeline reads yet.
     """
     c = ml_collections.ConfigDict(config.to_dict())
+    kind = c.get("kind", "dit")
+    if kind == "vae":
+        return load_vae(c, num_devices)
+    if kind != "dit":
+        _fail("kind", f"{kind!r} is not one of ('dit', 'vae')")
     name, p = parse_variant(c.model.variant)
     w, d, h = MODEL_SIZES[name]
     c.model.width = c.model.width or w
@@ -202,3 +208,78 @@ def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, wi
     comp = tuple(c.autoencoder.compression)
     lt = frames if comp[0] == 1 else 1 + (frames - 1) // comp[0]
     return math.prod((lt // pt, height // comp[1] // ph, width // comp[2] // pw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The causal VAE (config.kind == "vae", configs/vae.py)
+# ----------------------------------------------------------------------------------------------------
+def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
+    """Validate a VAE config (configs/vae.py); returns it. Errors name the field."""
+    v = c.vae
+    mults = tuple(v.channel_mults)
+    if not mults or min(mults) < 1:
+        _fail("vae.channel_mults", f"{mults} must be a non-empty tuple of positive integers")
+    if len(tuple(v.temporal_down)) != len(mults) - 1:
+        _fail("vae.temporal_down", f"{tuple(v.temporal_down)} needs one entry per downsampling, "
+              f"len(vae.channel_mults) - 1 = {len(mults) - 1}")
+    for field in ("latent_channels", "base_channels", "blocks_per_level", "groups"):
+        if v[field] < 1:
+            _fail(f"vae.{field}", f"{v[field]} must be >= 1")
+    if v.norm not in NORMS:
+        _fail("vae.norm", f"{v.norm!r} is not one of {NORMS}")
+    if v.pad_mode not in PAD_MODES:
+        _fail("vae.pad_mode", f"{v.pad_mode!r} is not one of {PAD_MODES}")
+    if v.temporal_kernel < 2:
+        _fail("vae.temporal_kernel", f"{v.temporal_kernel} must be >= 2")
+    for field in ("l1_weight", "l2_weight", "kl_weight"):
+        if c.loss[field] < 0:
+            _fail(f"loss.{field}", f"{c.loss[field]} must be >= 0")
+    if c.loss.l1_weight == 0 and c.loss.l2_weight == 0:
+        _fail("loss.l1_weight", "l1_weight and l2_weight are both 0: nothing to reconstruct")
+    vc = vae_config(c)
+    _, ch, cw = vc.compression
+    d = c.data
+    if not d.size_choices:
+        _fail("data.size_choices", "is empty")
+    for hw in d.size_choices:
+        if hw[0] < ch or hw[1] < cw or hw[0] % ch or hw[1] % cw:
+            _fail("data.size_choices", f"{tuple(hw)} is not a positive multiple of the spatial "
+                  f"compression {ch}x{cw}")
+    if not d.frame_choices or min(d.frame_choices) < 2:
+        _fail("data.frame_choices", f"{tuple(d.frame_choices)}: video durations must be >= 2 "
+              "(images come from data.image_fraction)")
+    if not 0 <= d.image_fraction <= 1:
+        _fail("data.image_fraction", f"{d.image_fraction} is not in [0, 1]")
+    if d.batch_size < 1:
+        _fail("data.batch_size", f"{d.batch_size} must be >= 1")
+    largest = max(d.frame_choices) * max(h * w for h, w in d.size_choices)
+    if d.max_pixels < largest:
+        _fail("data.max_pixels", f"{d.max_pixels} is under one sample of the largest shape "
+              f"({max(d.frame_choices)} frames of {max(h * w for h, w in d.size_choices)} pixels)")
+    if d.eval_samples < 1:
+        _fail("data.eval_samples", f"{d.eval_samples} must be >= 1")
+    if num_devices is not None:
+        try:
+            resolve_mesh_shape(dict(c.mesh), num_devices // max(c.mesh.get("dcn_data", 1), 1))
+        except ValueError as e:
+            raise ValueError(f"mesh: {e}") from None
+    t = c.train
+    for field in ("steps", "checkpoint_every", "log_every", "eval_every"):
+        if t[field] < 1:
+            _fail(f"train.{field}", f"{t[field]} must be >= 1")
+    if t.stats_samples < 1:
+        _fail("train.stats_samples", f"{t.stats_samples} must be >= 1")
+    if not 0 <= t.video_samples <= d.eval_samples:
+        _fail("train.video_samples", f"{t.video_samples} is not in [0, data.eval_samples]")
+    return c
+
+
+def vae_config(c: ml_collections.ConfigDict) -> VAEConfig:
+    v = c.vae
+    return VAEConfig(
+        latent_channels=v.latent_channels, base_channels=v.base_channels,
+        channel_mults=tuple(v.channel_mults), blocks_per_level=v.blocks_per_level,
+        temporal_down=tuple(bool(x) for x in v.temporal_down), norm=v.norm, groups=v.groups,
+        mid_attention=v.mid_attention, temporal_kernel=v.temporal_kernel, pad_mode=v.pad_mode,
+        dtype=v.dtype, param_dtype=v.param_dtype,
+    )

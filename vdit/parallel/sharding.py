@@ -35,6 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("modulation", None),
     ("layers", None),
     ("channels", None),
+    ("vae_in", None),  # input channels of VAE convolutions
+    ("vae_out", "fsdp"),  # output channels of VAE convolutions (replicated where fsdp does not divide)
 )
 
 

@@ -44,6 +44,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     `devices` (default: all, over every process) are the devices the mesh is built from; in a
     multi-process run they must include devices of every process. Every process calls this together.
     """
+    if config.get("kind", "dit") == "vae":  # the causal VAE has its own loop (configs/vae.py)
+        from vdit.train.vae_train import train_vae
+
+        return train_vae(config, workdir, devices)
     devices = jax.devices() if devices is None else list(devices)
     missing = set(range(jax.process_count())) - {d.process_index for d in devices}
     if missing:

@@ -1,0 +1,385 @@
+"""Training the causal VAE: `train_vae(config, workdir)` (what `vdit train` runs for `kind = "vae"`).
+
+    data: step k -> one batch of procedural videos (or images) of one native shape, a pure function of
+          (data.seed, k), so a resumed run sees the batches an uninterrupted one would
+    step: L1 (+ L2) reconstruction of a posterior sample + KL, AdamW, EMA, NaN-step skip, jitted with
+          explicit state shardings and donation (as the DiT's step)
+    eval: held-out PSNR / SSIM of the EMA model on posterior means, a side-by-side video
+          (input | reconstruction) in WORKDIR/samples/
+    end:  per-channel latent mean / std over `train.stats_samples` samples, stored in the model state
+          (`state["stats"]`) of the last checkpoint, for normalising DiT latents
+
+`load_vae(workdir)` gives the trained model (EMA parameters and latent statistics) back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vdit import configlib
+from vdit.data import synthetic
+from vdit.data.video_io import tile, to_uint8, upscale, write_video
+from vdit.models import vae
+from vdit.parallel.mesh import MESH_AXES, make_mesh
+from vdit.parallel.sharding import Rules, activation_sharding, logical_to_spec, param_shardings
+from vdit.train import step as step_lib
+from vdit.train.checkpoint import Checkpointer, read_config
+from vdit.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VAEDataConfig:
+    seed: int = 0
+    frame_choices: tuple[int, ...] = (5, 9, 17)
+    image_fraction: float = 0.3
+    size_choices: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (32, 16), (32, 32))
+    batch_size: int = 4
+    max_pixels: int = 4 * 17 * 32 * 32
+
+
+def batch_at(cfg: VAEDataConfig, step: int, seed: int | None = None) -> np.ndarray:
+    """Batch `step` of the stream `seed` (default cfg.seed): float32 (B, T, H, W, 3) in [-1, 1].
+
+    One shape per batch, drawn from the choices (an image with probability image_fraction); the batch
+    holds min(batch_size, max_pixels // (T * H * W)) samples, so memory is bounded by max_pixels."""
+    rng = np.random.default_rng([cfg.seed if seed is None else seed, int(step)])
+    image = rng.random() < cfg.image_fraction
+    frames = 1 if image else int(rng.choice(cfg.frame_choices))
+    h, w = cfg.size_choices[int(rng.integers(len(cfg.size_choices)))]
+    n = max(1, min(cfg.batch_size, cfg.max_pixels // (frames * h * w)))
+    videos = []
+    for _ in range(n):
+        color = tuple(synthetic.COLORS)[int(rng.integers(len(synthetic.COLORS)))]
+        shape = synthetic.SHAPES[int(rng.integers(len(synthetic.SHAPES)))]
+        direction = (synthetic.STILL if image else
+                     synthetic.DIRECTIONS[int(rng.integers(len(synthetic.DIRECTIONS)))])
+        spec = synthetic.SampleSpec(color, shape, direction, frames, h, w)
+        videos.append(synthetic.render(spec, rng))
+    return np.stack(videos).astype(np.float32) / 127.5 - 1.0
+
+
+def heldout(cfg: VAEDataConfig, n: int, seed: int) -> list[np.ndarray]:
+    """`n` single-sample batches (1, T, H, W, 3) of the held-out stream `seed`."""
+    return [batch_at(dataclasses.replace(cfg, batch_size=1), i, seed) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image metrics
+# ----------------------------------------------------------------------------------------------------
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2), over all their elements."""
+    mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def _gauss_matrix(n: int, win: int, sigma: float = 1.5) -> np.ndarray:
+    """(n - win + 1, n): each row a normalised Gaussian window (a 'valid' 1D filter as a matmul)."""
+    g = np.exp(-0.5 * ((np.arange(win) - (win - 1) / 2) / sigma) ** 2)
+    g /= g.sum()
+    m = np.zeros((n - win + 1, n), np.float32)
+    for i in range(n - win + 1):
+        m[i, i:i + win] = g
+    return m
+
+
+def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) of videos
+    (..., H, W, C) in [-1, 1], per frame and channel on [0, 1] values, averaged. The window shrinks
+    to the image on sides under 11 pixels."""
+    x = (jnp.clip(x, -1, 1) + 1) / 2
+    y = (jnp.clip(y, -1, 1) + 1) / 2
+    h, w = x.shape[-3:-1]
+    win = min(11, h, w)
+    gh, gw = jnp.asarray(_gauss_matrix(h, win)), jnp.asarray(_gauss_matrix(w, win))
+    f = lambda a: jnp.einsum("ih,...hwc,jw->...ijc", gh, a, gw)
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return jnp.mean(s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    kl_weight: float = 1e-4
+    sample_posterior: bool = True
+
+
+@dataclasses.dataclass
+class VAETrainer:
+    """The VAE's graph, optimizer and shardings; the state is a pure dict as the DiT's."""
+
+    model_cfg: vae.VAEConfig
+    loss_cfg: LossConfig
+    optim_cfg: step_lib.OptimConfig
+    mesh: Mesh
+    rules: Rules
+    seed: int = 0
+
+    def __post_init__(self):
+        self.tx = step_lib.make_optimizer(self.optim_cfg)
+        abstract = nnx.eval_shape(lambda: vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_params, abstract_stats = nnx.split(abstract, nnx.Param, vae.LatentStat)
+        self.param_shardings = param_shardings(abstract_params, self.rules, self.mesh)
+        self.stats_shardings = param_shardings(abstract_stats, self.rules, self.mesh)
+        self.abstract_state = jax.eval_shape(self._init)
+        replicated = NamedSharding(self.mesh, P())
+        opt = optax.tree_utils.tree_map_params(
+            self.tx, lambda _, s: s, self.abstract_state["opt_state"], self.param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.state_shardings = {
+            "params": self.param_shardings, "opt_state": opt, "ema": self.param_shardings,
+            "stats": self.stats_shardings, "step": replicated, "skipped": replicated,
+        }
+
+    def _init(self) -> State:
+        model = vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(self.seed))
+        _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
+        params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        return {
+            "params": params, "opt_state": self.tx.init(params),
+            "ema": jax.tree.map(jnp.copy, params), "stats": stats,
+            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+        }
+
+    def init_state(self) -> State:
+        """The initial state in its sharded layout. The model is built eagerly (its convolution
+        kernels are drawn on the host, see `vae._normal`) and placed shard by shard."""
+        model = vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(self.seed))
+        _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
+        def put(a, sharding):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+        place = lambda tree, shardings: jax.tree.map(put, tree, shardings)
+        params = place(nnx.to_pure_dict(params), self.param_shardings)
+        sh = self.state_shardings
+        return {
+            "params": params,
+            "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+            "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["ema"])(params),
+            "stats": place(nnx.to_pure_dict(stats), self.stats_shardings),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
+            "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
+        }
+
+    def abstract_sharded_state(self) -> State:
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
+    def model(self, params: dict, stats: dict) -> vae.CausalVAE3D:
+        return nnx.merge(self.graphdef, params, stats)
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return NamedSharding(self.mesh, logical_to_spec(names, self.rules, self.mesh, shape))
+
+    def loss_fn(self, params, stats, video, step):
+        lc = self.loss_cfg
+        model = self.model(params, stats)
+        key = jax.random.fold_in(jax.random.key(self.seed), step) if lc.sample_posterior else None
+        recon, mean, logvar = model(video, key)
+        target = video[:, : recon.shape[1]]  # the trailing frames no latent frame sees are dropped
+        l1 = jnp.mean(jnp.abs(recon - target))
+        l2 = jnp.mean(jnp.square(recon - target))
+        kl = vae.kl_divergence(mean, logvar)
+        loss = lc.l1_weight * l1 + lc.l2_weight * l2 + lc.kl_weight * kl
+        return loss, {"l1": l1, "l2": l2, "kl": kl, "psnr": psnr(recon, target)}
+
+    def train_step(self, state: State, video: jax.Array) -> tuple[State, dict]:
+        with activation_sharding(self.mesh, self.rules):
+            (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+                state["params"], state["stats"], video, state["step"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        d = self.optim_cfg.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {
+            "params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+            "ema": keep(ema, state["ema"]), "stats": state["stats"],
+            "step": state["step"] + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        }
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+
+    def jit_train_step(self):
+        """Jitted step; retraced once per batch shape (the shapes are the finite data choices)."""
+        return jax.jit(self.train_step, out_shardings=(self.state_shardings, None),
+                       donate_argnums=(0,))
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+    return LossConfig(l1_weight=c.loss.l1_weight, l2_weight=c.loss.l2_weight,
+                      kl_weight=c.loss.kl_weight, sample_posterior=c.loss.sample_posterior)
+
+
+def data_config(c: ml_collections.ConfigDict) -> VAEDataConfig:
+    d = c.data
+    return VAEDataConfig(seed=d.seed, frame_choices=tuple(d.frame_choices),
+                         image_fraction=d.image_fraction,
+                         size_choices=tuple(tuple(s) for s in d.size_choices),
+                         batch_size=d.batch_size, max_pixels=d.max_pixels)
+
+
+def make_trainer(c: ml_collections.ConfigDict, devices=None) -> VAETrainer:
+    mesh = make_mesh({a: c.mesh[a] for a in MESH_AXES}, devices, c.mesh.get("dcn_data", 1))
+    return VAETrainer(configlib.vae_config(c), loss_config(c), step_lib.optim_config(c), mesh,
+                      tuple(tuple(r) for r in c.sharding.rules), seed=c.seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+@nnx.jit
+def reconstruct(model: vae.CausalVAE3D, video: jax.Array) -> jax.Array:
+    """Decode of the posterior mean."""
+    mean, _ = model.encode(video)
+    return model.decode(mean)
+
+
+def evaluate(model: vae.CausalVAE3D, videos: list[np.ndarray]) -> tuple[dict[str, float], list]:
+    """Mean PSNR / SSIM over `videos` (each (1, T, H, W, 3)); also returns the reconstructions."""
+    scores, recons = [], []
+    for v in videos:
+        r = np.asarray(reconstruct(model, jnp.asarray(v)))
+        t = v[:, : r.shape[1]]
+        scores.append((float(psnr(r, t)), float(ssim(r, t))))
+        recons.append(r)
+    p, s = np.mean(scores, axis=0)
+    return {"psnr": float(p), "ssim": float(s)}, recons
+
+
+def side_by_side(videos: list[np.ndarray], recons: list[np.ndarray]) -> np.ndarray:
+    """uint8 grid video of (input | reconstruction) pairs."""
+    pairs = [np.concatenate([to_uint8(v[0, : r.shape[1]]), to_uint8(r[0])], axis=2)
+             for v, r in zip(videos, recons, strict=True)]
+    return tile(pairs, cols=min(2, len(pairs)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------------
+def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
+    """Train (or resume) the VAE to `config.train.steps`; returns the last logged metrics."""
+    devices = jax.devices() if devices is None else list(devices)
+    c = configlib.load(config, len(devices))
+    tc = c.train
+    os.makedirs(workdir, exist_ok=True)
+    trainer = make_trainer(c, devices)
+    dcfg = data_config(c)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    log.info("VAE: mesh %s, %s parameters, compression %s", dict(trainer.mesh.shape),
+             f"{n_params:,}", trainer.model_cfg.compression)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
+                        keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(trainer.abstract_sharded_state())
+        log.info("resumed from step %d in %s", start, workdir)
+    else:
+        state, start = trainer.init_state(), 0
+
+    eval_videos = heldout(dcfg, c.data.eval_samples, c.data.eval_seed)
+    step_fn = trainer.jit_train_step()
+    writer = MetricsWriter(workdir)
+    progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
+    pending, pixels, last = [], 0, {}
+    t_last = time.perf_counter()
+    for step in range(start, tc.steps):
+        batch = batch_at(dcfg, step)
+        pixels += batch.size // 3
+        video = jax.device_put(batch, trainer.batch_sharding(batch.shape))
+        state, metrics = step_fn(state, video)
+        pending.append(metrics)
+        done = step + 1
+        progress.update(1)
+        if done % tc.log_every == 0 or done == tc.steps:
+            fetched = jax.device_get(pending)
+            dt = time.perf_counter() - t_last
+            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            last.update(lr=step_lib.learning_rate(trainer.optim_cfg, done),
+                        skipped_steps=int(jax.device_get(state["skipped"])),
+                        steps_per_s=len(fetched) / dt, pixels_per_s=pixels / dt)
+            writer.write(done, last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}")
+            pending, pixels, t_last = [], 0, time.perf_counter()
+        if done == tc.steps:  # latent statistics of the final EMA model, saved with it
+            model = trainer.model(state["ema"], state["stats"])
+            mean, std = vae.latent_statistics(
+                model, (batch_at(dcfg, i, c.data.eval_seed + 1) for i in range(tc.stats_samples)))
+            vae.set_latent_statistics(model, mean, std)
+            stats = nnx.to_pure_dict(nnx.state(model, vae.LatentStat))
+            state = {**state, "stats": jax.device_put(stats, trainer.stats_shardings)}
+            last.update(latent_mean_abs=float(np.abs(mean).mean()), latent_std=float(std.mean()))
+            writer.write(done, {"latent_mean_abs": last["latent_mean_abs"],
+                                "latent_std": last["latent_std"]})
+        if done % tc.eval_every == 0 or done == tc.steps:
+            scores, recons = evaluate(trainer.model(state["ema"], state["stats"]), eval_videos)
+            scores = {f"eval_{k}": v for k, v in scores.items()}
+            writer.write(done, scores)
+            last.update(scores)
+            if jax.process_index() == 0 and tc.video_samples:
+                grid = upscale(side_by_side(eval_videos[: tc.video_samples],
+                                            recons[: tc.video_samples]), 4)
+                write_video(os.path.join(workdir, "samples", f"vae_step_{done:07d}.mp4"), grid,
+                            fps=tc.fps)
+                writer.write_video("reconstructions", done, grid, tc.fps)
+        ckpt.save(done, state, config=c, force=done == tc.steps)
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def load_vae(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = True):
+    """(config, model) of the VAE checkpoint in WORKDIR/checkpoints: EMA (or raw) parameters and the
+    stored latent statistics, on the first local device."""
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    c = configlib.load(ml_collections.ConfigDict(read_config(directory, step)))
+    with c.unlocked():
+        c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    trainer = make_trainer(c, jax.local_devices()[:1])
+    with Checkpointer(directory, save_every=1, keep=None) as ckpt:
+        state, _ = ckpt.restore(trainer.abstract_sharded_state(), step=step)
+    return c, trainer.model(state["ema"] if use_ema else state["params"], state["stats"])
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
