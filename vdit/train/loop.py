@@ -32,7 +32,7 @@ from vdit.data import pipeline
 from vdit.parallel import distributed
 from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer
-from vdit.train.metrics import MetricsWriter
+from vdit.train.metrics import MetricsWriter, progress_bar
 from vdit.train.samples import write_sample_grid
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     batch_shardings = None
     train_step = None
     writer = MetricsWriter(workdir)
-    progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
+    progress = progress_bar(start, tc.steps, tc.progress and jax.process_index() == 0)
     pending: list[dict] = []
     host = _new_host_counts()
     t_last, last = time.perf_counter(), {}
@@ -144,17 +144,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 def _new_host_counts() -> dict[str, Any]:
     return {"tokens": 0, "slots": 0, "samples": 0, "flops": 0.0,
             "stats": np.zeros(len(pipeline.STATS), np.int64)}
-
-
-class _NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

@@ -48,3 +48,18 @@ class MetricsWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     with open(os.path.join(os.fspath(workdir), "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    """A tqdm bar over steps `start..total`, or a silent stand-in (other processes, tests)."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

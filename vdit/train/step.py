@@ -162,21 +162,8 @@ class Trainer:
         with activation_sharding(self.mesh, self.rules):
             grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
             (loss, count), grads = grad_fn(state["params"], batch, state["step"])
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        d = self.optim_cfg.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = {
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "ema": keep(ema, state["ema"]),
-            "step": state["step"] + 1,
-            "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-        }
+        new_state, grad_norm, ok = guarded_update(self.tx, self.optim_cfg.ema_decay, state, grads,
+                                                  loss)
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "finite": ok}
         return new_state, metrics
 
@@ -187,6 +174,29 @@ class Trainer:
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
+
+
+def guarded_update(
+    tx: optax.GradientTransformation, ema_decay: float, state: State, grads, loss: jax.Array
+) -> tuple[State, jax.Array, jax.Array]:
+    """The optimizer and EMA update of `state` ("params", "opt_state", "ema", "step", "skipped";
+    other entries are kept). A non-finite loss or gradient norm changes nothing but the step and
+    skipped counters. Returns (new state, gradient norm, finite)."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = {
+        **state,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "ema": keep(ema, state["ema"]),
+        "step": state["step"] + 1,
+        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+    }
+    return new_state, grad_norm, ok
 
 
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:

@@ -37,7 +37,7 @@ from vdit.parallel.mesh import MESH_AXES, make_mesh
 from vdit.parallel.sharding import Rules, activation_sharding, logical_to_spec, param_shardings
 from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer, read_config
-from vdit.train.metrics import MetricsWriter
+from vdit.train.metrics import MetricsWriter, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +215,8 @@ class VAETrainer:
         with activation_sharding(self.mesh, self.rules):
             (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
                 state["params"], state["stats"], video, state["step"])
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        d = self.optim_cfg.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = {
-            "params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
-            "ema": keep(ema, state["ema"]), "stats": state["stats"],
-            "step": state["step"] + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-        }
+        new_state, grad_norm, _ = step_lib.guarded_update(self.tx, self.optim_cfg.ema_decay, state,
+                                                          grads, loss)
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
 
     def jit_train_step(self):
@@ -308,7 +298,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     eval_videos = heldout(dcfg, c.data.eval_samples, c.data.eval_seed)
     step_fn = trainer.jit_train_step()
     writer = MetricsWriter(workdir)
-    progress = _progress(start, tc.steps, tc.progress and jax.process_index() == 0)
+    progress = progress_bar(start, tc.steps, tc.progress and jax.process_index() == 0)
     pending, pixels, last = [], 0, {}
     t_last = time.perf_counter()
     for step in range(start, tc.steps):
@@ -369,17 +359,3 @@ def load_vae(workdir: str | os.PathLike, step: int | None = None, use_ema: bool 
     with Checkpointer(directory, save_every=1, keep=None) as ckpt:
         state, _ = ckpt.restore(trainer.abstract_sharded_state(), step=step)
     return c, trainer.model(state["ema"] if use_ema else state["params"], state["stats"])
-
-
-class _NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
