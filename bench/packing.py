@@ -52,6 +52,7 @@ except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vdit.data import packing, pipeline
 from vdit import flops
+from vdit.configlib import default_rules
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import DiTConfig
 from vdit.models.text import TextEncoderConfig
@@ -170,8 +171,6 @@ def make_trainer(args: argparse.Namespace) -> step_lib.Trainer:
                     channels=CHANNELS, text=text, attn_impl="chunked", attn_block=args.attn_block)
     optim = step_lib.OptimConfig(total_steps=10_000)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    from vdit.configlib import default_rules
-
     return step_lib.Trainer(cfg, FlowConfig(), optim, mesh, tuple(tuple(r) for r in default_rules()))
 
 

@@ -46,6 +46,7 @@ REJECTS: tuple[str, ...] = (
     "decode_error",  # the source could not read or decode it (e.g. a corrupt record)
 )
 STATS: tuple[str, ...] = (*EVENTS, *(f"rejected_{r}" for r in REJECTS), "tokens_dropped")
+DROPPED = STATS.index("tokens_dropped")
 
 
 class Rejected(ValueError):
@@ -217,7 +218,7 @@ def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarr
         out[0, STATS.index(e)] = 1
     if rejected is not None:
         out[0, STATS.index(f"rejected_{rejected}")] = 1
-    out[0, -1] = dropped
+    out[0, DROPPED] = dropped
     return out
 
 

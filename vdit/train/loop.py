@@ -106,6 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if done % tc.log_every == 0 or done == tc.steps:
             fetched = jax.device_get(pending)
             dt = time.perf_counter() - t_last
+            dropped = host["stats"][pipeline.DROPPED]
             last = {
                 "loss": float(np.mean([m["loss"] for m in fetched])),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
@@ -117,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 "samples_per_s": host["samples"] * jax.process_count() / dt,
                 # per interval: samples resized / rejected and why, tokens dropped (data.token_drop)
                 **{f"data_{k}": int(v) for k, v in zip(pipeline.STATS, host["stats"], strict=True)},
-                "token_drop_rate": float(host["stats"][-1] / max(host["stats"][-1] + host["tokens"], 1)),
+                "token_drop_rate": float(dropped / max(dropped + host["tokens"], 1)),
                 # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
                 "model_flops_per_s": host["flops"] * jax.process_count() / dt,
             }
