@@ -23,11 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Autoencoder: what a "latent" is. Identity = pixels in [-1, 1].
     c.autoencoder = ml_collections.ConfigDict()
-    # "identity" (pixel space) | "latent" (pre-encoded samples of `compression` and `channels`; only
-    # `vdit compile` / `vdit flops` accept it until a data source reads such records)
+    # "identity" (pixel space) | "latent" (VAE latents written by `vdit encode`, read with
+    # data.source="latents"; see configs/latent.py)
     c.autoencoder.kind = "identity"
     c.autoencoder.compression = (1, 1, 1)  # (time, height, width) downsampling of the autoencoder
     c.autoencoder.channels = 3  # latent channels
+    c.autoencoder.vae = ""  # "latent": the VAE work directory whose decoder renders samples
+    c.autoencoder.vae_step = -1  # its checkpoint step (-1: the latest); must be the encoding one
 
     # --- Model (VideoDiT). The variant fills width/depth/heads; override any of them after.
     c.model = ml_collections.ConfigDict()
@@ -60,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "Real data", for prepared videos and TFDS datasets).
     c.data = ml_collections.ConfigDict()
     # "synthetic" (procedural, data.synthetic) | "records" (shards written by `vdit prepare`,
-    # data.records) | "tfds" (a locally prepared TensorFlow Datasets dataset, data.tfds)
+    # data.records) | "tfds" (a locally prepared TensorFlow Datasets dataset, data.tfds) |
+    # "latents" (VAE latents written by `vdit encode`, data.latents; autoencoder.kind="latent")
     c.data.source = "synthetic"
     c.data.seed = 0  # shuffling, caption dropout, task draws, packing
     c.data.synthetic = ml_collections.ConfigDict()
@@ -78,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds.video_key = "video"  # feature with the frames (T, H, W, C) or an image (H, W, C)
     c.data.tfds.caption_key = ""  # Text or ClassLabel feature used as caption ("" = none)
     c.data.tfds.fps = 0.0  # nominal frame rate of the dataset for data.max_fps (0 = unknown)
+    c.data.latents = ml_collections.ConfigDict()
+    c.data.latents.path = ""  # a folder written by `vdit encode`
+    c.data.latents.sample_posterior = True  # z ~ N(mean, exp(logvar)) at every use (False: the mean)
     c.data.batch_rows = 2  # global rows per step
     c.data.row_len = 1024  # L: tokens per row
     c.data.text_len = 384  # C: text tokens per row

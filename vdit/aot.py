@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from vdit import configlib, flops
-from vdit.data import pipeline
+from vdit.data import latents, pipeline
 
 GiB = 1024**3
 
@@ -464,10 +464,12 @@ def compile_report(config: ml_collections.ConfigDict, topology: str) -> dict[str
 # ---------------------------------------------------------------------------------------------------
 def flops_report(c: ml_collections.ConfigDict, batches: int = 4) -> dict[str, Any]:
     """Analytic FLOPs of one step of the loaded config `c`, averaged over `batches` packed batches
-    of its data pipeline, or on :func:`full_rows_layout` when `batches` is 0 or no data source
-    exists for the config (``autoencoder.kind="latent"``)."""
+    of its data pipeline, or on :func:`full_rows_layout` when `batches` is 0 or the config's latents
+    folder does not exist (``autoencoder.kind="latent"`` planned before `vdit encode`)."""
     cfg = configlib.model_config(c)
-    if batches > 0 and c.autoencoder.kind == "identity":
+    readable = c.data.source != "latents" or os.path.isfile(
+        os.path.join(c.data.latents.path, latents.MANIFEST))
+    if batches > 0 and readable:
         it = iter(pipeline.build(configlib.pipeline_config(c)))
         layouts = [(b["segment_ids"], b["text_segment_ids"]) for b in (next(it) for _ in range(batches))]
         source = f"mean of {batches} packed batches of the data pipeline"

@@ -12,10 +12,15 @@
     vdit prepare --input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N]
                  [--max_side=N] [--encoding=raw|mp4] [--workers=N]
                                                   videos and images -> shards for data.source=records
+    vdit encode --vae=VAE_WORKDIR --input=RECORDS --out=DIR [--latent_patch=1,2,2] [--max_tokens=N]
+                [--chunk_frames=16] [--tile=0] [--store=moments|sample]
+                                                  prepared records -> VAE latents for
+                                                  data.source=latents (vdit/data/encode.py)
 
 `train` resumes from the latest checkpoint in its work directory by itself.
 
-Multi-process runs (one process per host, all running the same command; `train`, `sample`, `eval`):
+Multi-process runs (one process per host, all running the same command; `train`, `sample`, `eval`,
+`encode`):
 
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
     --distributed=auto|on|off
@@ -38,7 +43,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "params", "flops", "compile", "prepare")
+COMMANDS = ("train", "sample", "eval", "params", "flops", "compile", "prepare", "encode")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
@@ -47,18 +52,20 @@ _PROMPT = flags.DEFINE_string("prompt", "a red square moves right", "Caption to 
 _FRAMES = flags.DEFINE_integer("frames", 8, "Frames to sample (1 = an image).")
 _HEIGHT = flags.DEFINE_integer("height", 32, "Height in pixels.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Width in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (encode: of the posterior samples of "
+                             "--store=sample).")
 _OUT = flags.DEFINE_string("out", "sample.mp4", "sample: output file, .mp4, .gif (or .png for one "
-                           "frame); prepare: output folder for the shards (required).")
+                           "frame); prepare, encode: output folder for the shards (required).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: sample.cfg_scale).")
 _NUM = flags.DEFINE_integer("num", 48, "Prompts to evaluate.")
 _UPSCALE = flags.DEFINE_integer("upscale", 1, "Nearest-neighbour enlargement of written videos.")
-_INPUT = flags.DEFINE_string("input", None, "prepare: folder of videos and images (walked recursively).")
+_INPUT = flags.DEFINE_string("input", None, "prepare: folder of videos and images (walked "
+                             "recursively); encode: prepared records (a folder or a glob).")
 _CAPTIONS = flags.DEFINE_string(
     "captions", None, 'prepare: JSON Lines file of {"file": path relative to --input, "caption": '
     "text}; files without a line use a sidecar NAME.txt, else an empty caption.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "prepare: records per ArrayRecord shard.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "prepare, encode: records per shard.")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "prepare: keep the first N frames (0 = all).")
 _MAX_SIDE = flags.DEFINE_integer(
     "max_side", 0, "prepare: downsize to at most N pixels on the longer side, aspect kept (0 = native).")
@@ -68,6 +75,27 @@ _ENCODING = flags.DEFINE_enum(
 _WORKERS = flags.DEFINE_integer(
     "workers", 0, "prepare: files decoded at a time in worker processes (0 = in this process); "
     "the output does not depend on it.")
+_VAE = flags.DEFINE_string("vae", None, "encode: the VAE work directory (vdit train "
+                           "--config=configs/vae.py).")
+_VAE_STEP = flags.DEFINE_integer("vae_step", -1, "encode: the VAE checkpoint step (-1: latest).")
+_LATENT_PATCH = flags.DEFINE_list(
+    "latent_patch", ["1", "2", "2"], "encode: the DiT patch (pt,ph,pw) in latent units; latent "
+    "grids are made whole multiples of it.")
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", 0, "encode: DiT tokens per sample at most (data.max_tokens_per_sample); larger "
+    "samples are resized down, never cropped (0: no cap).")
+_TIME_FIT = flags.DEFINE_enum("time_fit", "resample", ["resample", "trim"],
+                              "encode: frames short of a whole latent patch (as data.time_fit).")
+_FRAME_STRIDE = flags.DEFINE_integer("frame_stride", 1, "encode: keep every k-th source frame.")
+_MAX_FPS = flags.DEFINE_float("max_fps", 0.0, "encode: stride sources above this frame rate "
+                              "(0: off).")
+_CHUNK_FRAMES = flags.DEFINE_integer(
+    "chunk_frames", 16, "encode: pixel frames per encoder call after the first (exact; bounds "
+    "memory in time; 0: whole videos).")
+_TILE = flags.DEFINE_integer("tile", 0, "encode: spatial tiles of N latent pixels (0: none).")
+_TILE_OVERLAP = flags.DEFINE_integer("tile_overlap", 4, "encode: latent pixels tiles share.")
+_STORE = flags.DEFINE_enum("store", "moments", ["moments", "sample"],
+                           "encode: store posterior mean and log-variance, or one sample.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process start-up: auto = from the --coordinator_address/--num_processes/--process_id flags "
@@ -167,7 +195,7 @@ def _params() -> None:
 
     from vdit import aot, configlib
 
-    c = configlib.load(_require(_CONFIG, "config"), jax.device_count())
+    c = configlib.load(_require(_CONFIG, "config"), jax.device_count(), plan_only=True)
     if c.get("kind", "dit") == "vae":
         from vdit.parallel.sharding import describe
         from vdit.train.vae_train import make_trainer as make_vae_trainer
@@ -215,16 +243,48 @@ def _prepare() -> None:
                       "skipped": manifest["skipped_count"], "shards": len(manifest["shards"])}))
 
 
+def _encode() -> None:
+    import jax
+
+    from vdit.data import encode
+    from vdit.parallel import distributed
+
+    if not flags.FLAGS["out"].present:
+        raise app.UsageError("--out is required (the output folder)")
+    try:
+        options = encode.EncodeOptions(
+            latent_patch=tuple(int(v) for v in _LATENT_PATCH.value), max_tokens=_MAX_TOKENS.value,
+            time_fit=_TIME_FIT.value, frame_stride=_FRAME_STRIDE.value, max_fps=_MAX_FPS.value,
+            chunk_frames=_CHUNK_FRAMES.value, tile=_TILE.value, tile_overlap=_TILE_OVERLAP.value,
+            store=_STORE.value, shard_size=_SHARD_SIZE.value, seed=_SEED.value)
+        manifest = encode.encode_dataset(
+            _require(_VAE, "vae"), _require(_INPUT, "input"), _OUT.value, options,
+            vae_step=None if _VAE_STEP.value < 0 else _VAE_STEP.value,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            progress=lambda line: print(line, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:  # missing input or VAE, a used folder, bad options
+        raise app.UsageError(str(e)) from None
+    if jax.process_count() > 1:
+        distributed.barrier("vdit_encode_done")
+        if jax.process_index() != 0:
+            return
+        manifest = encode.merge_manifests(_OUT.value, jax.process_count())
+    print(encode.summary(manifest))
+    print(json.dumps({"out": _OUT.value, "written": manifest["written"],
+                      "skipped": manifest["skipped_count"], "tokens": manifest["tokens"],
+                      "shards": len(manifest["shards"])}))
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(_usage())
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}; {_usage()}")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if argv[1] in ("train", "sample", "eval"):
+    if argv[1] in ("train", "sample", "eval", "encode"):
         _init_distributed()
     {"train": _train, "sample": _sample, "eval": _eval, "params": _params, "flops": _flops,
-     "compile": _compile, "prepare": _prepare}[argv[1]]()
+     "compile": _compile, "prepare": _prepare, "encode": _encode}[argv[1]]()
 
 
 def main() -> None:

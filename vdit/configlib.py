@@ -52,9 +52,10 @@ def _fail(field: str, msg: str) -> None:
     raise ValueError(f"{field}: {msg}")
 
 
-# "identity": pixels in [-1, 1], what the data pipeline produces. "latent": samples already encoded
-# by an autoencoder with `autoencoder.compression` and `autoencoder.channels`; no data source reads
-# such records yet, so only shape-level planning (`vdit compile`, `vdit flops`) accepts it.
+# "identity": pixels in [-1, 1], what the pixel sources produce. "latent": samples encoded by a VAE of
+# `autoencoder.compression` and `autoencoder.channels` (`vdit encode`), read with
+# data.source="latents"; `autoencoder.vae` names the VAE work directory whose decoder turns sampled
+# latents into pixels.
 AUTOENCODER_KINDS = ("identity", "latent")
 
 
@@ -63,7 +64,7 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     """Resolve and validate; returns an unlocked copy with width/depth/heads filled in.
 
     `plan_only=True` is for tools that need only shapes (compiling for a topology, FLOP counts): it
-    also accepts `autoencoder.kind="latent"`, whose data no pipeline reads yet.
+    accepts `autoencoder.kind="latent"` without a latents folder (data.source may stay a pixel one).
     """
     c = ml_collections.ConfigDict(config.to_dict())
     kind = c.get("kind", "dit")
@@ -90,9 +91,12 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     ae = c.autoencoder
     if ae.kind not in AUTOENCODER_KINDS:
         _fail("autoencoder.kind", f"{ae.kind!r} is not one of {AUTOENCODER_KINDS}")
-    if ae.kind == "latent" and not plan_only:
-        _fail("autoencoder.kind", "'latent' (pre-encoded samples) has no data source yet; only "
-              "`vdit compile` and `vdit flops` accept it")
+    if ae.kind == "latent" and not plan_only and c.data.source != "latents":
+        _fail("data.source", f"{c.data.source!r} gives pixels; autoencoder.kind='latent' trains on "
+              "data.source='latents' (a folder written by `vdit encode`)")
+    if ae.kind == "identity" and c.data.source == "latents":
+        _fail("autoencoder.kind", "'identity' is pixel space; data.source='latents' needs "
+              "autoencoder.kind='latent' with the VAE's compression and channels")
     if ae.kind == "latent" and (len(ae.compression) != 3 or min(ae.compression) < 1
                                 or ae.channels < 1):
         _fail("autoencoder.compression", f"{tuple(ae.compression)} and {ae.channels} channels: "
@@ -111,11 +115,16 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
               f"divisible by the patch {patch} (model.patch_t, variant p)")
 
     dc = c.data
+    if plan_only and ae.kind == "latent" and not (dc.source == "latents" and dc.latents.path):
+        with dc.unlocked():
+            dc.source = "latents"  # shapes only: no folder is read
+            dc.latents = ml_collections.ConfigDict({"path": "(planning only)",
+                                                    "sample_posterior": True})
     pipeline.validate(pipeline_config(c))  # token and text caps, task names and weights
     if not 0 <= dc.caption_dropout < 1:
         _fail("data.caption_dropout", f"{dc.caption_dropout} is not in [0, 1)")
     unit = (p * comp[1], p * comp[2])
-    for hw in dc.synthetic.size_choices:
+    for hw in dc.synthetic.size_choices if dc.source == "synthetic" else ():
         if hw[0] < unit[0] or hw[1] < unit[1]:
             _fail("data.synthetic.size_choices", f"{hw} is smaller than one patch {unit} in pixels")
 
@@ -193,6 +202,9 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
         source=d.source,
         records_path=d.records.path if "records" in d else "",
         tfds=TfdsConfig(**d.tfds.to_dict()) if "tfds" in d else TfdsConfig(),
+        latents_path=d.latents.path if "latents" in d else "",
+        latents_sample_posterior=d.latents.sample_posterior if "latents" in d else True,
+        channels=c.autoencoder.channels,
     )
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vdit.data import packing, records, tasks
+from vdit.data import latents, packing, records, tasks
 from vdit.data.synthetic import SyntheticConfig, SyntheticVideos
 from vdit.data.tfds_source import TfdsConfig, TfdsVideos
 from vdit.models.text import tokenize
@@ -207,9 +207,12 @@ class PipelineConfig:
     source: str = "synthetic"  # one of SOURCES
     records_path: str = ""  # "records": a folder of shards written by `vdit prepare`, or a glob
     tfds: TfdsConfig = TfdsConfig()  # "tfds": a locally prepared TFDS dataset
+    latents_path: str = ""  # "latents": a folder written by `vdit encode`
+    latents_sample_posterior: bool = True  # "latents": draw z ~ N(mean, exp(logvar)) per use
+    channels: int = 3  # latent channels (3: pixels)
 
 
-SOURCES = ("synthetic", "records", "tfds")
+SOURCES = ("synthetic", "records", "tfds", "latents")
 
 
 def _stats(events=(), rejected: str | None = None, dropped: int = 0) -> np.ndarray:
@@ -239,50 +242,123 @@ class _Prepare(grain.transforms.RandomMap):
 
     def _prepare(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.cfg
+        if cfg.size.compression != (1, 1, 1):
+            raise NotImplementedError("online VAE encoding: train on encoded latents instead "
+                                      "(`vdit encode`, data.source='latents')")
+        video, events = fit_video(element, cfg.size, cfg.frame_stride, cfg.max_fps)
+        latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
+        return sample_tokens(latent, element["caption"], events, cfg, rng)
+
+
+class _PrepareLatent(_Prepare):
+    """One latent record of `vdit encode` -> the per-sample packing input (or a rejection): a posterior
+    sample (or the mean), normalised with the VAE's per-channel statistics, on whole patches."""
+
+    def __init__(self, cfg: PipelineConfig, shift: np.ndarray, scale: np.ndarray):
+        super().__init__(cfg)
+        self.shift = np.asarray(shift, np.float32)
+        self.scale = np.asarray(scale, np.float32)
+
+    def _prepare(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        cfg = self.cfg
         if element.get("decode_error"):
             raise Rejected("decode_error", element["decode_error"])
-        video = np.asarray(element["video"])
-        if video.ndim != 4 or video.shape[-1] != 3:
-            raise Rejected("bad_shape", f"expected (T, H, W, 3), got {video.shape}")
-        if np.issubdtype(video.dtype, np.floating) and not np.isfinite(video).all():
-            raise Rejected("non_finite", "NaN or inf in the video")
-        if video.dtype != np.uint8:
-            raise Rejected("bad_shape", f"expected uint8 frames, got {video.dtype}")
-        events = []
-        stride = cfg.frame_stride
-        if cfg.max_fps > 0 and "fps" in element:
-            stride = max(stride, math.ceil(float(element["fps"]) / cfg.max_fps - 1e-9))
-        if stride > 1 and video.shape[0] > 1:
-            video = video[::stride]
-            events.append("fps_subsampled")
-        t, h, w, _ = video.shape
-        plan = cfg.size.plan(t, h, w)
-        video = resize_video(video[plan.frame_indices(t)], plan.height, plan.width)
-        if cfg.size.compression != (1, 1, 1):
-            raise NotImplementedError("online VAE encoding: train on encoded latent records instead")
-        latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
-        patches, positions = packing.patchify(latent, cfg.size.patch)
-        grid = np.array([latent.shape[:3]], np.int32)  # (1, 3): the full grid, also after dropping
-
+        mean, logvar = np.asarray(element["mean"]), element.get("logvar")
+        if mean.ndim != 4 or mean.shape[-1] != cfg.channels or min(mean.shape) < 1:
+            raise Rejected("bad_shape", f"latent {mean.shape}, expected (t, h, w, {cfg.channels})")
+        if not np.isfinite(mean).all() or (logvar is not None and not np.isfinite(logvar).all()):
+            raise Rejected("non_finite", "NaN or inf in the latent")
+        events = list(element.get("events", ()))
         pt, ph, pw = cfg.size.patch
-        frames = latent.shape[0] // pt
-        task = tasks.draw_task(dict(cfg.task_weights), frames, rng)
-        per_frame = (latent.shape[1] // ph) * (latent.shape[2] // pw)
-        cond = tasks.token_mask(tasks.frame_mask(task, frames, rng), per_frame)
-        keep = cfg.token_drop.keep(cond, rng)
-        dropped = cond.shape[0] - keep.shape[0]
-        if dropped:
-            patches, positions, cond = patches[keep], positions[keep], cond[keep]
+        t, h, w, _ = mean.shape
+        if t < pt:
+            raise Rejected("too_short", f"{t} latent frames make no whole temporal patch of {pt}")
+        if h < ph or w < pw:
+            raise Rejected("too_small", f"latent {h}x{w} is under one patch {ph}x{pw}")
+        grid = (t // pt * pt, h // ph * ph, w // pw * pw)
+        if grid != (t, h, w):  # encoded for another patch: cut the remainder (under one patch)
+            if "snapped" not in events:
+                events.append("snapped")
+        n = math.prod(g // p for g, p in zip(grid, cfg.size.patch, strict=True))
+        if n > cfg.size.max_tokens:
+            raise Rejected("over_cap", f"latent grid {grid} is {n} tokens, over max_tokens="
+                           f"{cfg.size.max_tokens}; encode with `vdit encode --max_tokens`")
+        z = mean
+        if cfg.latents_sample_posterior and logvar is not None:
+            z = mean + np.exp(0.5 * np.asarray(logvar)) * rng.standard_normal(mean.shape)
+        z = (z[: grid[0], : grid[1], : grid[2]] - self.shift) / self.scale
+        return sample_tokens(z.astype(np.float32), element["caption"], events, cfg, rng)
 
-        text = element["caption"] if rng.random() >= cfg.caption_dropout else ""
-        return {
-            "patches": patches,
-            "positions": positions,
-            "cond_mask": cond,
-            "text": tokenize(text, cfg.text_len_per_sample),
-            "grid": grid,
-            "stats": _stats((*events, *plan.events), dropped=dropped),
-        }
+
+def latent_statistics(manifest: dict[str, Any], cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's per-channel (mean, std), after checking that the latents are of the
+    autoencoder the config names."""
+    v = manifest["vae"]
+    if tuple(v["compression"]) != tuple(cfg.size.compression):
+        raise ValueError(f"autoencoder.compression={tuple(cfg.size.compression)}, but the latents "
+                         f"at data.latents.path={cfg.latents_path!r} were encoded with "
+                         f"{tuple(v['compression'])}")
+    if v["latent_channels"] != cfg.channels:
+        raise ValueError(f"autoencoder.channels={cfg.channels}, but the latents at "
+                         f"data.latents.path={cfg.latents_path!r} have {v['latent_channels']}")
+    return np.asarray(v["latent_mean"], np.float32), np.asarray(v["latent_std"], np.float32)
+
+
+def fit_video(element: dict[str, Any], size: SizePolicy, frame_stride: int = 1,
+              max_fps: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """A source element's uint8 (T, H, W, 3) video brought to the size `size` plans for it (frame-rate
+    subsampling, then `SizePolicy.plan`), with the names of the events that changed it. Raises
+    `Rejected` naming why a sample cannot be used. Shared by training and `vdit encode`."""
+    if element.get("decode_error"):
+        raise Rejected("decode_error", element["decode_error"])
+    if element.get("video") is None:
+        raise Rejected("empty", "the element has no video")
+    video = np.asarray(element["video"])
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise Rejected("bad_shape", f"expected (T, H, W, 3), got {video.shape}")
+    if np.issubdtype(video.dtype, np.floating) and not np.isfinite(video).all():
+        raise Rejected("non_finite", "NaN or inf in the video")
+    if video.dtype != np.uint8:
+        raise Rejected("bad_shape", f"expected uint8 frames, got {video.dtype}")
+    events = []
+    stride = frame_stride
+    if max_fps > 0 and "fps" in element:
+        stride = max(stride, math.ceil(float(element["fps"]) / max_fps - 1e-9))
+    if stride > 1 and video.shape[0] > 1:
+        video = video[::stride]
+        events.append("fps_subsampled")
+    t, h, w, _ = video.shape
+    plan = size.plan(t, h, w)
+    video = resize_video(video[plan.frame_indices(t)], plan.height, plan.width)
+    return video, [*events, *plan.events]
+
+
+def sample_tokens(latent: np.ndarray, caption: str, events, cfg: PipelineConfig,
+                  rng: np.random.Generator) -> dict[str, Any]:
+    """A whole-patch latent (T, H, W, C) -> the per-sample packing input: patches and positions, the
+    task's conditioning mask, NaViT token dropping, the (possibly dropped) caption's tokens."""
+    patches, positions = packing.patchify(latent, cfg.size.patch)
+    grid = np.array([latent.shape[:3]], np.int32)  # (1, 3): the full grid, also after dropping
+
+    pt, ph, pw = cfg.size.patch
+    frames = latent.shape[0] // pt
+    task = tasks.draw_task(dict(cfg.task_weights), frames, rng)
+    per_frame = (latent.shape[1] // ph) * (latent.shape[2] // pw)
+    cond = tasks.token_mask(tasks.frame_mask(task, frames, rng), per_frame)
+    keep = cfg.token_drop.keep(cond, rng)
+    dropped = cond.shape[0] - keep.shape[0]
+    if dropped:
+        patches, positions, cond = patches[keep], positions[keep], cond[keep]
+
+    text = caption if rng.random() >= cfg.caption_dropout else ""
+    return {
+        "patches": patches,
+        "positions": positions,
+        "cond_mask": cond,
+        "text": tokenize(text, cfg.text_len_per_sample),
+        "grid": grid,
+        "stats": _stats(events, dropped=dropped),
+    }
 
 
 class _CountRejected(grain.IterDataset):
@@ -342,6 +418,17 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.source == "records" and not cfg.records_path:
         raise ValueError("data.records.path: required with data.source='records' (a folder of "
                          "shards written by `vdit prepare`, or a glob of them)")
+    if cfg.source == "latents" and not cfg.latents_path:
+        raise ValueError("data.latents.path: required with data.source='latents' (a folder "
+                         "written by `vdit encode`)")
+    if (cfg.source == "latents") != (cfg.size.compression != (1, 1, 1) or cfg.channels != 3):
+        raise ValueError(f"data.source={cfg.source!r} with autoencoder compression "
+                         f"{cfg.size.compression} and {cfg.channels} channels: latents "
+                         "(autoencoder.kind='latent') train from data.source='latents', pixels "
+                         "(autoencoder.kind='identity') from the other sources")
+    if cfg.source == "latents" and (cfg.frame_stride > 1 or cfg.max_fps > 0):
+        raise ValueError("data.frame_stride / data.max_fps: latents are encoded already; subsample "
+                         "frames when encoding (`vdit encode --frame_stride / --max_fps`)")
     if cfg.source == "tfds":
         for field in ("name", "split", "video_key"):
             if not getattr(cfg.tfds, field):
@@ -367,6 +454,11 @@ def make_source(cfg: PipelineConfig):
             raise ValueError(f"data.records.path={cfg.records_path!r}: the {len(shards)} shards "
                              "hold no records")
         return source
+    if cfg.source == "latents":
+        source = latents.LatentsSource(cfg.latents_path)
+        if len(source) == 0:
+            raise ValueError(f"data.latents.path={cfg.latents_path!r}: the shards hold no records")
+        return source
     if cfg.source == "tfds":
         source = TfdsVideos(cfg.tfds)
         if len(source) == 0:
@@ -377,11 +469,17 @@ def make_source(cfg: PipelineConfig):
     return SyntheticVideos(cfg.synthetic)
 
 
-def prepare_samples(ds: grain.MapDataset, cfg: PipelineConfig) -> grain.IterDataset:
+def prepare_samples(ds: grain.MapDataset, cfg: PipelineConfig,
+                    manifest: dict[str, Any] | None = None) -> grain.IterDataset:
     """Source elements -> per-sample packing inputs; rejected samples are logged, skipped, and
     counted in the next accepted sample's "stats" (so counts after the last accepted sample of a
-    finite dataset are only logged)."""
-    return _CountRejected(ds.random_map(_Prepare(cfg), seed=cfg.seed + 1).to_iter_dataset())
+    finite dataset are only logged). Latents (data.source="latents") need their folder's manifest."""
+    if cfg.source == "latents":
+        manifest = manifest or latents.read_manifest(cfg.latents_path)
+        prepare = _PrepareLatent(cfg, *latent_statistics(manifest, cfg))
+    else:
+        prepare = _Prepare(cfg)
+    return _CountRejected(ds.random_map(prepare, seed=cfg.seed + 1).to_iter_dataset())
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -391,8 +489,9 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
         raise ValueError(
             f"data.batch_rows={cfg.rows_per_batch} is not divisible by {process_count} processes"
         )
-    ds = grain.MapDataset.source(make_source(cfg)).shuffle(seed=cfg.seed).repeat(None)
-    it = prepare_samples(ds[process_index::process_count], cfg)
+    source = make_source(cfg)
+    ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat(None)
+    it = prepare_samples(ds[process_index::process_count], cfg, getattr(source, "manifest", None))
     pack_cfg = dataclasses.replace(cfg.packing, seed=cfg.packing.seed + process_index)
     it = packing.pack(it, pack_cfg, sample_features=("stats",))
     it = it.batch(cfg.rows_per_batch // process_count, drop_remainder=True)

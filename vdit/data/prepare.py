@@ -223,33 +223,6 @@ def _media_stems(files: list[str]) -> set[str]:
     return {stem for stem, ext in map(os.path.splitext, files) if ext.lower() in VIDEO_EXTS | IMAGE_EXTS}
 
 
-class _ShardWriter:
-    def __init__(self, out_dir: str, shard_size: int):
-        self.out_dir, self.shard_size = out_dir, shard_size
-        self.shards: list[dict[str, Any]] = []
-        self._writer = None
-
-    def write(self, record: bytes) -> tuple[int, int]:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self._writer is None:
-            name = records.shard_name(len(self.shards))
-            self._writer = ArrayRecordWriter(os.path.join(self.out_dir, name), records.WRITER_OPTIONS)
-            self.shards.append({"file": name, "records": 0})
-        self._writer.write(record)
-        shard = self.shards[-1]
-        shard["records"] += 1
-        where = (len(self.shards) - 1, shard["records"] - 1)
-        if shard["records"] == self.shard_size:
-            self.close()
-        return where
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
 def _sample(job: tuple[str, str, str, str], options: PrepareOptions) -> dict[str, Any]:
     """Decode and encode one file (in a worker process when options.workers > 0): the record and
     its sizes, or the reason it is skipped."""
@@ -315,7 +288,7 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
             caption, origin = "", "none"
         jobs.append((os.path.join(input_dir, rel), rel, caption, origin))
 
-    writer = _ShardWriter(out_dir, options.shard_size)
+    writer = records.ShardWriter(out_dir, options.shard_size)
     skipped: list[dict[str, str]] = []
     uncaptioned: list[str] = []
     caption_origin: Counter[str] = Counter()

@@ -41,8 +41,39 @@ SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access without decoding neighbours
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}{SHARD_SUFFIX}"
+def shard_name(i: int, prefix: str = "shard") -> str:
+    return f"{prefix}-{i:05d}{SHARD_SUFFIX}"
+
+
+class ShardWriter:
+    """Writes records in order into `out_dir/PREFIX-00000.array_record`, ... (`shard_size` records
+    each); `shards` lists {"file", "records"} of what was written."""
+
+    def __init__(self, out_dir: str, shard_size: int, prefix: str = "shard"):
+        self.out_dir, self.shard_size, self.prefix = out_dir, shard_size, prefix
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+
+    def write(self, record: bytes) -> tuple[int, int]:
+        """Appends one record; returns (shard number, index in the shard)."""
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None:
+            name = shard_name(len(self.shards), self.prefix)
+            self._writer = ArrayRecordWriter(os.path.join(self.out_dir, name), WRITER_OPTIONS)
+            self.shards.append({"file": name, "records": 0})
+        self._writer.write(record)
+        shard = self.shards[-1]
+        shard["records"] += 1
+        where = (len(self.shards) - 1, shard["records"] - 1)
+        if shard["records"] == self.shard_size:
+            self.close()
+        return where
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _encode_mp4(video: np.ndarray, fps: float) -> np.ndarray:

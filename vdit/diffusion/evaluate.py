@@ -8,6 +8,7 @@ Chance is 1/6 for colour and 1/4 for motion.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,6 +25,18 @@ class EvalSetup:
     steps: int = 25
     cfg_scale: float = 3.0
     text_len: int = 64
+    compression: tuple[int, int, int] = (1, 1, 1)  # the autoencoder's (time, height, width) factors
+    # latent (T, H, W, C) -> pixels (T', H', W', 3) in [-1, 1]; None: the latent is pixels (identity)
+    decode: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def latent_grid(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Pixel (frames, height, width) -> the latent grid sampled for it (a causal autoencoder
+        keeps 1 + (frames - 1) // ct latent frames; they decode to 1 + (t - 1) * ct frames)."""
+        (frames, height, width), (ct, ch, cw) = shape, self.compression
+        if height % ch or width % cw:
+            raise ValueError(f"{height}x{width} is not a multiple of the autoencoder's spatial "
+                             f"compression {ch}x{cw}")
+        return (frames if ct == 1 else 1 + (frames - 1) // ct, height // ch, width // cw)
 
 
 def prompts(n: int, seed: int = 1234, image_fraction: float = 0.0) -> list[str]:
@@ -44,12 +57,17 @@ def prompts(n: int, seed: int = 1234, image_fraction: float = 0.0) -> list[str]:
 
 def generate(graphdef, params, captions: list[str], shape: tuple[int, int, int], setup: EvalSetup,
              seed: int = 0) -> list[np.ndarray]:
-    """Pixel-space samples (uint8 (T, H, W, 3)) for each caption at (frames, height, width)."""
-    reqs = [sampler.SampleRequest(p, shape, seed=seed + i) for i, p in enumerate(captions)]
+    """Pixel-space samples (uint8 (T, H, W, 3)) for each caption at (frames, height, width); latent
+    models sample the latent grid of that size and decode it with `setup.decode`."""
+    grid = setup.latent_grid(tuple(shape))
+    if setup.compression != (1, 1, 1) and setup.decode is None:
+        raise ValueError("autoencoder.vae: a latent model needs its VAE work directory to turn "
+                         "samples into pixels")
+    reqs = [sampler.SampleRequest(p, grid, seed=seed + i) for i, p in enumerate(captions)]
     lat = sampler.sample(graphdef, params, reqs, patch=setup.patch, channels=setup.channels,
                          flow_cfg=setup.flow_cfg, steps=setup.steps, cfg_scale=setup.cfg_scale,
                          text_len=setup.text_len)
-    return [to_uint8(x) for x in lat]
+    return [to_uint8(setup.decode(x) if setup.decode else x) for x in lat]
 
 
 def evaluate(graphdef, params, setup: EvalSetup, n: int = 48,

@@ -28,12 +28,12 @@ import ml_collections
 import numpy as np
 
 from vdit import aot, configlib, flops
-from vdit.data import pipeline
+from vdit.data import latents, pipeline
 from vdit.parallel import distributed
 from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.metrics import MetricsWriter, progress_bar
-from vdit.train.samples import write_sample_grid
+from vdit.train.samples import check_vae, write_sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     peak *= len(devices)
 
     data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
+    if c.data.source == "latents":  # the decoder of the sample grid must be the encoding VAE
+        check_vae(c, latents.read_manifest(c.data.latents.path))
     data_iter = iter(data)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
                         keep=tc.keep_checkpoints)

@@ -2,21 +2,56 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from vdit import configlib
 from vdit.data import detector
 from vdit.data.video_io import tile, upscale, write_video
 from vdit.diffusion.evaluate import EvalSetup, generate
 
+log = logging.getLogger(__name__)
+
 
 def eval_setup(c: ml_collections.ConfigDict) -> EvalSetup:
+    """Sampling settings of config `c`; a latent model decodes with the VAE of `autoencoder.vae`
+    (no decoder when it is empty: `generate` then refuses)."""
     return EvalSetup(patch=configlib.patch_size(c), channels=c.autoencoder.channels,
                      flow_cfg=configlib.flow_config(c), steps=c.sample.steps,
-                     cfg_scale=c.sample.cfg_scale, text_len=c.model.text.max_len)
+                     cfg_scale=c.sample.cfg_scale, text_len=c.model.text.max_len,
+                     compression=tuple(c.autoencoder.compression), decode=decoder(c))
+
+
+def decoder(c: ml_collections.ConfigDict):
+    """The latent -> pixels function of a latent config (None for pixel space or without a VAE)."""
+    ae = c.autoencoder
+    if ae.kind != "latent" or not ae.get("vae", ""):
+        return None
+    from vdit.train.vae_train import latent_decoder
+
+    step = ae.get("vae_step", -1)
+    return latent_decoder(ae.vae, None if step < 0 else step)
+
+
+def check_vae(c: ml_collections.ConfigDict, manifest: dict) -> None:
+    """Refuses a VAE (autoencoder.vae) other than the one the latents were encoded with: its latent
+    statistics or compression differ from the manifest's."""
+    dec = decoder(c)
+    if dec is None:
+        return
+    v, model = manifest["vae"], dec.model
+    same = (tuple(v["compression"]) == tuple(model.cfg.compression)
+            and np.allclose(v["latent_mean"], np.asarray(model.latent_mean[...]), atol=1e-6)
+            and np.allclose(v["latent_std"], np.asarray(model.latent_std[...]), atol=1e-6))
+    if not same:
+        raise ValueError(f"autoencoder.vae={c.autoencoder.vae!r} (step "
+                         f"{c.autoencoder.get('vae_step', -1)}) is not the VAE the latents at "
+                         f"data.latents.path were encoded with ({v['workdir']!r}, step {v['step']}): "
+                         "its compression or latent statistics differ; set autoencoder.vae_step")
 
 
 def write_sample_grid(c: ml_collections.ConfigDict, trainer, state, workdir: str, step: int,
@@ -24,6 +59,9 @@ def write_sample_grid(c: ml_collections.ConfigDict, trainer, state, workdir: str
     """Sample `c.sample.grid_prompts` (seed 0) with the EMA (or raw) params; write an MP4 grid."""
     prompts = list(c.sample.grid_prompts)
     if not prompts:
+        return {}
+    if c.autoencoder.kind == "latent" and not c.autoencoder.get("vae", ""):
+        log.warning("no sample grid: autoencoder.vae names no VAE to decode latents with")
         return {}
     params = state["ema"] if c.sample.use_ema else state["params"]
     videos = generate(trainer.graphdef, params, prompts, tuple(c.sample.grid_shape), eval_setup(c))

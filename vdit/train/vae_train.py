@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -346,6 +347,25 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     ckpt.close()
     writer.close()
     return last
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_vae(workdir: str, step: int | None):
+    return load_vae(workdir, step)
+
+
+def latent_decoder(workdir: str, step: int | None = None, chunk_latents: int = 4):
+    """The pixels of normalised latents, as DiT samples are: a function latent (t, h, w, Z) ->
+    video (1 + (t - 1) * ct, h * ch, w * cw, 3) in [-1, 1] that undoes the VAE's latent statistics
+    and decodes in temporal chunks (bounded memory for any length). The VAE is loaded once."""
+    _, model = _cached_vae(os.fspath(workdir), step)
+
+    def decode(latent: np.ndarray) -> np.ndarray:
+        z = model.denormalize(jnp.asarray(latent, jnp.float32))[None]
+        return np.asarray(vae.decode_chunked(model, z, chunk_latents)[0])
+
+    decode.model = model
+    return decode
 
 
 def load_vae(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = True):
