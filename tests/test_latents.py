@@ -220,3 +220,27 @@ def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
     manifest["vae"]["latent_mean"] = [v + 1.0 for v in manifest["vae"]["latent_mean"]]
     with pytest.raises(ValueError, match="autoencoder.vae"):
         check_vae(config, manifest)
+
+
+def test_the_encode_command(setup, tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        return subprocess.run([sys.executable, "-m", "vdit.cli", "encode", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "lat"
+    proc = run(f"--vae={setup['vae']}", f"--input={setup['records']}", f"--out={out}",
+               "--latent_patch=1,2,2", "--max_tokens=20", "--chunk_frames=2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # clip b (24 tokens at full size) is downscaled under the cap instead of being lost
+    assert summary["written"] == 4 and summary["skipped"] == 2
+    got = _read(out)
+    assert "downscaled" in got["clip b"]["events"]
+    assert np.prod(got["clip b"]["mean"].shape[:3]) // 4 <= 20
+    assert "skip record 2: decode_error" in proc.stderr
+    proc = run(f"--vae={tmp_path}", f"--input={setup['records']}", f"--out={tmp_path / 'x'}")
+    assert proc.returncode != 0 and "no checkpoints folder" in proc.stderr
