@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tiny import ROOT, load_config_module, tiny_config
 
-from vdit import configlib
-from vdit.data import encode, latents, packing, pipeline, records
+from vdit import configlib, encode
+from vdit.data import latents, packing, pipeline, records
 from vdit.models.text import detokenize
 from vdit.train import vae_train
 

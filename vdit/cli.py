@@ -246,7 +246,7 @@ def _prepare() -> None:
 def _encode() -> None:
     import jax
 
-    from vdit.data import encode
+    from vdit import encode
     from vdit.parallel import distributed
 
     if not flags.FLAGS["out"].present:

@@ -35,6 +35,8 @@ import numpy as np
 from flax import nnx
 
 from vdit.data import latents, pipeline, records
+from vdit.train.checkpoint import Checkpointer
+from vdit.train.vae_train import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,6 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
     """Encode this process's share of the records at `input_path` into `out_dir`; returns the
     manifest (written as out_dir/manifest.json by a single process; by several, each writes its part
     and `merge_manifests` joins them)."""
-    from vdit.train.checkpoint import Checkpointer
-    from vdit.train.vae_train import load_vae
-
     shards = records.find_shards(input_path)
     if not shards:
         raise ValueError(f"--input={input_path!r}: no shards (*{records.SHARD_SUFFIX}); write them "
