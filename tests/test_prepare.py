@@ -339,6 +339,41 @@ def test_training_reads_a_tfds_dataset(tfds_dir):
     assert {detokenize(s["text"]) for s in samples} == set(by_caption)
 
 
+def test_tfds_mock_data_feeds_training():
+    """TFDS's own mock data (`tfds.testing.mock_data`, random examples of a registered builder's
+    features, no files): the source reads them and the pipeline packs them."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class VditMockClips(tfds.core.GeneratorBasedBuilder):  # registered: tfds.data_source finds it
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "video": tfds.features.Tensor(shape=(None, 16, 24, 3), dtype=np.uint8,
+                                              encoding="zlib"),
+                "label": tfds.features.ClassLabel(names=TFDS_CAPTIONS),
+            }))
+
+        def _split_generators(self, dl_manager):
+            raise AssertionError("mock data is generated, never prepared")
+
+        def _generate_examples(self):
+            raise AssertionError("mock data is generated, never prepared")
+
+    cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_mock_clips",
+                           "tfds.caption_key": "label"})
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = pipeline.make_source(cfg)
+        assert len(source) == 6
+        frames = [source[i]["video"].shape for i in range(6)]
+        batch = next(iter(pipeline.build(cfg)))
+    assert all(f[1:] == (16, 24, 3) and f[0] >= 1 for f in frames)
+    samples = _unpacked(batch)
+    assert len(samples) >= 2 and {detokenize(s["text"]) for s in samples} <= set(TFDS_CAPTIONS)
+    stats = batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
+    assert all(stats[pipeline.STATS.index(f"rejected_{r}")] == 0 for r in pipeline.REJECTS)
+
+
 def test_a_shard_that_is_not_array_record_names_the_field(tmp_path):
     (tmp_path / records.shard_name(0)).write_bytes(b"interrupted write, no footer")
     cfg = _pipeline_cfg(**{"source": "records", "records.path": str(tmp_path)})
