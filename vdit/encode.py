@@ -119,12 +119,15 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
         raise ValueError(f"--vae={vae_workdir!r}: no checkpoints folder (a VAE work directory of "
                          "`vdit train --config=configs/vae.py`)")
     os.makedirs(out_dir, exist_ok=True)
-    if process_index == 0:
-        used = [f for f in os.listdir(out_dir) if f.endswith(records.SHARD_SUFFIX)
-                or f.startswith("manifest")]
-        if used:
-            raise ValueError(f"--out={out_dir!r} already holds {sorted(used)[:3]}; choose an empty "
-                             "folder")
+    prefix = "shard" if process_count == 1 else f"shard-p{process_index:03d}"
+    part = (latents.MANIFEST if process_count == 1
+            else f"manifest-p{process_index:03d}-of-{process_count:03d}.json")
+    used = [f for f in os.listdir(out_dir)  # this process's names: peers may be writing theirs
+            if (f.startswith(prefix + "-") and f.endswith(records.SHARD_SUFFIX))
+            or f in (part, latents.MANIFEST)]
+    if used:
+        raise ValueError(f"--out={out_dir!r} already holds {sorted(used)[:3]}; choose an empty "
+                         "folder")
     if vae_step is None:
         with Checkpointer(os.path.join(vae_workdir, "checkpoints"), save_every=1, keep=None) as c:
             vae_step = c.latest_step()
@@ -134,7 +137,6 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
     devices = list(devices or jax.local_devices())
     replicas = _replicas(model, devices)
 
-    prefix = "shard" if process_count == 1 else f"shard-p{process_index:03d}"
     writer = records.ShardWriter(out_dir, options.shard_size, prefix)
     skipped: list[dict[str, Any]] = []
     written = tokens = 0
@@ -206,9 +208,7 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
                     for k, v in dataclasses.asdict(options).items()},
         "processes": process_count,
     }
-    name = (latents.MANIFEST if process_count == 1
-            else f"manifest-p{process_index:03d}-of-{process_count:03d}.json")
-    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, part), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
 
