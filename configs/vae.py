@@ -1,4 +1,5 @@
-"""The causal 3D VAE (video compression network), trained on procedural videos and images on CPU.
+"""The causal 3D VAE (video compression network), trained on procedural videos and images on CPU
+(or camera pans across photos, or prepared real videos: data.source).
 
     vdit train --config=configs/vae.py --workdir=runs/vae
     vdit train --config=configs/vae.py --config.train.steps=50 --workdir=runs/vae-quick
@@ -42,16 +43,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.kl_weight = 1e-4  # KL(posterior || N(0, 1)) per latent element
     c.loss.sample_posterior = True  # decode a posterior sample (False: the mean, an autoencoder)
 
-    # --- Data: procedural videos and images at native sizes, one shape per step.
+    # --- Data: videos and images at native sizes, one shape per step (vdit/data/vae_data.py).
     c.data = ml_collections.ConfigDict()
     c.data.seed = 0  # training stream; batch k is a function of (seed, k), so resume is exact
+    # "synthetic" (procedural) | "pan" (camera pans across the scikit-image sample photos of
+    # vdit.data.pan.TRAIN; needs scikit-image) | "mixed" (each sample a pan with probability
+    # pan_fraction, else procedural) | "records" (real videos: shards written by `vdit prepare`)
+    c.data.source = "synthetic"
+    c.data.pan_fraction = 0.5  # "mixed": share of pan samples
+    c.data.records = ml_collections.ConfigDict()
+    # "records": a folder of *.array_record shards or a glob. Per sample: a random window of the
+    # step's duration, the largest crop of the step's aspect ratio (random position) area-resized
+    # to the step's size. Records that do not decode, are too short or would need upsampling are
+    # skipped (counted as data_skipped in the metrics). The last data.eval_samples records are
+    # held out for evaluation (eval_psnr_records / eval_ssim_records) and never trained on.
+    c.data.records.path = ""
     c.data.frame_choices = (5, 9, 17)  # video durations; ct=4 keeps 1 + 4k frames (others trimmed)
     c.data.image_fraction = 0.3  # share of steps that train on images (one-frame videos)
     c.data.size_choices = ((16, 16), (16, 32), (32, 16), (32, 32), (24, 40))  # (H, W), multiples of 8
     c.data.batch_size = 4  # samples per step (all of the step's shape)
     c.data.max_pixels = 4 * 17 * 32 * 32  # cap on batch * frames * H * W: larger shapes take fewer
     c.data.eval_seed = 1_000_003  # held-out stream for PSNR / SSIM and the written videos
-    c.data.eval_samples = 8  # held-out samples evaluated at every eval
+    # held-out samples evaluated at every eval (per set: procedural as eval_psnr / eval_ssim; with
+    # "pan" / "mixed" also pans across the held-out photos as eval_psnr_pan / eval_ssim_pan)
+    c.data.eval_samples = 8
 
     # --- Optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) and EMA.
     c.optim = ml_collections.ConfigDict()

@@ -215,6 +215,9 @@ def vae_tiny_config() -> ml_collections.ConfigDict:
     (lambda c: setattr(c.data, "max_pixels", 100), "data.max_pixels"),
     (lambda c: setattr(c.data, "image_fraction", 2.0), "data.image_fraction"),
     (lambda c: setattr(c.train, "video_samples", 9), "train.video_samples"),
+    (lambda c: setattr(c.data, "source", "web"), "data.source"),
+    (lambda c: setattr(c.data, "pan_fraction", -0.1), "data.pan_fraction"),
+    (lambda c: setattr(c.data, "source", "records"), "data.records.path"),
     (lambda c: setattr(c.mesh, "data", 3), "mesh"),
     (lambda c: setattr(c, "kind", "gan"), "kind"),
 ])
@@ -282,3 +285,34 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["mixed", "records"])
+def test_training_on_photos_and_records_logs_their_metrics(tmp_path, source):
+    pytest.importorskip("skimage")
+    from test_vae_data import flat_video, write_shards
+
+    from vdit.train.loop import train_and_evaluate
+    from vdit.train.metrics import read_metrics
+
+    c = vae_tiny_config()
+    c.vae.channel_mults = (1,)
+    c.vae.temporal_down = ()
+    c.data.source = source
+    if source == "records":
+        rng = np.random.default_rng(0)
+        videos = [rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8) for _ in range(6)]
+        c.data.records.path = write_shards(tmp_path / "shards", videos + [flat_video(9)],
+                                           corrupt={1})
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.eval_every = 4
+    c.train.checkpoint_every = 4
+    out = train_and_evaluate(c, str(tmp_path / "run"))
+    rows = read_metrics(tmp_path / "run")
+    assert np.isfinite(out["eval_psnr"]) and 0 < out["eval_ssim"] <= 1  # procedural, always
+    name = "pan" if source == "mixed" else "records"
+    assert np.isfinite(out[f"eval_psnr_{name}"]) and 0 < out[f"eval_ssim_{name}"] <= 1
+    if source == "records":
+        assert sum(r["data_skipped"] for r in rows if "data_skipped" in r) > 0

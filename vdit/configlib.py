@@ -14,6 +14,7 @@ import ml_collections
 from vdit.data import packing, pipeline
 from vdit.data.synthetic import SyntheticConfig
 from vdit.data.tfds_source import TfdsConfig
+from vdit.data.vae_data import SOURCES as VAE_SOURCES
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
 from vdit.models.text import TextEncoderConfig
@@ -239,6 +240,20 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     vc = vae_config(c)
     _, ch, cw = vc.compression
     d = c.data
+    # fields added after the first VAE checkpoints: their defaults, so older configs still load
+    if "source" not in d:
+        d.source = "synthetic"
+    if "pan_fraction" not in d:
+        d.pan_fraction = 0.5
+    if "records" not in d:
+        d.records = ml_collections.ConfigDict({"path": ""})
+    if d.source not in VAE_SOURCES:
+        _fail("data.source", f"{d.source!r} is not one of {VAE_SOURCES}")
+    if not 0 <= d.pan_fraction <= 1:
+        _fail("data.pan_fraction", f"{d.pan_fraction} is not in [0, 1]")
+    if d.source == "records" and not d.records.path:
+        _fail("data.records.path", "is empty; data.source='records' reads shards written by "
+              "`vdit prepare` (a folder or a glob)")
     if not d.size_choices:
         _fail("data.size_choices", "is empty")
     for hw in d.size_choices:

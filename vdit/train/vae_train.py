@@ -1,11 +1,13 @@
 """Training the causal VAE: `train_vae(config, workdir)` (what `vdit train` runs for `kind = "vae"`).
 
-    data: step k -> one batch of procedural videos (or images) of one native shape, a pure function of
-          (data.seed, k), so a resumed run sees the batches an uninterrupted one would
+    data: step k -> one batch of videos (or images) of one native shape, a pure function of
+          (data.seed, k), so a resumed run sees the batches an uninterrupted one would; procedural,
+          camera pans across photos, both, or prepared records (vdit/data/vae_data.py)
     step: L1 (+ L2) reconstruction of a posterior sample + KL, AdamW, EMA, NaN-step skip, jitted with
           explicit state shardings and donation (as the DiT's step)
-    eval: held-out PSNR / SSIM of the EMA model on posterior means, a side-by-side video
-          (input | reconstruction) in WORKDIR/samples/
+    eval: held-out PSNR / SSIM of the EMA model on posterior means (`eval_psnr` / `eval_ssim` on
+          procedural videos; `eval_*_pan` on pans across the held-out photos, `eval_*_records` on
+          the held-out records), a side-by-side video (input | reconstruction) in WORKDIR/samples/
     end:  per-channel latent mean / std over `train.stats_samples` samples, stored in the model state
           (`state["stats"]`) of the last checkpoint, for normalising DiT latents
 
@@ -30,7 +32,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vdit import configlib
-from vdit.data import synthetic
+from vdit.data.vae_data import (  # noqa: F401 (VAEDataConfig, batch_at, heldout: re-exported)
+    VAEDataConfig,
+    batch_at,
+    heldout,
+    heldout_sets,
+    sample_batch,
+)
 from vdit.data.video_io import tile, to_uint8, upscale, write_video
 from vdit.models import vae
 from vdit.parallel.mesh import MESH_AXES, make_mesh
@@ -42,45 +50,6 @@ from vdit.train.metrics import MetricsWriter, progress_bar
 log = logging.getLogger(__name__)
 
 State = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class VAEDataConfig:
-    seed: int = 0
-    frame_choices: tuple[int, ...] = (5, 9, 17)
-    image_fraction: float = 0.3
-    size_choices: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (32, 16), (32, 32))
-    batch_size: int = 4
-    max_pixels: int = 4 * 17 * 32 * 32
-
-
-def batch_at(cfg: VAEDataConfig, step: int, seed: int | None = None) -> np.ndarray:
-    """Batch `step` of the stream `seed` (default cfg.seed): float32 (B, T, H, W, 3) in [-1, 1].
-
-    One shape per batch, drawn from the choices (an image with probability image_fraction); the batch
-    holds min(batch_size, max_pixels // (T * H * W)) samples, so memory is bounded by max_pixels."""
-    rng = np.random.default_rng([cfg.seed if seed is None else seed, int(step)])
-    image = rng.random() < cfg.image_fraction
-    frames = 1 if image else int(rng.choice(cfg.frame_choices))
-    h, w = cfg.size_choices[int(rng.integers(len(cfg.size_choices)))]
-    n = max(1, min(cfg.batch_size, cfg.max_pixels // (frames * h * w)))
-    videos = []
-    for _ in range(n):
-        color = tuple(synthetic.COLORS)[int(rng.integers(len(synthetic.COLORS)))]
-        shape = synthetic.SHAPES[int(rng.integers(len(synthetic.SHAPES)))]
-        direction = (synthetic.STILL if image else
-                     synthetic.DIRECTIONS[int(rng.integers(len(synthetic.DIRECTIONS)))])
-        spec = synthetic.SampleSpec(color, shape, direction, frames, h, w)
-        videos.append(synthetic.render(spec, rng))
-    return np.stack(videos).astype(np.float32) / 127.5 - 1.0
-
-
-def heldout(cfg: VAEDataConfig, n: int, seed: int) -> list[np.ndarray]:
-    """`n` single-sample batches (1, T, H, W, 3) of the held-out stream `seed`."""
-    return [batch_at(dataclasses.replace(cfg, batch_size=1), i, seed) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +204,9 @@ def data_config(c: ml_collections.ConfigDict) -> VAEDataConfig:
     return VAEDataConfig(seed=d.seed, frame_choices=tuple(d.frame_choices),
                          image_fraction=d.image_fraction,
                          size_choices=tuple(tuple(s) for s in d.size_choices),
-                         batch_size=d.batch_size, max_pixels=d.max_pixels)
+                         batch_size=d.batch_size, max_pixels=d.max_pixels, source=d.source,
+                         pan_fraction=d.pan_fraction, records_path=d.records.path,
+                         eval_samples=d.eval_samples)
 
 
 def make_trainer(c: ml_collections.ConfigDict, devices=None) -> VAETrainer:
@@ -295,15 +266,17 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     else:
         state, start = trainer.init_state(), 0
 
-    eval_videos = heldout(dcfg, c.data.eval_samples, c.data.eval_seed)
+    eval_sets = heldout_sets(dcfg, c.data.eval_samples, c.data.eval_seed)
+    shown = eval_sets[next(k for k in ("records", "pan", "synthetic") if k in eval_sets)]
     step_fn = trainer.jit_train_step()
     writer = MetricsWriter(workdir)
     progress = progress_bar(start, tc.steps, tc.progress and jax.process_index() == 0)
-    pending, pixels, last = [], 0, {}
+    pending, pixels, skipped, last = [], 0, 0, {}
     t_last = time.perf_counter()
     for step in range(start, tc.steps):
-        batch = batch_at(dcfg, step)
+        batch, n_skipped = sample_batch(dcfg, step)
         pixels += batch.size // 3
+        skipped += n_skipped
         video = jax.device_put(batch, trainer.batch_sharding(batch.shape))
         state, metrics = step_fn(state, video)
         pending.append(metrics)
@@ -316,9 +289,11 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             last.update(lr=step_lib.learning_rate(trainer.optim_cfg, done),
                         skipped_steps=int(jax.device_get(state["skipped"])),
                         steps_per_s=len(fetched) / dt, pixels_per_s=pixels / dt)
+            if dcfg.source == "records":
+                last["data_skipped"] = skipped
             writer.write(done, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}")
-            pending, pixels, t_last = [], 0, time.perf_counter()
+            pending, pixels, skipped, t_last = [], 0, 0, time.perf_counter()
         if done == tc.steps:  # latent statistics of the final EMA model, saved with it
             model = trainer.model(state["ema"], state["stats"])
             mean, std = vae.latent_statistics(
@@ -330,13 +305,19 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             writer.write(done, {"latent_mean_abs": last["latent_mean_abs"],
                                 "latent_std": last["latent_std"]})
         if done % tc.eval_every == 0 or done == tc.steps:
-            scores, recons = evaluate(trainer.model(state["ema"], state["stats"]), eval_videos)
-            scores = {f"eval_{k}": v for k, v in scores.items()}
+            model = trainer.model(state["ema"], state["stats"])
+            scores = {}
+            for name, videos in eval_sets.items():
+                result, recons = evaluate(model, videos)
+                suffix = "" if name == "synthetic" else f"_{name}"
+                scores.update({f"eval_{k}{suffix}": v for k, v in result.items()})
+                if videos is shown:
+                    shown_recons = recons
             writer.write(done, scores)
             last.update(scores)
             if jax.process_index() == 0 and tc.video_samples:
-                grid = upscale(side_by_side(eval_videos[: tc.video_samples],
-                                            recons[: tc.video_samples]), 4)
+                grid = upscale(side_by_side(shown[: tc.video_samples],
+                                            shown_recons[: tc.video_samples]), 4)
                 write_video(os.path.join(workdir, "samples", f"vae_step_{done:07d}.mp4"), grid,
                             fps=tc.fps)
                 writer.write_video("reconstructions", done, grid, tc.fps)
