@@ -42,6 +42,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.l2_weight = 0.0  # reconstruction L2
     c.loss.kl_weight = 1e-4  # KL(posterior || N(0, 1)) per latent element
     c.loss.sample_posterior = True  # decode a posterior sample (False: the mean, an autoencoder)
+    # Adversarial term (off at 0, the default: no discriminator exists then, in the state or the
+    # checkpoint). > 0: from step disc_start on, the loss adds disc_weight * -mean D(recon) (a fixed
+    # weight; no adaptive LDM-style weighting) and the discriminator trains with a hinge loss.
+    c.loss.disc_weight = 0.0
+    c.loss.disc_start = 100  # step from which the adversarial term applies and D trains
+
+    # --- Patch discriminator (vdit/models/discriminator.py), used when loss.disc_weight > 0:
+    # disc.layers 3x3 stride-2 convolutions (LeakyReLU) of disc.channels * 2**i channels, then one
+    # logit per patch. Its parameters and Adam state are part of the train state (checkpointed,
+    # sharded by the same rules as the VAE's convolutions).
+    c.disc = ml_collections.ConfigDict()
+    c.disc.channels = 32  # channels of the first convolution (doubling per layer, capped at 8x)
+    c.disc.layers = 3  # stride-2 convolutions: one logit per 2**layers x 2**layers patch
+    c.disc.temporal_kernel = 1  # 1: each frame judged alone (2D); > 1: causal 3D convolutions
+    c.disc.lr = 1e-4  # constant learning rate of the discriminator's Adam
+    c.disc.b1 = 0.5
+    c.disc.b2 = 0.9
+    c.disc.grad_clip = 1.0  # global-norm clip of the discriminator's gradients
 
     # --- Data: videos and images at native sizes, one shape per step (vdit/data/vae_data.py).
     c.data = ml_collections.ConfigDict()

@@ -40,7 +40,7 @@ from vdit.data.vae_data import (  # noqa: F401 (VAEDataConfig, batch_at, heldout
     sample_batch,
 )
 from vdit.data.video_io import tile, to_uint8, upscale, write_video
-from vdit.models import vae
+from vdit.models import discriminator, vae
 from vdit.parallel.mesh import MESH_AXES, make_mesh
 from vdit.parallel.sharding import Rules, activation_sharding, logical_to_spec, param_shardings
 from vdit.train import step as step_lib
@@ -97,6 +97,16 @@ class LossConfig:
     l2_weight: float = 0.0
     kl_weight: float = 1e-4
     sample_posterior: bool = True
+    disc_weight: float = 0.0  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
+    disc_start: int = 0  # step from which the adversarial term applies and the discriminator trains
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscOptimConfig:
+    lr: float = 1e-4  # constant learning rate of the discriminator's Adam
+    b1: float = 0.5
+    b2: float = 0.9
+    grad_clip: float = 1.0  # global-norm clip
 
 
 @dataclasses.dataclass
@@ -109,6 +119,12 @@ class VAETrainer:
     mesh: Mesh
     rules: Rules
     seed: int = 0
+    disc_cfg: discriminator.DiscConfig = discriminator.DiscConfig()
+    disc_optim: DiscOptimConfig = DiscOptimConfig()
+
+    @property
+    def disc_on(self) -> bool:
+        return self.loss_cfg.disc_weight > 0
 
     def __post_init__(self):
         self.tx = step_lib.make_optimizer(self.optim_cfg)
@@ -116,25 +132,46 @@ class VAETrainer:
         self.graphdef, abstract_params, abstract_stats = nnx.split(abstract, nnx.Param, vae.LatentStat)
         self.param_shardings = param_shardings(abstract_params, self.rules, self.mesh)
         self.stats_shardings = param_shardings(abstract_stats, self.rules, self.mesh)
+        if self.disc_on:
+            o = self.disc_optim
+            self.disc_tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                                       optax.adam(o.lr, b1=o.b1, b2=o.b2))
+            abstract_d = nnx.eval_shape(self._disc)
+            self.disc_graphdef, abstract_dparams = nnx.split(abstract_d, nnx.Param)
+            self.disc_shardings = param_shardings(abstract_dparams, self.rules, self.mesh)
         self.abstract_state = jax.eval_shape(self._init)
         replicated = NamedSharding(self.mesh, P())
-        opt = optax.tree_utils.tree_map_params(
-            self.tx, lambda _, s: s, self.abstract_state["opt_state"], self.param_shardings,
-            transform_non_params=lambda _: replicated)
+        opt_shardings = lambda tx, opt_state, shardings: optax.tree_utils.tree_map_params(
+            tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated)
         self.state_shardings = {
-            "params": self.param_shardings, "opt_state": opt, "ema": self.param_shardings,
+            "params": self.param_shardings,
+            "opt_state": opt_shardings(self.tx, self.abstract_state["opt_state"],
+                                       self.param_shardings),
+            "ema": self.param_shardings,
             "stats": self.stats_shardings, "step": replicated, "skipped": replicated,
         }
+        if self.disc_on:
+            self.state_shardings["disc_params"] = self.disc_shardings
+            self.state_shardings["disc_opt_state"] = opt_shardings(
+                self.disc_tx, self.abstract_state["disc_opt_state"], self.disc_shardings)
+
+    def _disc(self) -> discriminator.PatchDiscriminator:
+        # its own stream of the seed: the VAE's parameters are those of a run without it
+        return discriminator.PatchDiscriminator(self.disc_cfg, rngs=nnx.Rngs(self.seed + 1))
 
     def _init(self) -> State:
         model = vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(self.seed))
         _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
         params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-        return {
+        state = {
             "params": params, "opt_state": self.tx.init(params),
             "ema": jax.tree.map(jnp.copy, params), "stats": stats,
             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
         }
+        if self.disc_on:
+            dparams = nnx.to_pure_dict(nnx.state(self._disc(), nnx.Param))
+            state.update(disc_params=dparams, disc_opt_state=self.disc_tx.init(dparams))
+        return state
 
     def init_state(self) -> State:
         """The initial state in its sharded layout. The model is built eagerly (its convolution
@@ -148,7 +185,7 @@ class VAETrainer:
         place = lambda tree, shardings: jax.tree.map(put, tree, shardings)
         params = place(nnx.to_pure_dict(params), self.param_shardings)
         sh = self.state_shardings
-        return {
+        state = {
             "params": params,
             "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
             "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh["ema"])(params),
@@ -156,6 +193,13 @@ class VAETrainer:
             "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
             "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
         }
+        if self.disc_on:
+            dparams = place(nnx.to_pure_dict(nnx.state(self._disc(), nnx.Param)),
+                            self.disc_shardings)
+            state["disc_params"] = dparams
+            state["disc_opt_state"] = jax.jit(self.disc_tx.init,
+                                              out_shardings=sh["disc_opt_state"])(dparams)
+        return state
 
     def abstract_sharded_state(self) -> State:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -168,7 +212,11 @@ class VAETrainer:
         names = ("batch",) + (None,) * (len(shape) - 1)
         return NamedSharding(self.mesh, logical_to_spec(names, self.rules, self.mesh, shape))
 
-    def loss_fn(self, params, stats, video, step):
+    def disc(self, disc_params: dict) -> discriminator.PatchDiscriminator:
+        return nnx.merge(self.disc_graphdef, disc_params)
+
+    def _reconstruction(self, params, stats, video, step):
+        """(loss, metrics, reconstruction, target) of the reconstruction + KL objective."""
         lc = self.loss_cfg
         model = self.model(params, stats)
         key = jax.random.fold_in(jax.random.key(self.seed), step) if lc.sample_posterior else None
@@ -178,15 +226,62 @@ class VAETrainer:
         l2 = jnp.mean(jnp.square(recon - target))
         kl = vae.kl_divergence(mean, logvar)
         loss = lc.l1_weight * l1 + lc.l2_weight * l2 + lc.kl_weight * kl
-        return loss, {"l1": l1, "l2": l2, "kl": kl, "psnr": psnr(recon, target)}
+        return loss, {"l1": l1, "l2": l2, "kl": kl, "psnr": psnr(recon, target)}, recon, target
+
+    def loss_fn(self, params, stats, video, step):
+        loss, aux, _, _ = self._reconstruction(params, stats, video, step)
+        return loss, aux
+
+    def _gan_loss_fn(self, params, stats, disc_params, video, step):
+        """The generator's loss with the adversarial term -mean D(recon), weighted by disc_weight
+        from disc_start on (by exactly 0 before: the loss is the reconstruction one)."""
+        loss, aux, recon, target = self._reconstruction(params, stats, video, step)
+        g_adv = -jnp.mean(self.disc(disc_params)(recon))
+        on = step >= self.loss_cfg.disc_start
+        loss = loss + jnp.where(on, self.loss_cfg.disc_weight, 0.0) * g_adv
+        return loss, ({**aux, "g_adv": g_adv}, recon, target)
+
+    def _disc_update(self, state: State, real: jax.Array, fake: jax.Array):
+        """Hinge-loss step of the discriminator on the step's videos and their reconstructions
+        (held fixed); applied from disc_start on, when its loss and gradients are finite."""
+        def d_loss_fn(dp):
+            d = self.disc(dp)
+            real_logits, fake_logits = d(real), d(fake)
+            loss = discriminator.hinge_d_loss(real_logits, fake_logits)
+            return loss, {"d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
+
+        dp, dopt = state["disc_params"], state["disc_opt_state"]
+        (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(dp)
+        d_norm = optax.global_norm(d_grads)
+        updates, new_opt = self.disc_tx.update(d_grads, dopt, dp)
+        new_dp = optax.apply_updates(dp, updates)
+        active = ((state["step"] >= self.loss_cfg.disc_start) & jnp.isfinite(d_loss)
+                  & jnp.isfinite(d_norm))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+        return keep(new_dp, dp), keep(new_opt, dopt), {
+            "d_loss": d_loss, "d_grad_norm": d_norm, "disc_active": active.astype(jnp.float32),
+            **d_aux}
 
     def train_step(self, state: State, video: jax.Array) -> tuple[State, dict]:
+        if self.disc_on:
+            return self._gan_train_step(state, video)
         with activation_sharding(self.mesh, self.rules):
             (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
                 state["params"], state["stats"], video, state["step"])
         new_state, grad_norm, _ = step_lib.guarded_update(self.tx, self.optim_cfg.ema_decay, state,
                                                           grads, loss)
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+
+    def _gan_train_step(self, state: State, video: jax.Array) -> tuple[State, dict]:
+        with activation_sharding(self.mesh, self.rules):
+            (loss, (aux, recon, target)), grads = jax.value_and_grad(
+                self._gan_loss_fn, has_aux=True)(state["params"], state["stats"],
+                                                 state["disc_params"], video, state["step"])
+            dp, dopt, d_aux = self._disc_update(state, target, jax.lax.stop_gradient(recon))
+        new_state, grad_norm, _ = step_lib.guarded_update(self.tx, self.optim_cfg.ema_decay, state,
+                                                          grads, loss)
+        new_state = {**new_state, "disc_params": dp, "disc_opt_state": dopt}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **aux, **d_aux}
 
     def jit_train_step(self):
         """Jitted step; retraced once per batch shape (the shapes are the finite data choices)."""
@@ -196,7 +291,16 @@ class VAETrainer:
 
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
     return LossConfig(l1_weight=c.loss.l1_weight, l2_weight=c.loss.l2_weight,
-                      kl_weight=c.loss.kl_weight, sample_posterior=c.loss.sample_posterior)
+                      kl_weight=c.loss.kl_weight, sample_posterior=c.loss.sample_posterior,
+                      disc_weight=c.loss.disc_weight, disc_start=c.loss.disc_start)
+
+
+def disc_config(c: ml_collections.ConfigDict) -> tuple[discriminator.DiscConfig, DiscOptimConfig]:
+    d = c.disc
+    return (discriminator.DiscConfig(channels=d.channels, layers=d.layers,
+                                     temporal_kernel=d.temporal_kernel, dtype=c.vae.dtype,
+                                     param_dtype=c.vae.param_dtype),
+            DiscOptimConfig(lr=d.lr, b1=d.b1, b2=d.b2, grad_clip=d.grad_clip))
 
 
 def data_config(c: ml_collections.ConfigDict) -> VAEDataConfig:
@@ -211,8 +315,10 @@ def data_config(c: ml_collections.ConfigDict) -> VAEDataConfig:
 
 def make_trainer(c: ml_collections.ConfigDict, devices=None) -> VAETrainer:
     mesh = make_mesh({a: c.mesh[a] for a in MESH_AXES}, devices, c.mesh.get("dcn_data", 1))
+    disc_cfg, disc_optim = disc_config(c)
     return VAETrainer(configlib.vae_config(c), loss_config(c), step_lib.optim_config(c), mesh,
-                      tuple(tuple(r) for r in c.sharding.rules), seed=c.seed)
+                      tuple(tuple(r) for r in c.sharding.rules), seed=c.seed, disc_cfg=disc_cfg,
+                      disc_optim=disc_optim)
 
 
 # ----------------------------------------------------------------------------------------------------
