@@ -43,10 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.kl_weight = 1e-4  # KL(posterior || N(0, 1)) per latent element
     c.loss.sample_posterior = True  # decode a posterior sample (False: the mean, an autoencoder)
     # Adversarial term (off at 0, the default: no discriminator exists then, in the state or the
-    # checkpoint). > 0: from step disc_start on, the loss adds disc_weight * -mean D(recon) (a fixed
-    # weight; no adaptive LDM-style weighting) and the discriminator trains with a hinge loss.
+    # checkpoint). > 0: from step disc_start on, the loss adds disc_weight * -mean D(recon) and the
+    # discriminator trains with a hinge loss.
     c.loss.disc_weight = 0.0
     c.loss.disc_start = 100  # step from which the adversarial term applies and D trains
+    # True: disc_weight is also scaled by LDM's adaptive weight |grad rec| / (|grad adv| + 1e-4)
+    # (gradient norms at the decoder's last convolution kernel, clipped to [0, 1e4])
+    c.loss.disc_adaptive = False
 
     # --- Patch discriminator (vdit/models/discriminator.py), used when loss.disc_weight > 0:
     # disc.layers 3x3 stride-2 convolutions (LeakyReLU) of disc.channels * 2**i channels, then one

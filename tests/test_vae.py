@@ -444,3 +444,32 @@ def test_resumed_training_with_the_discriminator_equals_uninterrupted(tmp_path):
     assert "disc_params" in full and "disc_opt_state" in full
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
+    """The adaptive weight (autodiff through the last layer only) == the norms of the last kernel's
+    entries of the full gradients; the step's loss uses disc_weight * adaptive * g_adv."""
+    c = disc_tiny_config(disc_weight=0.5, disc_start=0)
+    c.loss.disc_adaptive = True
+    on = _one_device_trainer(c)
+    state = on.init_state()
+    d = vae_train.data_config(configlib.load(disc_tiny_config(), 1))
+    video = jnp.asarray(vae_train.batch_at(d, 0))
+    args = (state["stats"], state["disc_params"], video, state["step"])
+
+    @jax.jit
+    def both(params):
+        last = lambda g: g["decoder"]["conv_out"]["kernel"]
+        g_rec = last(jax.grad(lambda p: on._gan_parts(p, *args)[4])(params))
+        g_adv = last(jax.grad(lambda p: on._gan_parts(p, *args)[5])(params))
+        loss, _, _, _, _, adv = on._gan_parts(params, *args)
+        return (on.adaptive_weight(params, *args),
+                jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), loss, adv)
+
+    w, expected, loss, adv = both(state["params"])
+    assert float(w) == pytest.approx(float(expected), rel=1e-4)
+    assert 0 < float(w) < 1e4
+    _, m = jax.jit(on.train_step)(state, video)
+    assert float(m["adaptive_weight"]) == pytest.approx(float(w), rel=1e-4)
+    assert float(m["loss"]) == pytest.approx(float(loss) + 0.5 * float(w) * float(adv), rel=1e-4)

@@ -237,6 +237,8 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
         c.loss.disc_weight = 0.0
     if "disc_start" not in c.loss:
         c.loss.disc_start = 0
+    if "disc_adaptive" not in c.loss:
+        c.loss.disc_adaptive = False
     if "disc" not in c:
         c.disc = ml_collections.ConfigDict({"channels": 32, "layers": 3, "temporal_kernel": 1,
                                             "lr": 1e-4, "b1": 0.5, "b2": 0.9, "grad_clip": 1.0})

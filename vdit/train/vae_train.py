@@ -99,6 +99,7 @@ class LossConfig:
     sample_posterior: bool = True
     disc_weight: float = 0.0  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
     disc_start: int = 0  # step from which the adversarial term applies and the discriminator trains
+    disc_adaptive: bool = False  # scale disc_weight by |grad rec| / |grad adv| at the last layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,14 +233,42 @@ class VAETrainer:
         loss, aux, _, _ = self._reconstruction(params, stats, video, step)
         return loss, aux
 
+    def _gan_parts(self, params, stats, disc_params, video, step):
+        """(reconstruction + KL loss, metrics, recon, target, reconstruction-only loss, g_adv)."""
+        lc = self.loss_cfg
+        loss, aux, recon, target = self._reconstruction(params, stats, video, step)
+        rec = lc.l1_weight * aux["l1"] + lc.l2_weight * aux["l2"]
+        g_adv = -jnp.mean(self.disc(disc_params)(recon))
+        return loss, aux, recon, target, rec, g_adv
+
+    def adaptive_weight(self, params, stats, disc_params, video, step) -> jax.Array:
+        """LDM's adaptive weight |d rec / dW| / (|d g_adv / dW| + 1e-4), clipped to [0, 1e4], W the
+        decoder's last convolution kernel (rec: the L1 + L2 reconstruction loss, without KL). Only
+        W varies, so autodiff goes back through the last layer, not the whole network."""
+        def part(i):
+            def f(kernel):
+                conv_out = {**params["decoder"]["conv_out"], "kernel": kernel}
+                p = {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
+                return self._gan_parts(p, stats, disc_params, video, step)[i]
+            return jnp.linalg.norm(jax.grad(f)(params["decoder"]["conv_out"]["kernel"]))
+
+        w = part(4) / (part(5) + 1e-4)
+        return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4))
+
     def _gan_loss_fn(self, params, stats, disc_params, video, step):
         """The generator's loss with the adversarial term -mean D(recon), weighted by disc_weight
-        from disc_start on (by exactly 0 before: the loss is the reconstruction one)."""
-        loss, aux, recon, target = self._reconstruction(params, stats, video, step)
-        g_adv = -jnp.mean(self.disc(disc_params)(recon))
-        on = step >= self.loss_cfg.disc_start
-        loss = loss + jnp.where(on, self.loss_cfg.disc_weight, 0.0) * g_adv
-        return loss, ({**aux, "g_adv": g_adv}, recon, target)
+        (times the adaptive weight with loss.disc_adaptive) from disc_start on; by exactly 0 before,
+        where the loss is the reconstruction one."""
+        lc = self.loss_cfg
+        loss, aux, recon, target, _, g_adv = self._gan_parts(params, stats, disc_params, video,
+                                                              step)
+        weight = jnp.asarray(lc.disc_weight, jnp.float32)
+        extra = {"g_adv": g_adv}
+        if lc.disc_adaptive:
+            adaptive = self.adaptive_weight(params, stats, disc_params, video, step)
+            weight, extra["adaptive_weight"] = weight * adaptive, adaptive
+        loss = loss + jnp.where(step >= lc.disc_start, weight, 0.0) * g_adv
+        return loss, ({**aux, **extra}, recon, target)
 
     def _disc_update(self, state: State, real: jax.Array, fake: jax.Array):
         """Hinge-loss step of the discriminator on the step's videos and their reconstructions
@@ -292,7 +321,8 @@ class VAETrainer:
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
     return LossConfig(l1_weight=c.loss.l1_weight, l2_weight=c.loss.l2_weight,
                       kl_weight=c.loss.kl_weight, sample_posterior=c.loss.sample_posterior,
-                      disc_weight=c.loss.disc_weight, disc_start=c.loss.disc_start)
+                      disc_weight=c.loss.disc_weight, disc_start=c.loss.disc_start,
+                      disc_adaptive=c.loss.disc_adaptive)
 
 
 def disc_config(c: ml_collections.ConfigDict) -> tuple[discriminator.DiscConfig, DiscOptimConfig]:
