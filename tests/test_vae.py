@@ -215,6 +215,12 @@ def vae_tiny_config() -> ml_collections.ConfigDict:
     (lambda c: setattr(c.data, "max_pixels", 100), "data.max_pixels"),
     (lambda c: setattr(c.data, "image_fraction", 2.0), "data.image_fraction"),
     (lambda c: setattr(c.train, "video_samples", 9), "train.video_samples"),
+    (lambda c: setattr(c.data, "source", "web"), "data.source"),
+    (lambda c: setattr(c.data, "pan_fraction", -0.1), "data.pan_fraction"),
+    (lambda c: setattr(c.data, "source", "records"), "data.records.path"),
+    (lambda c: setattr(c.loss, "disc_weight", -1.0), "loss.disc_weight"),
+    (lambda c: setattr(c.disc, "layers", 0), "disc.layers"),
+    (lambda c: setattr(c.disc, "b1", 1.0), "disc.b1"),
     (lambda c: setattr(c.mesh, "data", 3), "mesh"),
     (lambda c: setattr(c, "kind", "gan"), "kind"),
 ])
@@ -282,3 +288,188 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["mixed", "records"])
+def test_training_on_photos_and_records_logs_their_metrics(tmp_path, source):
+    pytest.importorskip("skimage")
+    from test_vae_data import flat_video, write_shards
+
+    from vdit.train.loop import train_and_evaluate
+    from vdit.train.metrics import read_metrics
+
+    c = vae_tiny_config()
+    c.vae.channel_mults = (1,)
+    c.vae.temporal_down = ()
+    c.data.source = source
+    if source == "records":
+        rng = np.random.default_rng(0)
+        videos = [rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8) for _ in range(6)]
+        c.data.records.path = write_shards(tmp_path / "shards", videos + [flat_video(9)],
+                                           corrupt={1})
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.eval_every = 4
+    c.train.checkpoint_every = 4
+    out = train_and_evaluate(c, str(tmp_path / "run"))
+    rows = read_metrics(tmp_path / "run")
+    assert np.isfinite(out["eval_psnr"]) and 0 < out["eval_ssim"] <= 1  # procedural, always
+    name = "pan" if source == "mixed" else "records"
+    assert np.isfinite(out[f"eval_psnr_{name}"]) and 0 < out[f"eval_ssim_{name}"] <= 1
+    if source == "records":
+        assert sum(r["data_skipped"] for r in rows if "data_skipped" in r) > 0
+
+
+def disc_tiny_config(disc_weight=0.5, disc_start=1) -> ml_collections.ConfigDict:
+    c = vae_tiny_config()
+    c.vae.channel_mults = (1,)  # one level: the quickest network to compile
+    c.vae.temporal_down = ()
+    c.loss.disc_weight = disc_weight
+    c.loss.disc_start = disc_start
+    c.disc.channels = 4
+    c.disc.layers = 2
+    c.disc.lr = 1e-2
+    return c
+
+
+def _one_device_trainer(c):
+    with c.unlocked():
+        c.mesh.data = 1
+    return vae_train.make_trainer(configlib.load(c, 1), jax.devices()[:1])
+
+
+def test_no_discriminator_state_when_the_weight_is_0():
+    c = disc_tiny_config(disc_weight=0.0)
+    trainer = _one_device_trainer(c)
+    assert set(trainer.abstract_state) == {"params", "opt_state", "ema", "stats", "step",
+                                           "skipped"}
+    with_disc = _one_device_trainer(disc_tiny_config())
+    assert set(with_disc.abstract_state) - set(trainer.abstract_state) == {"disc_params",
+                                                                           "disc_opt_state"}
+    assert with_disc.disc(with_disc.abstract_state["disc_params"]) is not None
+
+
+@pytest.mark.slow
+def test_discriminator_waits_for_disc_start_then_trains():
+    """disc_start=1: step 0 is the no-discriminator step (same loss, same update, discriminator
+    untouched); at step 1 the loss adds disc_weight * g_adv and the discriminator changes."""
+    on = _one_device_trainer(disc_tiny_config(disc_weight=0.5, disc_start=1))
+    off = _one_device_trainer(disc_tiny_config(disc_weight=0.0))
+    d = vae_train.data_config(configlib.load(disc_tiny_config(), 1))
+    step_on, step_off = jax.jit(on.train_step), jax.jit(off.train_step)
+    s_on, s_off = on.init_state(), off.init_state()
+    for a, b in zip(jax.tree.leaves(s_on["params"]), jax.tree.leaves(s_off["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    disc0 = jax.device_get(s_on["disc_params"])
+
+    video = jnp.asarray(vae_train.batch_at(d, 0))
+    s_on, m_on = step_on(s_on, video)
+    s_off, m_off = step_off(s_off, video)
+    assert float(m_on["loss"]) == pytest.approx(float(m_off["loss"]), rel=1e-6)
+    assert np.isfinite(float(m_on["d_loss"])) and float(m_on["disc_active"]) == 0.0
+    for a, b in zip(jax.tree.leaves(s_on["params"]), jax.tree.leaves(s_off["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_on["disc_params"]), jax.tree.leaves(disc0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+    video = jnp.asarray(vae_train.batch_at(d, 1))
+    s_on, m_on = step_on(s_on, video)
+    s_off, m_off = step_off(s_off, video)
+    assert float(m_on["disc_active"]) == 1.0 and np.isfinite(float(m_on["d_loss"]))
+    assert float(m_on["loss"]) == pytest.approx(
+        float(m_off["loss"]) + 0.5 * float(m_on["g_adv"]), rel=1e-4, abs=1e-5)
+    assert abs(float(m_on["g_adv"])) > 1e-4  # the adversarial term is there
+    # every kernel moves (the last bias's hinge gradient is exactly 0 while every logit is within
+    # the margins: -P(real < 1) + P(fake > -1) = -1 + 1)
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(s_on["disc_params"]))[0]
+    kernels = [(leaf, b) for (path, leaf), b in zip(flat, jax.tree.leaves(disc0), strict=True)
+               if "kernel" in jax.tree_util.keystr(path)]
+    assert len(kernels) == 3 and all(np.abs(a - b).max() > 0 for a, b in kernels)
+    assert int(s_on["step"]) == 2 and int(s_on["skipped"]) == 0
+
+
+def test_patch_discriminator_shapes_and_hinge_loss():
+    from vdit.models import discriminator
+
+    cfg = discriminator.DiscConfig(channels=4, layers=2)
+    d = discriminator.PatchDiscriminator(cfg, rngs=nnx.Rngs(0))
+    x = _video(30, (2, 3, 16, 24, 3))
+    logits = d(x)
+    assert logits.shape == (2, 3, 4, 6) and logits.dtype == jnp.float32
+    # per frame (temporal_kernel=1): changing frame 1 changes no other frame's logits
+    y = d(x.at[:, 1].set(0.0))
+    np.testing.assert_array_equal(np.asarray(y[:, [0, 2]]), np.asarray(logits[:, [0, 2]]))
+    assert np.abs(np.asarray(y[:, 1] - logits[:, 1])).max() > 0
+    # causal 3D: a frame's logits see earlier frames, never later ones
+    d3 = discriminator.PatchDiscriminator(
+        discriminator.DiscConfig(channels=4, layers=2, temporal_kernel=2), rngs=nnx.Rngs(0))
+    a, b = d3(x), d3(x.at[:, 1].set(0.0))
+    np.testing.assert_array_equal(np.asarray(a[:, 0]), np.asarray(b[:, 0]))
+    assert np.abs(np.asarray(a[:, 2] - b[:, 2])).max() > 0
+    hinge = discriminator.hinge_d_loss
+    assert float(hinge(jnp.array([2.0, 0.5]), jnp.array([-3.0, 0.0]))) == pytest.approx(
+        (0.0 + 0.5) / 2 + (0.0 + 1.0) / 2)
+
+
+def _final_state(workdir, c):
+    from vdit.train.checkpoint import Checkpointer
+
+    trainer = vae_train.make_trainer(configlib.load(c, 8))
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=None) as ckpt:
+        state, step = ckpt.restore(trainer.abstract_sharded_state())
+    return jax.device_get(state), step
+
+
+@pytest.mark.slow
+def test_resumed_training_with_the_discriminator_equals_uninterrupted(tmp_path):
+    """disc_start=2, 3 + resume + 3 steps == 6: VAE, discriminator and both optimizer states."""
+    from vdit.train.loop import train_and_evaluate
+
+    c = disc_tiny_config(disc_weight=0.5, disc_start=2)
+    with c.unlocked():
+        c.train.steps = 6
+        c.train.log_every = 3
+        c.train.eval_every = 6
+        c.train.checkpoint_every = 3
+    out = train_and_evaluate(c, str(tmp_path / "full"))
+    assert np.isfinite(out["d_loss"]) and out["disc_active"] == 1.0
+    c.train.steps = 3
+    train_and_evaluate(c, str(tmp_path / "resumed"))
+    c.train.steps = 6
+    train_and_evaluate(c, str(tmp_path / "resumed"))
+    full, step = _final_state(tmp_path / "full", c)
+    resumed, step_r = _final_state(tmp_path / "resumed", c)
+    assert step == step_r == 6 and set(full) == set(resumed)
+    assert "disc_params" in full and "disc_opt_state" in full
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
+    """The adaptive weight (autodiff through the last layer only) == the norms of the last kernel's
+    entries of the full gradients; the step's loss uses disc_weight * adaptive * g_adv."""
+    c = disc_tiny_config(disc_weight=0.5, disc_start=0)
+    c.loss.disc_adaptive = True
+    on = _one_device_trainer(c)
+    state = on.init_state()
+    d = vae_train.data_config(configlib.load(disc_tiny_config(), 1))
+    video = jnp.asarray(vae_train.batch_at(d, 0))
+    args = (state["stats"], state["disc_params"], video, state["step"])
+
+    @jax.jit
+    def both(params):
+        last = lambda g: g["decoder"]["conv_out"]["kernel"]
+        g_rec = last(jax.grad(lambda p: on._gan_parts(p, *args)[4])(params))
+        g_adv = last(jax.grad(lambda p: on._gan_parts(p, *args)[5])(params))
+        loss, _, _, _, _, adv = on._gan_parts(params, *args)
+        return (on.adaptive_weight(params, *args),
+                jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), loss, adv)
+
+    w, expected, loss, adv = both(state["params"])
+    assert float(w) == pytest.approx(float(expected), rel=1e-4)
+    assert 0 < float(w) < 1e4
+    _, m = jax.jit(on.train_step)(state, video)
+    assert float(m["adaptive_weight"]) == pytest.approx(float(w), rel=1e-4)
+    assert float(m["loss"]) == pytest.approx(float(loss) + 0.5 * float(w) * float(adv), rel=1e-4)

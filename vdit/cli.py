@@ -202,6 +202,9 @@ def _params() -> None:
 
         trainer = make_vae_trainer(c)
         rows = describe(trainer.abstract_state["params"], trainer.param_shardings)
+        if trainer.disc_on:  # loss.disc_weight > 0: the patch discriminator's too
+            rows += [(f"disc/{name}", shape, spec) for name, shape, spec in
+                     describe(trainer.abstract_state["disc_params"], trainer.disc_shardings)]
         print(f"mesh {dict(trainer.mesh.shape)}")
         for name, shape, spec in rows:
             print(f"{name:60s} {str(shape):24s} {spec}")

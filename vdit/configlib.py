@@ -14,6 +14,7 @@ import ml_collections
 from vdit.data import packing, pipeline
 from vdit.data.synthetic import SyntheticConfig
 from vdit.data.tfds_source import TfdsConfig
+from vdit.data.vae_data import SOURCES as VAE_SOURCES
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
 from vdit.models.text import TextEncoderConfig
@@ -243,14 +244,48 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
         _fail("vae.pad_mode", f"{v.pad_mode!r} is not one of {PAD_MODES}")
     if v.temporal_kernel < 2:
         _fail("vae.temporal_kernel", f"{v.temporal_kernel} must be >= 2")
-    for field in ("l1_weight", "l2_weight", "kl_weight"):
+    # fields added after the first VAE checkpoints: their defaults, so older configs still load
+    if "disc_weight" not in c.loss:
+        c.loss.disc_weight = 0.0
+    if "disc_start" not in c.loss:
+        c.loss.disc_start = 0
+    if "disc_adaptive" not in c.loss:
+        c.loss.disc_adaptive = False
+    if "disc" not in c:
+        c.disc = ml_collections.ConfigDict({"channels": 32, "layers": 3, "temporal_kernel": 1,
+                                            "lr": 1e-4, "b1": 0.5, "b2": 0.9, "grad_clip": 1.0})
+    for field in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "disc_start"):
         if c.loss[field] < 0:
             _fail(f"loss.{field}", f"{c.loss[field]} must be >= 0")
     if c.loss.l1_weight == 0 and c.loss.l2_weight == 0:
         _fail("loss.l1_weight", "l1_weight and l2_weight are both 0: nothing to reconstruct")
+    for field in ("channels", "layers", "temporal_kernel"):
+        if c.disc[field] < 1:
+            _fail(f"disc.{field}", f"{c.disc[field]} must be >= 1")
+    if not c.disc.lr > 0:
+        _fail("disc.lr", f"{c.disc.lr} must be > 0")
+    for field in ("b1", "b2"):
+        if not 0 <= c.disc[field] < 1:
+            _fail(f"disc.{field}", f"{c.disc[field]} is not in [0, 1)")
+    if not c.disc.grad_clip > 0:
+        _fail("disc.grad_clip", f"{c.disc.grad_clip} must be > 0")
     vc = vae_config(c)
     _, ch, cw = vc.compression
     d = c.data
+    # fields added after the first VAE checkpoints: their defaults, so older configs still load
+    if "source" not in d:
+        d.source = "synthetic"
+    if "pan_fraction" not in d:
+        d.pan_fraction = 0.5
+    if "records" not in d:
+        d.records = ml_collections.ConfigDict({"path": ""})
+    if d.source not in VAE_SOURCES:
+        _fail("data.source", f"{d.source!r} is not one of {VAE_SOURCES}")
+    if not 0 <= d.pan_fraction <= 1:
+        _fail("data.pan_fraction", f"{d.pan_fraction} is not in [0, 1]")
+    if d.source == "records" and not d.records.path:
+        _fail("data.records.path", "is empty; data.source='records' reads shards written by "
+              "`vdit prepare` (a folder or a glob)")
     if not d.size_choices:
         _fail("data.size_choices", "is empty")
     for hw in d.size_choices:
