@@ -1,9 +1,14 @@
-"""Reconstruction quality of the causal VAE on held-out procedural videos: trained vs untrained vs a
-trivial baseline at the same compression.
+"""Reconstruction quality of the causal VAE on held-out procedural videos and on camera pans across
+held-out real photographs: trained vs untrained vs a trivial baseline at the same compression.
 
     python bench/vae.py                       # trains configs/vae.py briefly, then prints the table
     python bench/vae.py --steps=600 --workdir=runs/vae-bench
     python bench/vae.py --workdir=runs/vae    # evaluate an existing run (trains on if short of --steps)
+    python bench/vae.py --source=synthetic    # train on procedural videos only (default: mixed)
+
+Held-out sets: `synthetic` (procedural samples of a seed training never uses) and `pan` (camera pans
+across the scikit-image photos of `vdit.data.pan.HELDOUT`, which training never sees; the trained
+model's pans come from the other photos when `--source` is `pan` or `mixed`).
 
 Rows:
 - `vae (trained, EMA)`: configs/vae.py trained `--steps` steps on this machine (decode of the mean)
@@ -20,6 +25,7 @@ averaged over `--samples` held-out samples (a seed the training never sees).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -87,7 +93,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--size", type=int, nargs=2, default=(32, 32))
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16, help="held-out samples per set")
+    ap.add_argument("--source", default="mixed", choices=("synthetic", "pan", "mixed"),
+                    help="training data (data.source of configs/vae.py)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vae.json"))
     args = ap.parse_args()
 
@@ -99,14 +107,15 @@ def main() -> None:
     c.train.eval_every = args.steps
     c.train.checkpoint_every = args.steps
     c.train.progress = False
+    c.data.source = args.source
     workdir = args.workdir or tempfile.mkdtemp(prefix="vae-bench-")
     t0 = time.perf_counter()
     last = vae_train.train_vae(c, workdir)
     train_s = time.perf_counter() - t0
 
     c = configlib.load(c)
-    dcfg = vae_train.data_config(c)
-    videos = vae_train.heldout(dcfg, args.samples, c.data.eval_seed + 7)
+    dcfg = dataclasses.replace(vae_train.data_config(c), source="pan")
+    sets = vae_train.heldout_sets(dcfg, args.samples, c.data.eval_seed + 7)
     _, trained = vae_train.load_vae(workdir)
     untrained = vae.CausalVAE3D(configlib.vae_config(c), rngs=nnx.Rngs(c.seed))
     comp = trained.cfg.compression
@@ -117,18 +126,24 @@ def main() -> None:
         ("pool + nearest", lambda v: pool_baseline(trained.check_video(v), comp, "nearest")),
         ("pool + trilinear", lambda v: pool_baseline(trained.check_video(v), comp, "trilinear")),
     ]:
-        p, s = scores([fn(v) for v in videos], videos)
-        rows.append({"method": name, "psnr": p, "ssim": s})
+        row = {"method": name}
+        for set_name, videos in sets.items():
+            p, s_ = scores([fn(v) for v in videos], videos)
+            row[f"{set_name}_psnr"], row[f"{set_name}_ssim"] = p, s_
+        rows.append(row)
 
+    videos = sets["synthetic"]
     n_img = sum(v.shape[1] == 1 for v in videos)
-    print(f"held-out: {len(videos)} samples ({n_img} images, {len(videos) - n_img} videos of "
-          f"{args.frames} frames), {args.size[0]}x{args.size[1]}; compression {comp}, "
-          f"{trained.cfg.latent_channels} latent channels; trained {args.steps} steps in "
-          f"{train_s:.0f} s (train-batch PSNR at the end {last.get('psnr', float('nan')):.2f} dB)\n")
-    print("| method | PSNR (dB) | SSIM |")
-    print("|---|---|---|")
+    print(f"held-out per set: {len(videos)} samples ({n_img} images, {len(videos) - n_img} videos "
+          f"of {args.frames} frames), {args.size[0]}x{args.size[1]}; compression {comp}, "
+          f"{trained.cfg.latent_channels} latent channels; trained {args.steps} steps on "
+          f"data.source={args.source} in {train_s:.0f} s (train-batch PSNR at the end "
+          f"{last.get('psnr', float('nan')):.2f} dB)\n")
+    print("| method | synthetic PSNR (dB) | synthetic SSIM | photo pans PSNR (dB) | photo pans SSIM |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
+        print(f"| {r['method']} | {r['synthetic_psnr']:.2f} | {r['synthetic_ssim']:.3f} | "
+              f"{r['pan_psnr']:.2f} | {r['pan_ssim']:.3f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "train_seconds": train_s, "rows": rows}, f, indent=1)
