@@ -3,7 +3,8 @@ matched size on this CPU: train-step time and encode time.
 
     pip install -e '.[bench]'       # torch and diffusers (see BUILD.md for the CPU-only torch wheel)
     python bench/vae_torch.py                   # base 32, 17 frames at 32x32 (~5 min on 2 cores)
-    python bench/vae_torch.py --frames 17 33 --size 64 64   # longer and larger (~1 min per step)
+    python bench/vae_torch.py --frames 33                   # a longer video (~7 min)
+    python bench/vae_torch.py --frames 17 33 --size 64 64   # larger: several times slower
 
 Both networks are randomly initialised (no weights are downloaded) at the same shape: 4x8x8
 compression to `--latent-channels`, channels `base * (1, 2, 4, 4)`, `--blocks` ResNet blocks per
