@@ -198,6 +198,7 @@ def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
     assert 0.7 < float(np.median(ratio)) < 1.3
 
 
+@pytest.mark.slow
 def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
     from vdit.diffusion.evaluate import generate
     from vdit.train.checkpoint import restore_for_inference
