@@ -153,7 +153,8 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
             lat = next(iter(arrays.values())).shape
             record = latents.encode_record(
                 arrays, pixel_shape=video.shape[:3], events=events, caption=element["caption"],
-                fps=float(element.get("fps", 0.0)) / _stride(element, options),
+                fps=float(element.get("fps", 0.0)) / pipeline.fps_stride(
+                    element, options.frame_stride, options.max_fps),
                 source=str(element.get("source", "")), index=index)
             writer.write(record)
             written += 1
@@ -211,14 +212,6 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
     with open(os.path.join(out_dir, part), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
-
-
-def _stride(element: dict[str, Any], options: EncodeOptions) -> int:
-    """The frame-rate subsampling `fit_video` applied (for the frame rate of the encoded frames)."""
-    stride = options.frame_stride
-    if options.max_fps > 0 and "fps" in element:
-        stride = max(stride, int(np.ceil(float(element["fps"]) / options.max_fps - 1e-9)))
-    return stride if element["video"].shape[0] > 1 else 1
 
 
 def merge_manifests(out_dir: str, process_count: int) -> dict[str, Any]:

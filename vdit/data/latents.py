@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from vdit.data import records
+
 FORMAT = "vdit-latent-npz-1"
 STORES = ("moments", "sample")
 MANIFEST = "manifest.json"
@@ -102,38 +104,30 @@ def read_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-class LatentsSource:
+class LatentsSource(records.ShardSource):
     """Random-access source over a latents folder (a grain MapDataset source).
 
-    Elements are {"mean", "logvar" (None when one sample was stored), "events", "caption", "index"}
-    plus "fps" when known; a record that fails to read gives {"decode_error": message, "index"}.
+    Elements are {"mean", "logvar" (None when one sample was stored), "events", "caption", "source",
+    "index"} plus "fps" when known; a record that fails to read gives {"decode_error": message,
+    "index"}.
     """
 
-    def __init__(self, path: str):
-        import grain
+    kind = "latent record"
 
+    def __init__(self, path: str):
         self.manifest = read_manifest(path)
-        self.paths = [os.path.join(path, s["file"]) for s in self.manifest["shards"]]
-        if not self.paths:
+        paths = [os.path.join(path, s["file"]) for s in self.manifest["shards"]]
+        if not paths:
             raise ValueError(f"data.latents.path={path!r}: the manifest lists no shards "
                              f"({self.manifest.get('skipped_count', 0)} samples were skipped)")
-        missing = [p for p in self.paths if not os.path.isfile(p)]
+        missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"data.latents.path={path!r}: shards listed in the manifest are "
                              f"missing: {[os.path.basename(p) for p in missing[:3]]}")
-        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+        super().__init__(paths)
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"latent record {index} out of range [0, {len(self)})")
-        try:
-            r = decode_record(self._records[index])
-        except Exception as e:  # a corrupt chunk in the shard, or a malformed record
-            return {"index": index, "decode_error": f"latent record {index}: {type(e).__name__}: {e}"}
+    def element(self, data: bytes, index: int) -> dict[str, Any]:
+        r = decode_record(data)
         element = {"mean": r["mean"], "logvar": r["logvar"], "events": r["events"],
                    "caption": r["caption"], "source": r["source"], "index": index}
         if r["fps"] > 0:

@@ -321,16 +321,23 @@ def fit_video(element: dict[str, Any], size: SizePolicy, frame_stride: int = 1,
     if video.dtype != np.uint8:
         raise Rejected("bad_shape", f"expected uint8 frames, got {video.dtype}")
     events = []
-    stride = frame_stride
-    if max_fps > 0 and "fps" in element:
-        stride = max(stride, math.ceil(float(element["fps"]) / max_fps - 1e-9))
-    if stride > 1 and video.shape[0] > 1:
+    stride = fps_stride(element, frame_stride, max_fps)
+    if stride > 1:
         video = video[::stride]
         events.append("fps_subsampled")
     t, h, w, _ = video.shape
     plan = size.plan(t, h, w)
     video = resize_video(video[plan.frame_indices(t)], plan.height, plan.width)
     return video, [*events, *plan.events]
+
+
+def fps_stride(element: dict[str, Any], frame_stride: int = 1, max_fps: float = 0.0) -> int:
+    """The frame-rate subsampling `fit_video` applies to a source element: every `frame_stride`-th
+    frame, or coarser for a source whose "fps" is over `max_fps`; 1 for an image."""
+    stride = frame_stride
+    if max_fps > 0 and "fps" in element:
+        stride = max(stride, math.ceil(float(element["fps"]) / max_fps - 1e-9))
+    return stride if np.shape(element["video"])[0] > 1 else 1
 
 
 def sample_tokens(latent: np.ndarray, caption: str, events, cfg: PipelineConfig,

@@ -152,13 +152,12 @@ def find_shards(path: str) -> list[str]:
     return sorted(p for p in glob.glob(path) if os.path.isfile(p))
 
 
-class RecordsSource:
-    """Random-access source over prepared shards (a grain MapDataset source: __len__, __getitem__).
+class ShardSource:
+    """Random access to the records of ArrayRecord shards (a grain MapDataset source: __len__,
+    __getitem__). Subclasses turn record bytes into an element (`element`); a record that fails to
+    read or decode becomes `failed(index, message)` instead of raising."""
 
-    Elements are {"video" uint8 (T, H, W, 3), "caption", "source", "index"} plus "fps" when the
-    source's frame rate is known; a record that fails to read or decode gives
-    {"video": None, "caption": "", "index", "decode_error": message}.
-    """
+    kind = "record"  # the word error messages use for one record
 
     def __init__(self, paths: list[str]):
         import grain
@@ -174,17 +173,34 @@ class RecordsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         if not 0 <= index < len(self):
-            raise IndexError(f"record {index} out of range [0, {len(self)})")
+            raise IndexError(f"{self.kind} {index} out of range [0, {len(self)})")
         try:
-            record = decode_record(self._records[index])
+            return self.element(self._records[index], index)
         except Exception as e:  # a corrupt chunk in the shard, or a malformed record
-            return {"video": None, "caption": "", "index": index,
-                    "decode_error": f"record {index}: {type(e).__name__}: {e}"}
+            return self.failed(index, f"{self.kind} {index}: {type(e).__name__}: {e}")
+
+    def element(self, data: bytes, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def failed(self, index: int, message: str) -> dict[str, Any]:
+        return {"index": index, "decode_error": message}
+
+
+class RecordsSource(ShardSource):
+    """Prepared video shards. Elements are {"video" uint8 (T, H, W, 3), "caption", "source",
+    "index"} plus "fps" when the source's frame rate is known; a record that fails to read or decode
+    gives {"video": None, "caption": "", "index", "decode_error": message}."""
+
+    def element(self, data: bytes, index: int) -> dict[str, Any]:
+        record = decode_record(data)
         element = {"video": record["video"], "caption": record["caption"],
                    "source": record["source"], "index": index}
         if record["fps"] > 0:
             element["fps"] = record["fps"]
         return element
+
+    def failed(self, index: int, message: str) -> dict[str, Any]:
+        return {"video": None, "caption": "", **super().failed(index, message)}
 
     def __repr__(self) -> str:
         return f"RecordsSource({len(self.paths)} shards, {len(self)} records)"
