@@ -26,3 +26,4 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check vdit tests bench configs
+	$(VENV)/bin/ruff format --check vdit tests bench configs

@@ -122,14 +122,21 @@ def main(argv: list[str] | None = None) -> int:
             flops[name] = {
                 "segments": int(seg.max()),
                 "useful": useful_attention_flops(seg, seg, h, d),
-                "splash": executed_attention_flops_splash(seg, seg, h, d, block_q=blk, block_kv=blk),
-                "chunked": executed_attention_flops_chunked(seg, seg, h, d, block_q=blk, block_kv=blk),
+                "splash": executed_attention_flops_splash(
+                    seg, seg, h, d, block_q=blk, block_kv=blk
+                ),
+                "chunked": executed_attention_flops_chunked(
+                    seg, seg, h, d, block_q=blk, block_kv=blk
+                ),
             }
         for impl in IMPLS:
             compiled = compile_step(impl, mesh, length, args)
             records.append({"length": length, "impl": impl, "flops": flops, **compiled})
-            print(f"# L={length} {impl}: compiled in {compiled['compile_s']:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"# L={length} {impl}: compiled in {compiled['compile_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     print(
         f"\ntopology={args.topology} ({mesh.size} devices, one row each), H={h}, D={d}, "
@@ -151,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['temp_bytes'] / 2**20:,.1f} | {r['mosaic_calls']} | {r['compile_s']:.1f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"topology": args.topology, "heads": h, "head_dim": d, "block": blk,
-            "clip_min": args.clip_min, "clip_max": args.clip_max, "jax_version": jax.__version__}
+    meta = {
+        "topology": args.topology,
+        "heads": h,
+        "head_dim": d,
+        "block": blk,
+        "clip_min": args.clip_min,
+        "clip_max": args.clip_max,
+        "jax_version": jax.__version__,
+    }
     args.out.write_text(json.dumps({"config": meta, "results": records}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0

@@ -36,13 +36,18 @@ def main() -> None:
     shape = tuple(config.sample.grid_shape)
     rows = []
     t0 = time.perf_counter()
-    for name, params in (("trained (EMA)", state["ema"]), ("trained (raw)", state["params"]),
-                         ("initialisation", trainer.init_state()["params"])):
+    for name, params in (
+        ("trained (EMA)", state["ema"]),
+        ("trained (raw)", state["params"]),
+        ("initialisation", trainer.init_state()["params"]),
+    ):
         s = evaluate(trainer.graphdef, params, setup, n=args.num, shape=shape, seed=args.seed)
         rows.append({"model": name, **s})
     elapsed = time.perf_counter() - t0
-    print(f"step {int(jax.device_get(state['step']))}, {args.num} prompts at {shape} (frames, H, W), "
-          f"{setup.steps} Euler steps, CFG {setup.cfg_scale}; {elapsed:.0f} s")
+    print(
+        f"step {int(jax.device_get(state['step']))}, {args.num} prompts at {shape} (frames, H, W), "
+        f"{setup.steps} Euler steps, CFG {setup.cfg_scale}; {elapsed:.0f} s"
+    )
     print("| model | colour accuracy | motion accuracy |")
     print("|---|---|---|")
     print("| chance | 0.167 | 0.250 |")

@@ -56,8 +56,16 @@ def time_compile(c, devices) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.py:XL/2")
-    ap.add_argument("--set", nargs="*", default=["data.row_len=256", "data.max_tokens_per_sample=256",
-                                                 "data.batch_rows=2", "data.text_len=64"])
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[
+            "data.row_len=256",
+            "data.max_tokens_per_sample=256",
+            "data.batch_rows=2",
+            "data.text_len=64",
+        ],
+    )
     ap.add_argument("--depths", nargs="+", type=int, default=[4, 28])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--topology", default="local")
@@ -75,26 +83,35 @@ def main() -> None:
         c.model.depth = depth
         c = configlib.load(c, len(devices), plan_only=True)
         times = [time_compile(c, devices) for _ in range(args.runs)]
-        rows.append({
-            "depth": depth, "width": c.model.width, "scan_layers": c.model.scan_layers,
-            "lower_s": statistics.median(t["lower"] for t in times),
-            "compile_s": statistics.median(t["compile"] for t in times),
-            "runs": times,
-        })
+        rows.append(
+            {
+                "depth": depth,
+                "width": c.model.width,
+                "scan_layers": c.model.scan_layers,
+                "lower_s": statistics.median(t["lower"] for t in times),
+                "compile_s": statistics.median(t["compile"] for t in times),
+                "runs": times,
+            }
+        )
     base = rows[0]["lower_s"] + rows[0]["compile_s"]
     target = f"{len(devices)} x {devices[0].device_kind} ({args.topology})"
-    print(f"train-step compile time vs depth, {args.config} {' '.join(args.set)}, on {target}, "
-          f"median of {args.runs}\n")
+    print(
+        f"train-step compile time vs depth, {args.config} {' '.join(args.set)}, on {target}, "
+        f"median of {args.runs}\n"
+    )
     print("| depth | width | scanned | lower (s) | compile (s) | total (s) | vs first |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         total = r["lower_s"] + r["compile_s"]
-        print(f"| {r['depth']} | {r['width']} | {r['scan_layers']} | {r['lower_s']:.1f} | "
-              f"{r['compile_s']:.1f} | {total:.1f} | {total / base:.2f} |")
+        print(
+            f"| {r['depth']} | {r['width']} | {r['scan_layers']} | {r['lower_s']:.1f} | "
+            f"{r['compile_s']:.1f} | {total:.1f} | {total / base:.2f} |"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": args.config, "set": args.set, "target": target, "rows": rows}, f,
-                  indent=1)
+        json.dump(
+            {"config": args.config, "set": args.set, "target": target, "rows": rows}, f, indent=1
+        )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def batch_for(lengths: list[int], length: int, channels: int, seed: int) -> dict
     start = 0
     for n in lengths:  # each clip a (t, 16, 16)-token video, in raster order
         idx = np.arange(n)
-        positions[0, start:start + n] = np.stack([idx // 256, idx // 16 % 16, idx % 16], -1)
+        positions[0, start : start + n] = np.stack([idx // 256, idx // 16 % 16, idx % 16], -1)
         start += n
     tseg = np.repeat(np.arange(1, s + 1, dtype=np.int32), TEXT)[None]
     return {
@@ -75,14 +75,27 @@ def batch_for(lengths: list[int], length: int, channels: int, seed: int) -> dict
 
 
 def run(args: argparse.Namespace, remat: str) -> dict:
-    text = TextEncoderConfig(kind="bytes", max_len=TEXT, width=64, depth=1, heads=2,
-                             attn_impl="chunked")
-    cfg = DiTConfig(width=args.width, depth=args.depth, heads=args.heads, patch=(1, 2, 2),
-                    channels=4, text=text, attn_impl="chunked", attn_block=args.attn_block,
-                    remat=remat)
-    trainer = step_lib.Trainer(cfg, FlowConfig(), step_lib.OptimConfig(total_steps=100),
-                               make_mesh({"data": 1}, jax.devices()[:1]),
-                               tuple(tuple(r) for r in default_rules()))
+    text = TextEncoderConfig(
+        kind="bytes", max_len=TEXT, width=64, depth=1, heads=2, attn_impl="chunked"
+    )
+    cfg = DiTConfig(
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        patch=(1, 2, 2),
+        channels=4,
+        text=text,
+        attn_impl="chunked",
+        attn_block=args.attn_block,
+        remat=remat,
+    )
+    trainer = step_lib.Trainer(
+        cfg,
+        FlowConfig(),
+        step_lib.OptimConfig(total_steps=100),
+        make_mesh({"data": 1}, jax.devices()[:1]),
+        tuple(tuple(r) for r in default_rules()),
+    )
     lengths = row_layout(args.row_len, args.layout, args.clip_min, args.clip_max, args.seed)
     batch = batch_for(lengths, args.row_len, cfg.channels, args.seed)
     shardings = trainer.batch_shardings({k: batch[k].ndim for k in pipeline.DEVICE_KEYS})
@@ -101,14 +114,20 @@ def run(args: argparse.Namespace, remat: str) -> dict:
     heads, dim = cfg.heads, cfg.width // cfg.heads
     seg = batch["segment_ids"]
     return {
-        "remat": remat, "row_len": args.row_len, "layout": args.layout, "segments": len(lengths),
-        "compile_s": compile_s, "step_s": float(np.median(times)), "losses": losses,
+        "remat": remat,
+        "row_len": args.row_len,
+        "layout": args.layout,
+        "segments": len(lengths),
+        "compile_s": compile_s,
+        "step_s": float(np.median(times)),
+        "losses": losses,
         "finite": bool(np.isfinite(losses).all()),
         "argument_gib": mem.argument_size_in_bytes / 2**30,
         "temp_gib": mem.temp_size_in_bytes / 2**30,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "attention_executed_over_useful": executed_attention_flops_chunked(
-            seg, seg, heads, dim, block_q=args.attn_block, block_kv=args.attn_block)
+            seg, seg, heads, dim, block_q=args.attn_block, block_kv=args.attn_block
+        )
         / useful_attention_flops(seg, seg, heads, dim),
     }
 
@@ -132,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     for remat in args.remat:  # peak RSS is for the process so far: run the lighter policy first
         results.append(run(args, remat))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    print("\n| row tokens | layout | samples | remat | compile s | step s | loss finite | "
-          "args GiB | temp GiB | peak RSS GiB | attn executed/useful |")
+    print(
+        "\n| row tokens | layout | samples | remat | compile s | step s | loss finite | "
+        "args GiB | temp GiB | peak RSS GiB | attn executed/useful |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['row_len']:,} | {r['layout']} | {r['segments']} | {r['remat']} | "
-              f"{r['compile_s']:.1f} | {r['step_s']:.1f} | {r['finite']} | {r['argument_gib']:.2f} | "
-              f"{r['temp_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
-              f"{r['attention_executed_over_useful']:.2f} |")
+        print(
+            f"| {r['row_len']:,} | {r['layout']} | {r['segments']} | {r['remat']} | "
+            f"{r['compile_s']:.1f} | {r['step_s']:.1f} | {r['finite']} | {r['argument_gib']:.2f} | "
+            f"{r['temp_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['attention_executed_over_useful']:.2f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     return 0

@@ -66,8 +66,14 @@ PATCH = (1, 2, 2)
 SHORT_SIDES = (144, 240, 360, 480, 720, 1080)
 # Open-Sora's aspect-ratio buckets (height / width), 9:16 portrait to 21:9 wide.
 BUCKET_ARS = (16 / 9, 4 / 3, 1.0, 3 / 4, 2 / 3, 9 / 16, 1 / 2, 9 / 21, 2 / 5)
-BUCKET_RES = {"144p": 144 * 256, "240p": 240 * 426, "360p": 360 * 640, "480p": 480 * 854,
-              "720p": 720 * 1280, "1080p": 1080 * 1920}
+BUCKET_RES = {
+    "144p": 144 * 256,
+    "240p": 240 * 426,
+    "360p": 360 * 640,
+    "480p": 480 * 854,
+    "720p": 720 * 1280,
+    "1080p": 1080 * 1920,
+}
 BUCKET_FRAMES = (1, 17, 33, 65, 129)
 TEXT_TOKENS = 16  # caption tokens per sample (kept small: text is not what is compared)
 
@@ -113,16 +119,20 @@ def vdit_sizes(samples: list[Source], max_tokens: int) -> tuple[list[int], list[
 
 def pack_rows(tokens: list[int], row_len: int, max_samples: int, bins: int, num_rows: int):
     """Rows from vdit's real packer over the (repeated) samples: a list of per-row token counts."""
-    elements = [{
-        "patches": np.zeros((n, 1), np.float32),
-        "positions": np.zeros((n, 3), np.int32),
-        "cond_mask": np.zeros((n,), bool),
-        "text": np.ones((TEXT_TOKENS,), np.int32),
-        "grid": np.array([[n, 1, 1]], np.int32),
-    } for n in tokens]
+    elements = [
+        {
+            "patches": np.zeros((n, 1), np.float32),
+            "positions": np.zeros((n, 3), np.int32),
+            "cond_mask": np.zeros((n,), bool),
+            "text": np.ones((TEXT_TOKENS,), np.int32),
+            "grid": np.array([[n, 1, 1]], np.int32),
+        }
+        for n in tokens
+    ]
     ds = grain.MapDataset.source(elements).repeat(None).to_iter_dataset()
-    cfg = packing.PackingConfig(row_len=row_len, text_len=max_samples * TEXT_TOKENS,
-                                max_samples=max_samples, num_bins=bins)
+    cfg = packing.PackingConfig(
+        row_len=row_len, text_len=max_samples * TEXT_TOKENS, max_samples=max_samples, num_bins=bins
+    )
     it = iter(packing.pack(ds, cfg))
     rows = []
     for _ in range(num_rows):
@@ -165,13 +175,24 @@ def assign_bucket(s: Source, max_tokens: int):
 # The real train step
 # --------------------------------------------------------------------------------------------------
 def make_trainer(args: argparse.Namespace) -> step_lib.Trainer:
-    text = TextEncoderConfig(kind="bytes", max_len=TEXT_TOKENS, width=64, depth=1, heads=2,
-                             attn_impl="chunked")
-    cfg = DiTConfig(width=args.width, depth=args.depth, heads=args.heads, patch=PATCH,
-                    channels=CHANNELS, text=text, attn_impl="chunked", attn_block=args.attn_block)
+    text = TextEncoderConfig(
+        kind="bytes", max_len=TEXT_TOKENS, width=64, depth=1, heads=2, attn_impl="chunked"
+    )
+    cfg = DiTConfig(
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        patch=PATCH,
+        channels=CHANNELS,
+        text=text,
+        attn_impl="chunked",
+        attn_block=args.attn_block,
+    )
     optim = step_lib.OptimConfig(total_steps=10_000)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    return step_lib.Trainer(cfg, FlowConfig(), optim, mesh, tuple(tuple(r) for r in default_rules()))
+    return step_lib.Trainer(
+        cfg, FlowConfig(), optim, mesh, tuple(tuple(r) for r in default_rules())
+    )
 
 
 def contract_batch(rows: list[list[int]], row_len: int, max_samples: int, rng) -> dict:
@@ -183,8 +204,8 @@ def contract_batch(rows: list[list[int]], row_len: int, max_samples: int, rng) -
     for r, lengths in enumerate(rows):
         pos = 0
         for s, n in enumerate(lengths, start=1):
-            seg[r, pos:pos + n] = s
-            tseg[r, (s - 1) * TEXT_TOKENS:s * TEXT_TOKENS] = s
+            seg[r, pos : pos + n] = s
+            tseg[r, (s - 1) * TEXT_TOKENS : s * TEXT_TOKENS] = s
             grid[r, s - 1] = (n, 1, 1)
             pos += n
     p = PATCH[0] * PATCH[1] * PATCH[2] * CHANNELS
@@ -221,7 +242,9 @@ class StepTimer:
         key = (len(rows), row_len, max_samples)
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.trainer.jit_train_step(shardings).lower(self.state, gb).compile()
+            self.compiled[key] = (
+                self.trainer.jit_train_step(shardings).lower(self.state, gb).compile()
+            )
             self.compile_s.append(time.perf_counter() - t0)
             log(f"  compiled {key} in {self.compile_s[-1]:.1f}s")
         self.jobs.append((self.compiled[key], gb))
@@ -256,14 +279,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_rows = math.ceil(sum(tokens) / args.row_len)
     num_rows += (-num_rows) % args.rows
     rows = pack_rows(tokens, args.row_len, args.max_samples, args.bins, num_rows)
-    steps = [rows[i:i + args.rows] for i in range(0, len(rows), args.rows)]
-    pack_jobs = [timer.add(s, args.row_len, args.max_samples) for s in steps[:args.timed_steps]]
+    steps = [rows[i : i + args.rows] for i in range(0, len(rows), args.rows)]
+    pack_jobs = [timer.add(s, args.row_len, args.max_samples) for s in steps[: args.timed_steps]]
 
     # Pad to max: the same sizes, one sample per row of max_tokens.
     per_step = budget // args.max_tokens
-    pad_steps = [tokens[i:i + per_step] for i in range(0, len(tokens), per_step)]
+    pad_steps = [tokens[i : i + per_step] for i in range(0, len(tokens), per_step)]
     pad_steps = [s for s in pad_steps if len(s) == per_step]
-    pad_jobs = [timer.add([[n] for n in s], args.max_tokens, 1) for s in pad_steps[:args.timed_steps]]
+    pad_jobs = [
+        timer.add([[n] for n in s], args.max_tokens, 1) for s in pad_steps[: args.timed_steps]
+    ]
 
     # Open-Sora-style buckets: per-bucket batches of floor(budget / tokens), drop_last.
     assigned = [assign_bucket(s, args.max_tokens) for s in samples]
@@ -278,25 +303,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batches += [(bs, n)] * (len(idx) // bs)
         incomplete += len(idx) % bs  # left for a later epoch: deferred, not counted as lost
     shapes = sorted(set(batches))
-    log(f"pack {len(steps)} steps, pad {len(pad_steps)}, bucket {len(batches)} of {len(shapes)} shapes")
-    bucket_jobs = {shape: timer.add([[shape[1]]] * shape[0], shape[1], 1)
-                   for shape in (shapes if args.time_buckets else [])}
+    log(
+        f"pack {len(steps)} steps, pad {len(pad_steps)}, bucket {len(batches)} of {len(shapes)} shapes"
+    )
+    bucket_jobs = {
+        shape: timer.add([[shape[1]]] * shape[0], shape[1], 1)
+        for shape in (shapes if args.time_buckets else [])
+    }
     t = timer.run(args.reps)
 
     results: dict[str, dict[str, Any]] = {}
     useful = sum(map(sum, rows))
     pack_time = statistics.mean(t[j] for j in pack_jobs) * len(steps)
     results["pack"] = {
-        "fill": useful / (len(rows) * args.row_len), "pixels_kept": float(np.mean(kept)),
-        "dropped": 0, "steps": len(steps), "useful_tokens": useful, "epoch_s": pack_time,
+        "fill": useful / (len(rows) * args.row_len),
+        "pixels_kept": float(np.mean(kept)),
+        "dropped": 0,
+        "steps": len(steps),
+        "useful_tokens": useful,
+        "epoch_s": pack_time,
         "useful_tokens_per_s": useful / pack_time,
     }
     pad_useful = sum(map(sum, pad_steps))
     pad_time = statistics.mean(t[j] for j in pad_jobs) * len(pad_steps)
     results["pad"] = {
         "fill": pad_useful / (len(pad_steps) * per_step * args.max_tokens),
-        "pixels_kept": float(np.mean(kept)), "dropped": 0, "steps": len(pad_steps),
-        "useful_tokens": pad_useful, "epoch_s": pad_time, "useful_tokens_per_s": pad_useful / pad_time,
+        "pixels_kept": float(np.mean(kept)),
+        "dropped": 0,
+        "steps": len(pad_steps),
+        "useful_tokens": pad_useful,
+        "epoch_s": pad_time,
+        "useful_tokens_per_s": pad_useful / pad_time,
     }
     shape_s = {shape: t[j] for shape, j in bucket_jobs.items()}
     b_useful = sum(bs * n for bs, n in batches)
@@ -304,17 +341,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     b_time = sum(shape_s[b] for b in batches) if args.time_buckets else nan
     # 8 data-parallel ranks: each global step takes 8 bucket batches; the slowest sets the time.
     order = np.random.default_rng(args.seed).permutation(len(batches))
-    groups = [order[i:i + 8] for i in range(0, len(order) - 7, 8)]
+    groups = [order[i : i + 8] for i in range(0, len(order) - 7, 8)]
     dp_useful = sum(batches[j][0] * batches[j][1] for g in groups for j in g)
-    dp_time = (sum(8 * max(shape_s[batches[j]] for j in g) for g in groups)  # rank-seconds
-               if args.time_buckets else nan)
+    dp_time = (
+        sum(8 * max(shape_s[batches[j]] for j in g) for g in groups)  # rank-seconds
+        if args.time_buckets
+        else nan
+    )
     kept_b = [a[2] if a is not None else 0.0 for a in assigned]
     results["bucket"] = {
-        "fill": b_useful / (len(batches) * budget), "pixels_kept": float(np.mean(kept_b)),
-        "dropped": sum(a is None for a in assigned), "incomplete_batch_samples": incomplete,
-        "steps": len(batches), "useful_tokens": b_useful, "epoch_s": b_time,
+        "fill": b_useful / (len(batches) * budget),
+        "pixels_kept": float(np.mean(kept_b)),
+        "dropped": sum(a is None for a in assigned),
+        "incomplete_batch_samples": incomplete,
+        "steps": len(batches),
+        "useful_tokens": b_useful,
+        "epoch_s": b_time,
         "useful_tokens_per_s": b_useful / b_time,
-        "useful_tokens_per_s_8_ranks": dp_useful / dp_time, "distinct_shapes": len(shapes),
+        "useful_tokens_per_s_8_ranks": dp_useful / dp_time,
+        "distinct_shapes": len(shapes),
         "buckets_used": len(by_bucket),
     }
     for name in ("pack", "pad"):  # every step has the same shape: no rank waits for another
@@ -326,47 +371,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seg = np.zeros((1, args.row_len), np.int32)
         pos = 0
         for s, n in enumerate(r, 1):
-            seg[0, pos:pos + n] = s
+            seg[0, pos : pos + n] = s
             pos += n
         heads, dim = trainer.model_cfg.heads, trainer.model_cfg.width // trainer.model_cfg.heads
         u = useful_attention_flops(seg, seg, heads, dim)
-        e = executed_attention_flops_chunked(seg, seg, heads, dim, block_q=args.attn_block,
-                                             block_kv=args.attn_block)
+        e = executed_attention_flops_chunked(
+            seg, seg, heads, dim, block_q=args.attn_block, block_kv=args.attn_block
+        )
         att.append((u, e, 2.0 * 2 * args.row_len**2 * heads * dim))
     return {
-        "samples": args.samples, "budget_tokens": budget, "max_tokens": args.max_tokens,
-        "row_len": args.row_len, "rows": args.rows, "model": dataclasses.asdict(trainer.model_cfg),
-        "compile_s": timer.compile_s, "strategies": results,
+        "samples": args.samples,
+        "budget_tokens": budget,
+        "max_tokens": args.max_tokens,
+        "row_len": args.row_len,
+        "rows": args.rows,
+        "model": dataclasses.asdict(trainer.model_cfg),
+        "compile_s": timer.compile_s,
+        "strategies": results,
         "attention": {
             "executed_over_useful_chunked": float(np.mean([e / u for u, e, _ in att])),
             "executed_over_useful_dense": float(np.mean([d / u for u, _, d in att])),
             "segments_per_row": float(np.mean([len(r) for r in rows])),
         },
         "flops_per_token": flops.matmul_flops_per_token(trainer.model_cfg),
-        "platform": platform.platform(), "devices": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "devices": str(jax.devices()[0]),
     }
 
 
 def print_tables(r: dict[str, Any]) -> None:
     s = r["strategies"]
-    print(f"\n{r['samples']} samples; {r['rows']} x {r['row_len']} = {r['budget_tokens']} tokens per "
-          f"step; at most {r['max_tokens']} tokens per sample; model width {r['model']['width']}, "
-          f"depth {r['model']['depth']}\n")
-    print("| strategy | fill | source pixels kept | samples dropped | steps | useful tok/s "
-          "| vs pad | useful tok/s, 8 DP ranks |")
+    print(
+        f"\n{r['samples']} samples; {r['rows']} x {r['row_len']} = {r['budget_tokens']} tokens per "
+        f"step; at most {r['max_tokens']} tokens per sample; model width {r['model']['width']}, "
+        f"depth {r['model']['depth']}\n"
+    )
+    print(
+        "| strategy | fill | source pixels kept | samples dropped | steps | useful tok/s "
+        "| vs pad | useful tok/s, 8 DP ranks |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in ("pack", "pad", "bucket"):
         x = s[name]
-        drop = f"{x['dropped']}" + (f" (+{x['incomplete_batch_samples']} deferred: incomplete "
-                                    "batches)" if "incomplete_batch_samples" in x else "")
-        print(f"| {name} | {x['fill']:.1%} | {x['pixels_kept']:.1%} | {drop} | {x['steps']} | "
-              f"{x['useful_tokens_per_s']:,.0f} | "
-              f"{x['useful_tokens_per_s'] / s['pad']['useful_tokens_per_s']:.2f}x | "
-              f"{x['useful_tokens_per_s_8_ranks']:,.0f} |")
+        drop = f"{x['dropped']}" + (
+            f" (+{x['incomplete_batch_samples']} deferred: incomplete batches)"
+            if "incomplete_batch_samples" in x
+            else ""
+        )
+        print(
+            f"| {name} | {x['fill']:.1%} | {x['pixels_kept']:.1%} | {drop} | {x['steps']} | "
+            f"{x['useful_tokens_per_s']:,.0f} | "
+            f"{x['useful_tokens_per_s'] / s['pad']['useful_tokens_per_s']:.2f}x | "
+            f"{x['useful_tokens_per_s_8_ranks']:,.0f} |"
+        )
     a = r["attention"]
-    print(f"\nPacked rows hold {a['segments_per_row']:.1f} samples on average. Attention FLOPs "
-          f"executed / useful: chunked {a['executed_over_useful_chunked']:.2f}, "
-          f"dense {a['executed_over_useful_dense']:.2f}.")
+    print(
+        f"\nPacked rows hold {a['segments_per_row']:.1f} samples on average. Attention FLOPs "
+        f"executed / useful: chunked {a['executed_over_useful_chunked']:.2f}, "
+        f"dense {a['executed_over_useful_dense']:.2f}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,9 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn-block", type=int, default=128)
     p.add_argument("--timed-steps", type=int, default=3, help="pack/pad steps timed (shapes fixed)")
     p.add_argument("--reps", type=int, default=3, help="timing rounds over all batches (median)")
-    p.add_argument("--no-time-buckets", dest="time_buckets", action="store_false",
-                   help="report the buckets' fill, pixels and drops but do not time their shapes "
-                        "(one compile per shape); for wider models")
+    p.add_argument(
+        "--no-time-buckets",
+        dest="time_buckets",
+        action="store_false",
+        help="report the buckets' fill, pixels and drops but do not time their shapes "
+        "(one compile per shape); for wider models",
+    )
     p.add_argument("--attention-rows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/packing.json"))

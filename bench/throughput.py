@@ -138,7 +138,9 @@ def matmul_rates(cfg, rows: int, reps: int) -> dict[str, Any]:
     per_shape = []
     for name, (k, n), weight in shapes:
         r = time_matmul(rows, k, n, reps)
-        per_shape.append({"shape": f"({rows}, {k}) x ({k}, {n})", "name": name, "weight": weight, **r})
+        per_shape.append(
+            {"shape": f"({rows}, {k}) x ({k}, {n})", "name": name, "weight": weight, **r}
+        )
     total = sum(s["weight"] for s in per_shape)
     weighted = total / sum(s["weight"] / s["gflops"] for s in per_shape)
     return {"shapes": per_shape, "weighted_gflops": weighted}
@@ -162,8 +164,11 @@ def run_config(spec: str, overrides: list[str], args: argparse.Namespace) -> dic
     state = trainer.init_state()
     shardings = trainer.batch_shardings({k: np.ndim(batches[0][k]) for k in pipeline.DEVICE_KEYS})
     t0 = time.perf_counter()
-    step = trainer.jit_train_step(shardings).lower(
-        state, pipeline.to_global(batches[0], shardings)).compile()
+    step = (
+        trainer.jit_train_step(shardings)
+        .lower(state, pipeline.to_global(batches[0], shardings))
+        .compile()
+    )
     compile_s = time.perf_counter() - t0
     log(f"  compiled in {compile_s:.1f}s; running {args.warmup} + {args.steps} steps")
 
@@ -180,8 +185,15 @@ def run_config(spec: str, overrides: list[str], args: argparse.Namespace) -> dic
         times.append(dt)
         f = flops.step_flops(cfg, b["segment_ids"], b["text_segment_ids"])
         tokens = int((b["segment_ids"] > 0).sum())
-        per_step.append({"time_s": dt, "tokens": tokens, "fill": tokens / b["segment_ids"].size,
-                         "samples": int((b["grid"][..., 0] > 0).sum()), **f})
+        per_step.append(
+            {
+                "time_s": dt,
+                "tokens": tokens,
+                "fill": tokens / b["segment_ids"].size,
+                "samples": int((b["grid"][..., 0] > 0).sum()),
+                **f,
+            }
+        )
         log(f"  step {i - args.warmup + 1}/{args.steps}: {dt:.2f}s")
     del state
 
@@ -215,9 +227,18 @@ def run_config(spec: str, overrides: list[str], args: argparse.Namespace) -> dic
         "tokens_per_step": mean("tokens"),
         "tokens_per_s": mean("tokens") / step_s,
         "packing_fill": mean("fill"),
-        "flops_per_step": {k: mean(k) for k in (
-            "matmul", "matmul_useful", "attention_useful", "attention_executed", "recompute",
-            "total_useful", "total_executed")},
+        "flops_per_step": {
+            k: mean(k)
+            for k in (
+                "matmul",
+                "matmul_useful",
+                "attention_useful",
+                "attention_executed",
+                "recompute",
+                "total_useful",
+                "total_executed",
+            )
+        },
         "model_flops_per_s": model_fps,
         "executed_flops_per_s": executed_fps,
         "matmul": mm,
@@ -256,17 +277,29 @@ def print_tables(results: list[dict[str, Any]]) -> None:
     for r in results:
         total = sum(s["weight"] for s in r["matmul"]["shapes"])
         for s in r["matmul"]["shapes"]:
-            print(f"| {r['variant']} | {s['name']}: {s['shape']} | {s['weight'] / total:.2f} "
-                  f"| {s['gflops']:,.1f} |")
+            print(
+                f"| {r['variant']} | {s['name']}: {s['shape']} | {s['weight'] / total:.2f} "
+                f"| {s['gflops']:,.1f} |"
+            )
         print(f"| {r['variant']} | FLOP-weighted | 1.00 | {r['matmul']['weighted_gflops']:,.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=None,
-                   help="config specs path[:ARG]; default: the default config and a B/2 run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every config (repeatable)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="config specs path[:ARG]; default: the default config and a B/2 run",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every config (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.add_argument("--matmul-reps", type=int, default=5)
@@ -279,9 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = DEFAULT_RUNS if args.configs is None else tuple((s, ()) for s in args.configs)
     results = [run_config(spec, [*extra, *args.overrides], args) for spec, extra in runs]
 
-    print(f"\nbackend={jax.default_backend()}, 1 device ({jax.devices()[0].device_kind}), "
-          f"{os.cpu_count()} CPUs, median of {args.steps} steps after {args.warmup} warmup; "
-          "model FLOPs = useful tokens and attention pairs (fwd + bwd, no recompute)\n")
+    print(
+        f"\nbackend={jax.default_backend()}, 1 device ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} CPUs, median of {args.steps} steps after {args.warmup} warmup; "
+        "model FLOPs = useful tokens and attention pairs (fwd + bwd, no recompute)\n"
+    )
     print_tables(results)
     meta = {
         "steps": args.steps,

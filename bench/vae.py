@@ -94,8 +94,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--size", type=int, nargs=2, default=(32, 32))
     ap.add_argument("--samples", type=int, default=16, help="held-out samples per set")
-    ap.add_argument("--source", default="mixed", choices=("synthetic", "pan", "mixed"),
-                    help="training data (data.source of configs/vae.py)")
+    ap.add_argument(
+        "--source",
+        default="mixed",
+        choices=("synthetic", "pan", "mixed"),
+        help="training data (data.source of configs/vae.py)",
+    )
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vae.json"))
     args = ap.parse_args()
 
@@ -121,7 +125,10 @@ def main() -> None:
     comp = trained.cfg.compression
     rows = []
     for name, fn in [
-        ("vae (trained, EMA)", lambda v: np.asarray(vae_train.reconstruct(trained, jnp.asarray(v)))),
+        (
+            "vae (trained, EMA)",
+            lambda v: np.asarray(vae_train.reconstruct(trained, jnp.asarray(v))),
+        ),
         ("vae (untrained)", lambda v: np.asarray(vae_train.reconstruct(untrained, jnp.asarray(v)))),
         ("pool + nearest", lambda v: pool_baseline(trained.check_video(v), comp, "nearest")),
         ("pool + trilinear", lambda v: pool_baseline(trained.check_video(v), comp, "trilinear")),
@@ -134,16 +141,22 @@ def main() -> None:
 
     videos = sets["synthetic"]
     n_img = sum(v.shape[1] == 1 for v in videos)
-    print(f"held-out per set: {len(videos)} samples ({n_img} images, {len(videos) - n_img} videos "
-          f"of {args.frames} frames), {args.size[0]}x{args.size[1]}; compression {comp}, "
-          f"{trained.cfg.latent_channels} latent channels; trained {args.steps} steps on "
-          f"data.source={args.source} in {train_s:.0f} s (train-batch PSNR at the end "
-          f"{last.get('psnr', float('nan')):.2f} dB)\n")
-    print("| method | synthetic PSNR (dB) | synthetic SSIM | photo pans PSNR (dB) | photo pans SSIM |")
+    print(
+        f"held-out per set: {len(videos)} samples ({n_img} images, {len(videos) - n_img} videos "
+        f"of {args.frames} frames), {args.size[0]}x{args.size[1]}; compression {comp}, "
+        f"{trained.cfg.latent_channels} latent channels; trained {args.steps} steps on "
+        f"data.source={args.source} in {train_s:.0f} s (train-batch PSNR at the end "
+        f"{last.get('psnr', float('nan')):.2f} dB)\n"
+    )
+    print(
+        "| method | synthetic PSNR (dB) | synthetic SSIM | photo pans PSNR (dB) | photo pans SSIM |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['synthetic_psnr']:.2f} | {r['synthetic_ssim']:.3f} | "
-              f"{r['pan_psnr']:.2f} | {r['pan_ssim']:.3f} |")
+        print(
+            f"| {r['method']} | {r['synthetic_psnr']:.2f} | {r['synthetic_ssim']:.3f} | "
+            f"{r['pan_psnr']:.2f} | {r['pan_ssim']:.3f} |"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "train_seconds": train_s, "rows": rows}, f, indent=1)

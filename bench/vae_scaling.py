@@ -91,8 +91,12 @@ def _trim() -> None:
 
 def _xla_bytes(compiled) -> int:
     m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def worker(spec: dict) -> dict:
@@ -124,8 +128,9 @@ def worker(spec: dict) -> dict:
         chunk = spec["chunk_frames"]
         run_chunked = lambda v: vae.encode_chunked(model, v, chunk)
     else:
-        x = jnp.asarray(rng.standard_normal((1, t_lat, h // ch, w // cw, cfg.latent_channels)),
-                        jnp.float32)
+        x = jnp.asarray(
+            rng.standard_normal((1, t_lat, h // ch, w // cw, cfg.latent_channels)), jnp.float32
+        )
         full_fn, step_fn = vae._decode_full, vae._decode_step
         chunk = spec["chunk_latents"]
         run_chunked = lambda v: vae.decode_chunked(model, v, chunk)
@@ -146,8 +151,9 @@ def worker(spec: dict) -> dict:
             sl = jax.ShapeDtypeStruct((1, stop - start, *x.shape[2:]), x.dtype)
             if key not in seen:
                 seen[key] = _xla_bytes(step_fn.lower(model, sl, prev).compile())
-                step_peaks.append({"frames": stop - start, "first": prev is None,
-                                   "bytes": seen[key]})
+                step_peaks.append(
+                    {"frames": stop - start, "first": prev is None, "bytes": seen[key]}
+                )
             prev = step_fn.eval_shape(model, sl, prev)[-1]
         if spec["op"] == "encode":  # mean and logvar
             out_bytes = 2 * t_lat * (h // ch) * (w // cw) * cfg.latent_channels * 4
@@ -169,16 +175,25 @@ def worker(spec: dict) -> dict:
     hwm = _status_kib("VmHWM")
     med = statistics.median(times)
     return {
-        **spec, "frames_kept": frames, "latent_frames": t_lat, "params": n_params,
-        "times": times, "median_s": med, "frames_per_s": frames / med,
-        "import_and_build_s": build_s, "warmup_and_compile_s": compile_s, "xla_bytes": xla,
+        **spec,
+        "frames_kept": frames,
+        "latent_frames": t_lat,
+        "params": n_params,
+        "times": times,
+        "median_s": med,
+        "frames_per_s": frames / med,
+        "import_and_build_s": build_s,
+        "warmup_and_compile_s": compile_s,
+        "xla_bytes": xla,
         "chunk_steps": None if spec["mode"] == "full" else step_peaks,
         "rss_base_bytes": None if base is None else base * 1024,
         "rss_run_peak_bytes": None if (hwm is None or not reset) else hwm * 1024,
-        "rss_delta_bytes": None if (hwm is None or base is None or not reset)
+        "rss_delta_bytes": None
+        if (hwm is None or base is None or not reset)
         else (hwm - base) * 1024,
         "rss_max_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "devices": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+        "devices": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -192,8 +207,12 @@ def run_one(spec: dict, cache_dir: str) -> dict:
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode != 0:
         sys.stderr.write(p.stderr)
         raise SystemExit(f"worker failed for {spec}")
@@ -229,36 +248,53 @@ def main() -> None:
         for op in args.ops:
             pair = {}
             for mode in ("full", "chunked"):
-                spec = {"config": args.config, "base_channels": args.base_channels,
-                        "blocks_per_level": args.blocks_per_level, "frames": frames,
-                        "size": list(args.size), "chunk_frames": args.chunk_frames,
-                        "chunk_latents": args.chunk_latents, "op": op, "mode": mode,
-                        "reps": args.reps}
+                spec = {
+                    "config": args.config,
+                    "base_channels": args.base_channels,
+                    "blocks_per_level": args.blocks_per_level,
+                    "frames": frames,
+                    "size": list(args.size),
+                    "chunk_frames": args.chunk_frames,
+                    "chunk_latents": args.chunk_latents,
+                    "op": op,
+                    "mode": mode,
+                    "reps": args.reps,
+                }
                 pair[mode] = run_one(spec, cache_dir)
                 rows.append(pair[mode])
                 r = pair[mode]
-                print(f"# {op} {mode:7s} {r['frames_kept']:4d} frames: {r['frames_per_s']:7.1f} "
-                      f"frames/s, XLA {fmt_mib(r['xla_bytes'])} MiB, RSS delta "
-                      f"{fmt_mib(r['rss_delta_bytes'])} MiB", file=sys.stderr, flush=True)
+                print(
+                    f"# {op} {mode:7s} {r['frames_kept']:4d} frames: {r['frames_per_s']:7.1f} "
+                    f"frames/s, XLA {fmt_mib(r['xla_bytes'])} MiB, RSS delta "
+                    f"{fmt_mib(r['rss_delta_bytes'])} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     total = time.perf_counter() - t_start
 
     r0 = rows[0]
-    print(f"VAE {args.config.split(os.sep)[-1]} ({r0['params']:,} parameters), "
-          f"{args.size[0]}x{args.size[1]}, batch 1, float32, one CPU device ({r0['devices']}, "
-          f"{r0['cpu_count']} cores); chunks: {args.chunk_frames} pixel frames (encode), "
-          f"{args.chunk_latents} latent frames (decode); median of {args.reps} after a warm-up; "
-          f"sweep {total:.0f} s\n")
-    print("| op | frames | full frames/s | chunked frames/s | chunked / full speed "
-          "| full XLA MiB | chunked XLA MiB | full RSS MiB | chunked RSS MiB |")
+    print(
+        f"VAE {args.config.split(os.sep)[-1]} ({r0['params']:,} parameters), "
+        f"{args.size[0]}x{args.size[1]}, batch 1, float32, one CPU device ({r0['devices']}, "
+        f"{r0['cpu_count']} cores); chunks: {args.chunk_frames} pixel frames (encode), "
+        f"{args.chunk_latents} latent frames (decode); median of {args.reps} after a warm-up; "
+        f"sweep {total:.0f} s\n"
+    )
+    print(
+        "| op | frames | full frames/s | chunked frames/s | chunked / full speed "
+        "| full XLA MiB | chunked XLA MiB | full RSS MiB | chunked RSS MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     by = {(r["op"], r["frames"], r["mode"]): r for r in rows}
     for op in args.ops:
         for frames in args.lengths:
             f, k = by[(op, frames, "full")], by[(op, frames, "chunked")]
-            print(f"| {op} | {f['frames_kept']} | {f['frames_per_s']:.1f} | {k['frames_per_s']:.1f} "
-                  f"| {k['frames_per_s'] / f['frames_per_s']:.2f} | {fmt_mib(f['xla_bytes'])} "
-                  f"| {fmt_mib(k['xla_bytes'])} | {fmt_mib(f['rss_delta_bytes'])} "
-                  f"| {fmt_mib(k['rss_delta_bytes'])} |")
+            print(
+                f"| {op} | {f['frames_kept']} | {f['frames_per_s']:.1f} | {k['frames_per_s']:.1f} "
+                f"| {k['frames_per_s'] / f['frames_per_s']:.2f} | {fmt_mib(f['xla_bytes'])} "
+                f"| {fmt_mib(k['xla_bytes'])} | {fmt_mib(f['rss_delta_bytes'])} "
+                f"| {fmt_mib(k['rss_delta_bytes'])} |"
+            )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"args": vars(args), "seconds": total, "rows": rows}, fh, indent=1)

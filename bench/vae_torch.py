@@ -45,8 +45,10 @@ try:
     import torch
     from diffusers import AutoencoderKLWan
 except ImportError as e:  # the bench extra is optional
-    raise SystemExit(f"bench/vae_torch.py needs torch and diffusers ({e}); install them with "
-                     "pip install -e '.[bench]'") from None
+    raise SystemExit(
+        f"bench/vae_torch.py needs torch and diffusers ({e}); install them with "
+        "pip install -e '.[bench]'"
+    ) from None
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -91,8 +93,12 @@ def vdit_config(args):
 def wan_model(args) -> torch.nn.Module:
     torch.manual_seed(0)
     return AutoencoderKLWan(
-        base_dim=args.base_channels, z_dim=args.latent_channels, dim_mult=[1, 2, 4, 4],
-        num_res_blocks=args.blocks, attn_scales=[], temperal_downsample=[False, True, True],
+        base_dim=args.base_channels,
+        z_dim=args.latent_channels,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=args.blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
         dropout=0.0,
     )
 
@@ -107,8 +113,9 @@ class TorchStep:
     def __init__(self, model: torch.nn.Module):
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0,
-                                     foreach=True)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, foreach=True
+        )
         self.ema = [p.detach().clone() for p in self.params]
 
     def __call__(self, x: torch.Tensor) -> float:
@@ -170,11 +177,18 @@ def bench_shape(args, frames: int, trainer, step_fn, enc_fn, enc_state, wan, tst
         for name, fn in pairs if i % 2 == 0 else pairs[::-1]:
             res[name].append(timed(fn, f"{frames} frames, {name}"))
     med = {k: statistics.median(v) for k, v in res.items()}
-    return {"frames": frames, "shape": [args.batch, frames, h, w, 3], "times": res, "median_s": med,
-            "step_ratio_torch_over_vdit": med["torch_step"] / med["vdit_step"],
-            "encode_ratio_torch_over_vdit": med["torch_encode"] / med["vdit_encode"],
-            "vdit_step_first_call_s": compile_step, "vdit_encode_first_call_s": compile_enc,
-            "torch_step_first_call_s": warm_torch_step, "torch_encode_first_call_s": warm_torch_enc}
+    return {
+        "frames": frames,
+        "shape": [args.batch, frames, h, w, 3],
+        "times": res,
+        "median_s": med,
+        "step_ratio_torch_over_vdit": med["torch_step"] / med["vdit_step"],
+        "encode_ratio_torch_over_vdit": med["torch_encode"] / med["vdit_encode"],
+        "vdit_step_first_call_s": compile_step,
+        "vdit_encode_first_call_s": compile_enc,
+        "torch_step_first_call_s": warm_torch_step,
+        "torch_encode_first_call_s": warm_torch_enc,
+    }
 
 
 def main() -> None:
@@ -199,40 +213,61 @@ def main() -> None:
     enc_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
     leaves = jax.tree.leaves(trainer.abstract_state["params"])
     n_vdit = sum(int(np.prod(x.shape)) for x in leaves)
-    n_vdit_enc = sum(int(np.prod(x.shape))
-                     for x in jax.tree.leaves(trainer.abstract_state["params"]["encoder"]))
+    n_vdit_enc = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]["encoder"])
+    )
     wan = wan_model(args)
     n_wan = count(wan)
     n_wan_enc = count(wan.encoder) + count(wan.quant_conv)
     tstep = TorchStep(wan)
 
-    rows = [bench_shape(args, f, trainer, step_fn, enc_fn, enc_state, wan, tstep)
-            for f in args.frames]
+    rows = [
+        bench_shape(args, f, trainer, step_fn, enc_fn, enc_state, wan, tstep) for f in args.frames
+    ]
 
     ct, ch, cw = trainer.model_cfg.compression
-    print(f"matched size: base {args.base_channels} x (1, 2, 4, 4), {args.blocks} blocks per level, "
-          f"{ct}x{ch}x{cw} to {args.latent_channels} channels, mid attention; parameters: vdit "
-          f"{n_vdit:,} (encoder {n_vdit_enc:,}), Wan {n_wan:,} (encoder + quant conv "
-          f"{n_wan_enc:,}); batch {args.batch}, {args.size[0]}x{args.size[1]}, float32; "
-          f"torch {torch.__version__} eager, {torch.get_num_threads()} threads; jax "
-          f"{jax.__version__} jitted, XLA CPU ({os.cpu_count()} cores); median of {args.reps}, "
-          f"interleaved\n")
-    print("| frames | vdit step (s) | Wan step (s) | step torch/vdit | vdit encode (s) "
-          "| Wan encode (s) | encode torch/vdit | vdit compile step / encode (s) |")
+    print(
+        f"matched size: base {args.base_channels} x (1, 2, 4, 4), {args.blocks} blocks per level, "
+        f"{ct}x{ch}x{cw} to {args.latent_channels} channels, mid attention; parameters: vdit "
+        f"{n_vdit:,} (encoder {n_vdit_enc:,}), Wan {n_wan:,} (encoder + quant conv "
+        f"{n_wan_enc:,}); batch {args.batch}, {args.size[0]}x{args.size[1]}, float32; "
+        f"torch {torch.__version__} eager, {torch.get_num_threads()} threads; jax "
+        f"{jax.__version__} jitted, XLA CPU ({os.cpu_count()} cores); median of {args.reps}, "
+        f"interleaved\n"
+    )
+    print(
+        "| frames | vdit step (s) | Wan step (s) | step torch/vdit | vdit encode (s) "
+        "| Wan encode (s) | encode torch/vdit | vdit compile step / encode (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["median_s"]
-        print(f"| {r['frames']} | {m['vdit_step']:.2f} | {m['torch_step']:.2f} "
-              f"| {r['step_ratio_torch_over_vdit']:.2f} | {m['vdit_encode']:.3f} "
-              f"| {m['torch_encode']:.3f} | {r['encode_ratio_torch_over_vdit']:.2f} "
-              f"| {r['vdit_step_first_call_s']:.0f} / {r['vdit_encode_first_call_s']:.0f} |")
+        print(
+            f"| {r['frames']} | {m['vdit_step']:.2f} | {m['torch_step']:.2f} "
+            f"| {r['step_ratio_torch_over_vdit']:.2f} | {m['vdit_encode']:.3f} "
+            f"| {m['torch_encode']:.3f} | {r['encode_ratio_torch_over_vdit']:.2f} "
+            f"| {r['vdit_step_first_call_s']:.0f} / {r['vdit_encode_first_call_s']:.0f} |"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"args": vars(args), "params": {"vdit": n_vdit, "wan": n_wan,
-                                                  "vdit_encoder": n_vdit_enc,
-                                                  "wan_encoder": n_wan_enc},
-                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "jax": jax.__version__, "cpu_count": os.cpu_count(), "rows": rows}, fh, indent=1)
+        json.dump(
+            {
+                "args": vars(args),
+                "params": {
+                    "vdit": n_vdit,
+                    "wan": n_wan,
+                    "vdit_encoder": n_vdit_enc,
+                    "wan_encoder": n_wan_enc,
+                },
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "jax": jax.__version__,
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+            },
+            fh,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Model (VideoDiT). The variant fills width/depth/heads; override any of them after.
     c.model = ml_collections.ConfigDict()
-    c.model.variant = arg or DEFAULT_VARIANT  # "NAME/p": NAME in vdit.configlib.MODEL_SIZES, p patch
+    c.model.variant = (
+        arg or DEFAULT_VARIANT
+    )  # "NAME/p": NAME in vdit.configlib.MODEL_SIZES, p patch
     c.model.width = 0  # D; 0 = from the variant
     c.model.depth = 0  # blocks; 0 = from the variant
     c.model.heads = 0  # attention heads; 0 = from the variant
@@ -69,7 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_samples = 1_000_000  # index space of the procedural source
     c.data.synthetic.frame_choices = (4, 8)  # video durations in frames
-    c.data.synthetic.image_fraction = 0.3  # share of one-frame samples (images): the image/video mix
+    c.data.synthetic.image_fraction = (
+        0.3  # share of one-frame samples (images): the image/video mix
+    )
     c.data.synthetic.fps = 8.0  # nominal frame rate of the procedural videos (see data.max_fps)
     c.data.synthetic.size_choices = ((16, 16), (16, 32), (32, 16), (24, 32), (32, 24), (32, 32))
     c.data.records = ml_collections.ConfigDict()
@@ -83,7 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds.fps = 0.0  # nominal frame rate of the dataset for data.max_fps (0 = unknown)
     c.data.latents = ml_collections.ConfigDict()
     c.data.latents.path = ""  # a folder written by `vdit encode`
-    c.data.latents.sample_posterior = True  # z ~ N(mean, exp(logvar)) at every use (False: the mean)
+    c.data.latents.sample_posterior = (
+        True  # z ~ N(mean, exp(logvar)) at every use (False: the mean)
+    )
     c.data.batch_rows = 2  # global rows per step
     c.data.row_len = 1024  # L: tokens per row
     c.data.text_len = 384  # C: text tokens per row
@@ -135,7 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500  # optimizer steps (about 10 minutes on 2 CPU cores)
     c.train.log_every = 20  # metrics to metrics.jsonl / TensorBoard
-    c.train.checkpoint_every = 250  # orbax checkpoint interval (steps); the last step is always saved
+    c.train.checkpoint_every = (
+        250  # orbax checkpoint interval (steps); the last step is always saved
+    )
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
     c.train.progress = True  # progress bar

@@ -81,7 +81,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.records.path = ""
     c.data.frame_choices = (5, 9, 17)  # video durations; ct=4 keeps 1 + 4k frames (others trimmed)
     c.data.image_fraction = 0.3  # share of steps that train on images (one-frame videos)
-    c.data.size_choices = ((16, 16), (16, 32), (32, 16), (32, 32), (24, 40))  # (H, W), multiples of 8
+    c.data.size_choices = (
+        (16, 16),
+        (16, 32),
+        (32, 16),
+        (32, 32),
+        (24, 40),
+    )  # (H, W), multiples of 8
     c.data.batch_size = 4  # samples per step (all of the step's shape)
     c.data.max_pixels = 4 * 17 * 32 * 32  # cap on batch * frames * H * W: larger shapes take fewer
     c.data.eval_seed = 1_000_003  # held-out stream for PSNR / SSIM and the written videos

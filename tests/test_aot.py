@@ -19,36 +19,44 @@ from vdit.data import pipeline
 from vdit.train.step import make_trainer
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')"
+)
 
 
-@pytest.mark.parametrize("name, chip, shape", [
-    ("v5p:2x2x1", "v5p", (2, 2, 1)),
-    ("v5p-8", "v5p", (2, 2, 1)),  # 8 TensorCores = 4 chips
-    ("v5p-16", "v5p", (2, 2, 2)),
-    ("v5p-64", "v5p", (2, 4, 4)),
-    ("v4-8", "v4", (2, 2, 1)),
-    ("v4-32", "v4", (2, 2, 4)),
-    ("v5e-8", "v5e", (2, 4)),  # v5e / v6e names count chips
-    ("v5litepod-4", "v5e", (2, 2)),
-    ("v6e-8", "v6e", (2, 4)),
-    ("v6e-256", "v6e", (16, 16)),
-    ("v6e:2x2", "v6e", (2, 2)),
-])
+@pytest.mark.parametrize(
+    "name, chip, shape",
+    [
+        ("v5p:2x2x1", "v5p", (2, 2, 1)),
+        ("v5p-8", "v5p", (2, 2, 1)),  # 8 TensorCores = 4 chips
+        ("v5p-16", "v5p", (2, 2, 2)),
+        ("v5p-64", "v5p", (2, 4, 4)),
+        ("v4-8", "v4", (2, 2, 1)),
+        ("v4-32", "v4", (2, 2, 4)),
+        ("v5e-8", "v5e", (2, 4)),  # v5e / v6e names count chips
+        ("v5litepod-4", "v5e", (2, 2)),
+        ("v6e-8", "v6e", (2, 4)),
+        ("v6e-256", "v6e", (16, 16)),
+        ("v6e:2x2", "v6e", (2, 2)),
+    ],
+)
 def test_parse_topology(name, chip, shape):
     t = aot.parse_topology(name)
     assert (t.chip.name, t.shape) == (chip, shape)
     assert t.name == f"{chip}:{'x'.join(map(str, shape))}"
 
 
-@pytest.mark.parametrize("name, words", [
-    ("v7x-8", "unknown TPU topology"),
-    ("tpu-8", "unknown TPU topology"),
-    ("v5p", "unknown TPU topology"),
-    ("v5p:2x2", "3 positive axes"),
-    ("v5p-7", "2 per chip"),
-    ("v6e-12", "power of two"),
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("v7x-8", "unknown TPU topology"),
+        ("tpu-8", "unknown TPU topology"),
+        ("v5p", "unknown TPU topology"),
+        ("v5p:2x2", "3 positive axes"),
+        ("v5p-7", "2 per chip"),
+        ("v6e-12", "power of two"),
+    ],
+)
 def test_unknown_or_malformed_topology_is_a_clear_error(name, words):
     with pytest.raises(ValueError, match=words) as e:
         aot.parse_topology(name)
@@ -63,8 +71,10 @@ def test_chip_table():
 
 
 def test_out_of_memory_message_is_parsed():
-    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-           "temporaries (131.96G) exceeds available HBM (95.74G).")
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (131.96G) exceeds available HBM (95.74G)."
+    )
     m = aot._OOM.search(msg)
     assert aot._xla_size(*m.group(1, 2)) == int(131.96 * aot.GiB)
     assert aot._xla_size(*m.group(3, 4)) == int(95.74 * aot.GiB)
@@ -118,8 +128,10 @@ def test_fsdp8_state_bytes_per_device_from_compiled_memory_analysis():
     b, total = r["bytes_per_device"], r["total_bytes"]
     state_total = sum(total.values())
     state_per_device = b["arguments"] - b["batch"]
-    assert abs(state_per_device - state_total / 8) <= 0.10 * state_total / 8, (state_per_device,
-                                                                                  state_total / 8)
+    assert abs(state_per_device - state_total / 8) <= 0.10 * state_total / 8, (
+        state_per_device,
+        state_total / 8,
+    )
     assert b["params"] == pytest.approx(total["params"] / 8, rel=0.10)
     assert b["aliased"] >= b["params"] + b["opt_state"] + b["ema"]  # the state is donated
     assert "chip" not in r and "total" in aot.format_report(r)
@@ -168,14 +180,26 @@ def test_flops_report_on_pipeline_batches_and_full_rows():
     assert f["total_useful"] == pytest.approx(f["matmul_useful"] + f["attention_useful"])
     assert 0 < f["text"] < f["matmul"] and f["recompute"] == 0
     text = aot.format_flops(packed)
-    for part in ("matmul", "attention (useful", "attention (executed", "recompute", "text tokens",
-                 "total model FLOPs", "time_proj"):
+    for part in (
+        "matmul",
+        "attention (useful",
+        "attention (executed",
+        "recompute",
+        "text tokens",
+        "total model FLOPs",
+        "time_proj",
+    ):
         assert part in text, part
 
 
 def test_flops_cli_prints_json():
-    proc = _vdit("flops", f"--config={DEFAULT_CONFIG}:mu/4", "--batches=0", "--json",
-                 "--config.model.remat=full")
+    proc = _vdit(
+        "flops",
+        f"--config={DEFAULT_CONFIG}:mu/4",
+        "--batches=0",
+        "--json",
+        "--config.model.remat=full",
+    )
     f = json.loads(proc.stdout)["flops"]
     assert f["recompute"] > 0 and f["total_executed"] > f["total_useful"] > 0
 

@@ -237,7 +237,14 @@ def test_splash_matches_xla_cross_attention():
 def test_splash_bf16_inputs():
     seg = self_layouts(72, seed=3)
     _compare(
-        seg, seg, 128, 128, seed=5, dtype=jnp.bfloat16, val_tol=BF16_TOL, grad_tol=BF16_TOL,
+        seg,
+        seg,
+        128,
+        128,
+        seed=5,
+        dtype=jnp.bfloat16,
+        val_tol=BF16_TOL,
+        grad_tol=BF16_TOL,
         impl="splash",
     )
 

@@ -37,8 +37,14 @@ PEAK = 1e11  # FLOP/s per device for the logged mfu
 
 def _vdit(*args, check=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "vdit.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vdit.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"vdit {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -47,8 +53,13 @@ def _vdit(*args, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    out = _vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2",
-                f"--config.train.peak_flops_per_device={PEAK}")
+    out = _vdit(
+        "train",
+        *TINY_FLAGS,
+        f"--workdir={workdir}",
+        "--config.train.steps=2",
+        f"--config.train.peak_flops_per_device={PEAK}",
+    )
     return workdir, out
 
 
@@ -69,14 +80,23 @@ def test_train_two_steps_writes_everything(trained):
     assert "grid_color_accuracy" in final
 
 
-@pytest.mark.parametrize("frames, height, width, ext", [(4, 16, 24, "mp4"), (1, 16, 16, "png"),
-                                                        (3, 8, 12, "gif")])
+@pytest.mark.parametrize(
+    "frames, height, width, ext", [(4, 16, 24, "mp4"), (1, 16, 16, "png"), (3, 8, 12, "gif")]
+)
 def test_sample_writes_the_asked_shape(trained, tmp_path, frames, height, width, ext):
     workdir, _ = trained
     out_file = str(tmp_path / f"s.{ext}")
-    proc = _vdit("sample", f"--workdir={workdir}", "--prompt=a red square moves left",
-                 f"--frames={frames}", f"--height={height}", f"--width={width}", "--seed=3",
-                 f"--out={out_file}", "--steps=2")
+    proc = _vdit(
+        "sample",
+        f"--workdir={workdir}",
+        "--prompt=a red square moves left",
+        f"--frames={frames}",
+        f"--height={height}",
+        f"--width={width}",
+        "--seed=3",
+        f"--out={out_file}",
+        "--steps=2",
+    )
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["shape"] == [frames, height, width, 3]
     assert read_video(out_file).shape == (frames, height, width, 3)
@@ -84,8 +104,9 @@ def test_sample_writes_the_asked_shape(trained, tmp_path, frames, height, width,
 
 def test_sample_rejects_a_size_the_patch_cannot_tile(trained, tmp_path):
     workdir, _ = trained
-    proc = _vdit("sample", f"--workdir={workdir}", "--height=18", f"--out={tmp_path / 'x.mp4'}",
-                 check=False)
+    proc = _vdit(
+        "sample", f"--workdir={workdir}", "--height=18", f"--out={tmp_path / 'x.mp4'}", check=False
+    )
     assert proc.returncode != 0 and "patch" in proc.stderr
 
 

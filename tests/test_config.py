@@ -20,7 +20,10 @@ from vdit import configlib
         (lambda c: setattr(c.data.tasks, "teleport", 1.0), "data.tasks.teleport"),
         (lambda c: setattr(c.data.tasks, "i2v", -0.5), "data.tasks.i2v"),
         (lambda c: setattr(c.data, "caption_dropout", 1.5), "data.caption_dropout"),
-        (lambda c: setattr(c.data.synthetic, "size_choices", ((2, 2),)), "data.synthetic.size_choices"),
+        (
+            lambda c: setattr(c.data.synthetic, "size_choices", ((2, 2),)),
+            "data.synthetic.size_choices",
+        ),
         (lambda c: setattr(c.data, "batch_rows", 6), "data.batch_rows"),
         (lambda c: setattr(c.mesh, "data", 3), "mesh"),
         (lambda c: setattr(c.autoencoder, "compression", (4, 8, 8)), "autoencoder.compression"),

@@ -62,10 +62,14 @@ def straight(tmp_path_factory):
     return workdir, seen, jax.device_get(state)
 
 
-@pytest.mark.parametrize("before, after", [((FSDP8, 8), (DATA2_FSDP2, 4)),
-                                           ((DATA2_FSDP2, 4), (FSDP8, 8))],
-                         ids=["8to4", "4to8"])
-def test_resume_on_another_mesh_equals_uninterrupted(straight, tmp_path, monkeypatch, before, after):
+@pytest.mark.parametrize(
+    "before, after",
+    [((FSDP8, 8), (DATA2_FSDP2, 4)), ((DATA2_FSDP2, 4), (FSDP8, 8))],
+    ids=["8to4", "4to8"],
+)
+def test_resume_on_another_mesh_equals_uninterrupted(
+    straight, tmp_path, monkeypatch, before, after
+):
     ref_dir, ref_batches, ref = straight
     assert len(ref_batches) == 4 and len(set(ref_batches)) == 4
     workdir = str(tmp_path)

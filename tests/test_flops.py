@@ -60,7 +60,9 @@ def test_matches_xla_cost_analysis(remat):
         k: jax.ShapeDtypeStruct(np.shape(b[k]), np.asarray(b[k]).dtype, sharding=shardings[k])
         for k in pipeline.DEVICE_KEYS
     }
-    compiled = trainer.jit_train_step(shardings).lower(trainer.abstract_sharded_state(), batch).compile()
+    compiled = (
+        trainer.jit_train_step(shardings).lower(trainer.abstract_sharded_state(), batch).compile()
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
 

@@ -45,23 +45,48 @@ def test_conditioning_tokens_stay_clean_and_out_of_the_loss():
 
 
 def test_sampler_keeps_conditioning_frames_and_is_seeded():
-    cfg = DiTConfig(width=32, depth=1, heads=2, patch=(1, 2, 2), channels=3,
-                    text=TextEncoderConfig(width=16, depth=1, heads=2, max_len=16))
+    cfg = DiTConfig(
+        width=32,
+        depth=1,
+        heads=2,
+        patch=(1, 2, 2),
+        channels=3,
+        text=TextEncoderConfig(width=16, depth=1, heads=2, max_len=16),
+    )
     model = nnx.jit(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))()
     graphdef, params = nnx.split(model)
     first = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
     frames = np.array([True, False, False])
     reqs = [
-        sampler.SampleRequest("a red square moves left", (3, 4, 4), seed=1, cond_latent=first,
-                              cond_frames=frames),
+        sampler.SampleRequest(
+            "a red square moves left", (3, 4, 4), seed=1, cond_latent=first, cond_frames=frames
+        ),
         sampler.SampleRequest("a red square moves left", (3, 4, 4), seed=1),
         sampler.SampleRequest("a red square moves left", (1, 4, 6), seed=2),
     ]
-    out = sampler.sample(graphdef, params, reqs, patch=(1, 2, 2), channels=3, flow_cfg=CFG, steps=3,
-                         cfg_scale=2.0, text_len=16)
+    out = sampler.sample(
+        graphdef,
+        params,
+        reqs,
+        patch=(1, 2, 2),
+        channels=3,
+        flow_cfg=CFG,
+        steps=3,
+        cfg_scale=2.0,
+        text_len=16,
+    )
     assert [o.shape for o in out] == [(3, 4, 4, 3), (3, 4, 4, 3), (1, 4, 6, 3)]
     np.testing.assert_array_equal(out[0][0], first[0])  # the given frame is kept as given
-    again = sampler.sample(graphdef, params, reqs[1:2], patch=(1, 2, 2), channels=3, flow_cfg=CFG,
-                           steps=3, cfg_scale=2.0, text_len=16)
+    again = sampler.sample(
+        graphdef,
+        params,
+        reqs[1:2],
+        patch=(1, 2, 2),
+        channels=3,
+        flow_cfg=CFG,
+        steps=3,
+        cfg_scale=2.0,
+        text_len=16,
+    )
     np.testing.assert_array_equal(again[0], out[1])  # same seed, same sample
     assert np.isfinite(out[2]).all()

@@ -33,18 +33,27 @@ def test_param_shardings_match_golden(variant):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, fsdp, tensor, 1
     c.data.batch_rows = 8  # rows split over fsdp (the table does not depend on it)
     table = aot.param_table(configlib.load(c, 8), jax.devices()[:8]) + "\n"
-    assert table.startswith(f"mesh {{'data': 1, 'fsdp': {fsdp}, 'tensor': {tensor}, 'sequence': 1}}")
+    assert table.startswith(
+        f"mesh {{'data': 1, 'fsdp': {fsdp}, 'tensor': {tensor}, 'sequence': 1}}"
+    )
     path = golden_path(variant)
     if os.environ.get("VDIT_UPDATE_GOLDEN") == "1":
         with open(path, "w") as f:
             f.write(table)
     if not os.path.exists(path):
-        pytest.fail(f"{path} is missing; create it with VDIT_UPDATE_GOLDEN=1 python -m pytest "
-                    "tests/test_golden.py")
+        pytest.fail(
+            f"{path} is missing; create it with VDIT_UPDATE_GOLDEN=1 python -m pytest "
+            "tests/test_golden.py"
+        )
     with open(path) as f:
         golden = f.read()
     if table != golden:
-        diff = "".join(difflib.unified_diff(golden.splitlines(True), table.splitlines(True),
-                                            "golden", "now", n=1))
-        pytest.fail(f"parameters or shardings of {variant} differ from {path}:\n{diff}\nIf this is "
-                    "intended: VDIT_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py")
+        diff = "".join(
+            difflib.unified_diff(
+                golden.splitlines(True), table.splitlines(True), "golden", "now", n=1
+            )
+        )
+        pytest.fail(
+            f"parameters or shardings of {variant} differ from {path}:\n{diff}\nIf this is "
+            "intended: VDIT_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py"
+        )

@@ -57,8 +57,12 @@ def setup(tmp_path_factory):
     rec_dir = root / "records"
     rec_dir.mkdir()
     writer = records.ShardWriter(str(rec_dir), shard_size=4)
-    good = {"clip a": _video(rng, 5, 8, 12), "clip b": _video(rng, 7, 12, 8),
-            "clip c": _video(rng, 5, 10, 13), "still": _video(rng, 1, 8, 8)}
+    good = {
+        "clip a": _video(rng, 5, 8, 12),
+        "clip b": _video(rng, 7, 12, 8),
+        "clip c": _video(rng, 5, 10, 13),
+        "still": _video(rng, 1, 8, 8),
+    }
     for i, (caption, v) in enumerate(good.items()):
         writer.write(records.encode_record(v, caption, 8.0 if v.shape[0] > 1 else 0.0, f"f{i}"))
         if i == 1:
@@ -75,9 +79,13 @@ def _read(out):
 
 def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
     out = tmp_path / "lat"
-    m = encode.encode_dataset(setup["vae"], setup["records"], str(out),
-                              encode.EncodeOptions(latent_patch=PATCH, chunk_frames=2),
-                              devices=jax.local_devices()[:1])
+    m = encode.encode_dataset(
+        setup["vae"],
+        setup["records"],
+        str(out),
+        encode.EncodeOptions(latent_patch=PATCH, chunk_frames=2),
+        devices=jax.local_devices()[:1],
+    )
     assert m["written"] == 4 and m["input_records"] == 6
     assert m["skipped_by_reason"] == {"decode_error": 1, "too_small": 1}
     assert {s["index"] for s in m["skipped"]} == {2, 5}
@@ -106,18 +114,32 @@ def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
 
 def test_encode_is_the_same_on_eight_devices_and_over_two_processes(setup, tmp_path):
     opts = encode.EncodeOptions(latent_patch=PATCH, store="sample", seed=3, chunk_frames=0)
-    encode.encode_dataset(setup["vae"], setup["records"], str(tmp_path / "one"), opts,
-                          devices=jax.local_devices()[:1])
-    encode.encode_dataset(setup["vae"], setup["records"], str(tmp_path / "eight"), opts,
-                          devices=jax.local_devices()[:8])
+    encode.encode_dataset(
+        setup["vae"], setup["records"], str(tmp_path / "one"), opts, devices=jax.local_devices()[:1]
+    )
+    encode.encode_dataset(
+        setup["vae"],
+        setup["records"],
+        str(tmp_path / "eight"),
+        opts,
+        devices=jax.local_devices()[:8],
+    )
     for p in range(2):
-        encode.encode_dataset(setup["vae"], setup["records"], str(tmp_path / "two"), opts,
-                              devices=jax.local_devices()[4 * p: 4 * p + 4], process_index=p,
-                              process_count=2)
+        encode.encode_dataset(
+            setup["vae"],
+            setup["records"],
+            str(tmp_path / "two"),
+            opts,
+            devices=jax.local_devices()[4 * p : 4 * p + 4],
+            process_index=p,
+            process_count=2,
+        )
     merged = encode.merge_manifests(str(tmp_path / "two"), 2)
     assert merged["written"] == 4 and merged["skipped_count"] == 2
-    assert {s["file"] for s in merged["shards"]} == {"shard-p000-00000.array_record",
-                                                     "shard-p001-00000.array_record"}
+    assert {s["file"] for s in merged["shards"]} == {
+        "shard-p000-00000.array_record",
+        "shard-p001-00000.array_record",
+    }
     one = _read(tmp_path / "one")
     for other in ("eight", "two"):
         got = _read(tmp_path / other)
@@ -145,9 +167,13 @@ def _latent_config(path, vae_dir=""):
 
 def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
     out = tmp_path / "lat"
-    m = encode.encode_dataset(setup["vae"], setup["records"], str(out),
-                              encode.EncodeOptions(latent_patch=PATCH),
-                              devices=jax.local_devices()[:1])
+    m = encode.encode_dataset(
+        setup["vae"],
+        setup["records"],
+        str(out),
+        encode.EncodeOptions(latent_patch=PATCH),
+        devices=jax.local_devices()[:1],
+    )
     stored = _read(out)
     shift, scale = (np.asarray(m["vae"][k], np.float32) for k in ("latent_mean", "latent_std"))
     cfg = configlib.pipeline_config(configlib.load(_latent_config(out)))
@@ -157,8 +183,9 @@ def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
     for r in range(batch["segment_ids"].shape[0]):
         for s in packing.unpack_row(batch, r, PATCH):
             caption = detokenize(s["text"])
-            np.testing.assert_allclose(s["latent"], (stored[caption]["mean"] - shift) / scale,
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                s["latent"], (stored[caption]["mean"] - shift) / scale, rtol=1e-5, atol=1e-5
+            )
             seen.add(caption)
     assert seen == set(stored)
 
@@ -181,8 +208,13 @@ def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
 
 def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
     out = tmp_path / "lat"
-    encode.encode_dataset(setup["vae"], setup["records"], str(out),
-                          encode.EncodeOptions(latent_patch=PATCH), devices=jax.local_devices()[:1])
+    encode.encode_dataset(
+        setup["vae"],
+        setup["records"],
+        str(out),
+        encode.EncodeOptions(latent_patch=PATCH),
+        devices=jax.local_devices()[:1],
+    )
     c = _latent_config(out)
     c.data.latents.sample_posterior = True
     cfg = configlib.pipeline_config(configlib.load(c))
@@ -190,10 +222,18 @@ def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
     shift, scale = pipeline.latent_statistics(manifest, cfg)
     element = latents.LatentsSource(str(out))[0]
     prep = pipeline._PrepareLatent(cfg, shift, scale)
-    draws = [packing.unpatchify(prep.random_map(dict(element), np.random.default_rng(i))["patches"],
-                                element["mean"].shape[:3], PATCH) for i in range(64)]
+    draws = [
+        packing.unpatchify(
+            prep.random_map(dict(element), np.random.default_rng(i))["patches"],
+            element["mean"].shape[:3],
+            PATCH,
+        )
+        for i in range(64)
+    ]
     z = np.stack(draws) * scale + shift  # back to raw latents
-    np.testing.assert_allclose(z.mean(0), element["mean"], atol=4 * np.exp(0.5 * element["logvar"].max()) / 8 + 1e-3)
+    np.testing.assert_allclose(
+        z.mean(0), element["mean"], atol=4 * np.exp(0.5 * element["logvar"].max()) / 8 + 1e-3
+    )
     ratio = z.std(0) / np.exp(0.5 * element["logvar"])
     assert 0.7 < float(np.median(ratio)) < 1.3
 
@@ -206,8 +246,13 @@ def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
     from vdit.train.samples import check_vae, eval_setup
 
     out = tmp_path / "lat"
-    encode.encode_dataset(setup["vae"], setup["records"], str(out),
-                          encode.EncodeOptions(latent_patch=PATCH), devices=jax.local_devices()[:1])
+    encode.encode_dataset(
+        setup["vae"],
+        setup["records"],
+        str(out),
+        encode.EncodeOptions(latent_patch=PATCH),
+        devices=jax.local_devices()[:1],
+    )
     c = _latent_config(out, setup["vae"])
     c.train.steps = 2
     metrics = train_and_evaluate(c, str(tmp_path / "dit"))
@@ -229,12 +274,24 @@ def test_the_encode_command(setup, tmp_path):
 
     def run(*args):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        return subprocess.run([sys.executable, "-m", "vdit.cli", "encode", *args], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "vdit.cli", "encode", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     out = tmp_path / "lat"
-    proc = run(f"--vae={setup['vae']}", f"--input={setup['records']}", f"--out={out}",
-               "--latent_patch=1,2,2", "--max_tokens=20", "--chunk_frames=2")
+    proc = run(
+        f"--vae={setup['vae']}",
+        f"--input={setup['records']}",
+        f"--out={out}",
+        "--latent_patch=1,2,2",
+        "--max_tokens=20",
+        "--chunk_frames=2",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     # clip b (24 tokens at full size) is downscaled under the cap instead of being lost

@@ -21,7 +21,9 @@ def _perturbed_model(cfg: DiTConfig, seed: int = 0) -> VideoDiT:
     state = nnx.state(model)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    leaves = [
+        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     return model
 
@@ -63,8 +65,16 @@ def test_token_dropping_packed_row_equals_each_sample_alone(dropped_batch):
     seg = b["segment_ids"][0]
     x = np.array(b["patches"])
     x[0][seg == 2] += 1.0  # another sample's tokens change...
-    again = _forward(model, x, b["positions"], b["segment_ids"], t, b["text"],
-                     b["text_segment_ids"], b["text_positions"])
+    again = _forward(
+        model,
+        x,
+        b["positions"],
+        b["segment_ids"],
+        t,
+        b["text"],
+        b["text_segment_ids"],
+        b["text_positions"],
+    )
     assert not np.allclose(again[0][seg == 2], packed[0][seg == 2])
     others = (seg != 2) & (seg > 0)
     np.testing.assert_array_equal(again[0][others], packed[0][others])  # ...and nothing else does
@@ -77,8 +87,16 @@ def _check_packed_equals_alone(b, c, scan_layers):
     model = _perturbed_model(cfg)
     rng = np.random.default_rng(0)
     t = rng.random(b["segment_ids"].shape).astype(np.float32)
-    packed = _forward(model, b["patches"], b["positions"], b["segment_ids"], t, b["text"],
-                      b["text_segment_ids"], b["text_positions"])
+    packed = _forward(
+        model,
+        b["patches"],
+        b["positions"],
+        b["segment_ids"],
+        t,
+        b["text"],
+        b["text_segment_ids"],
+        b["text_positions"],
+    )
     assert float(jnp.abs(packed).mean()) > 1e-3  # the check below compares something non-trivial
     # Every sample alone in its own row (one segment, then padding): one batch, one compile.
     L, C = b["segment_ids"].shape[1], b["text_segment_ids"].shape[1]
@@ -90,7 +108,9 @@ def _check_packed_equals_alone(b, c, scan_layers):
         for s in range(1, seg.max() + 1):
             sel, tsel = seg == s, tseg == s
             n, nc = sel.sum(), tsel.sum()
-            pad = lambda a, m, n=None: np.concatenate([a, np.zeros((m - len(a), *a.shape[1:]), a.dtype)])
+            pad = lambda a, m, n=None: np.concatenate(
+                [a, np.zeros((m - len(a), *a.shape[1:]), a.dtype)]
+            )
             alone["x"].append(pad(b["patches"][r][sel], L))
             alone["pos"].append(pad(b["positions"][r][sel], L))
             alone["seg"].append(pad(np.ones(n, np.int32), L))
@@ -106,9 +126,15 @@ def _check_packed_equals_alone(b, c, scan_layers):
     # And the first sample truly alone, with no padding at all.
     r, sel, n = where[0]
     tsel = b["text_segment_ids"][r] == 1
-    solo = _forward(model, b["patches"][r][sel][None], b["positions"][r][sel][None],
-                    np.ones((1, n), np.int32), t[r][sel][None], b["text"][r][tsel][None],
-                    np.ones((1, tsel.sum()), np.int32))
+    solo = _forward(
+        model,
+        b["patches"][r][sel][None],
+        b["positions"][r][sel][None],
+        np.ones((1, n), np.int32),
+        t[r][sel][None],
+        b["text"][r][tsel][None],
+        np.ones((1, tsel.sum()), np.int32),
+    )
     np.testing.assert_allclose(solo[0], packed[r][sel], atol=2e-5, rtol=1e-4)
     return packed, model, t
 
@@ -133,7 +159,9 @@ def test_zero_init_predicts_zero(batch):
     b, c = batch
     model = nnx.jit(lambda: VideoDiT(configlib.model_config(c), rngs=nnx.Rngs(0)))()
     t = np.full(b["segment_ids"].shape, 0.3, np.float32)
-    out = _forward(model, b["patches"], b["positions"], b["segment_ids"], t, b["text"], b["text_segment_ids"])
+    out = _forward(
+        model, b["patches"], b["positions"], b["segment_ids"], t, b["text"], b["text_segment_ids"]
+    )
     np.testing.assert_array_equal(out, 0.0)
 
 
@@ -149,8 +177,17 @@ def test_remat_policies_give_same_gradients(batch):
 
         def loss(p, g=g, t=t):
             m = nnx.merge(g, p)
-            return jnp.mean(m(b["patches"], b["positions"], b["segment_ids"], t, b["text"],
-                              b["text_segment_ids"]) ** 2)
+            return jnp.mean(
+                m(
+                    b["patches"],
+                    b["positions"],
+                    b["segment_ids"],
+                    t,
+                    b["text"],
+                    b["text_segment_ids"],
+                )
+                ** 2
+            )
 
         grads.append(jax.tree.leaves(jax.jit(jax.grad(loss))(params)))
     for other in grads[1:]:
@@ -181,8 +218,14 @@ def test_tokenizer_round_trip_and_empty_caption():
 
 
 def test_precomputed_text_path():
-    cfg = DiTConfig(width=32, depth=1, heads=2, patch=(1, 2, 2), channels=3,
-                    text=TextEncoderConfig(kind="precomputed", width=24))
+    cfg = DiTConfig(
+        width=32,
+        depth=1,
+        heads=2,
+        patch=(1, 2, 2),
+        channels=3,
+        text=TextEncoderConfig(kind="precomputed", width=24),
+    )
     model = _perturbed_model(cfg)
     x = jnp.zeros((1, 4, 12))
     pos = jnp.zeros((1, 4, 3), jnp.int32)

@@ -26,10 +26,12 @@ def test_shapes_and_determinism(frames, height, width):
     photo = pan.photos(["astronaut"])["astronaut"]
     v = pan.pan_video(photo, frames, height, width, np.random.default_rng(3))
     assert v.shape == (frames, height, width, 3) and v.dtype == np.uint8
-    np.testing.assert_array_equal(v, pan.pan_video(photo, frames, height, width,
-                                                   np.random.default_rng(3)))
-    assert not np.array_equal(v, pan.pan_video(photo, frames, height, width,
-                                               np.random.default_rng(4)))
+    np.testing.assert_array_equal(
+        v, pan.pan_video(photo, frames, height, width, np.random.default_rng(3))
+    )
+    assert not np.array_equal(
+        v, pan.pan_video(photo, frames, height, width, np.random.default_rng(4))
+    )
 
 
 def test_boxes_keep_the_aspect_and_stay_inside_the_photo():
@@ -54,8 +56,9 @@ def test_consecutive_frames_are_subpixel_shifted_copies():
     photo = pan.photos(["astronaut"])["astronaut"]
     fractions = []
     for seed in range(3):
-        b = pan.pan_boxes(photo.shape[:2], 4, 64, 64, np.random.default_rng(seed), zoom=0.0,
-                          max_speed=0.03)
+        b = pan.pan_boxes(
+            photo.shape[:2], 4, 64, 64, np.random.default_rng(seed), zoom=0.0, max_speed=0.03
+        )
         v = pan.render(photo, b, 64, 64).astype(np.float64).mean(-1)
         for k in range(3):
             scale = 64 / (b[k, 2] - b[k, 0])

@@ -34,7 +34,9 @@ def test_rows_follow_the_contract():
         assert n >= 1
         # Segments are contiguous, numbered 1..n in order, padding only at the end.
         change = np.flatnonzero(np.diff(seg)) + 1
-        assert list(seg[np.r_[0, change]]) == list(range(1, n + 1)) + ([0] if (seg == 0).any() else [])
+        assert list(seg[np.r_[0, change]]) == list(range(1, n + 1)) + (
+            [0] if (seg == 0).any() else []
+        )
         # Every sample's token count matches its grid, its text is present, unused grid slots are 0.
         for s in range(1, n + 1):
             t, h, w = b["grid"][r, s - 1]
@@ -49,7 +51,10 @@ def test_unpacked_samples_equal_the_source():
     """Unpacking a row gives back each source video (as [-1, 1] pixels) and its caption."""
     cfg = _cfg(caption_dropout=0.0)
     cfg = pipeline.PipelineConfig(
-        **{**cfg.__dict__, "synthetic": type(cfg.synthetic)(**{**cfg.synthetic.__dict__, "num_samples": 64})}
+        **{
+            **cfg.__dict__,
+            "synthetic": type(cfg.synthetic)(**{**cfg.synthetic.__dict__, "num_samples": 64}),
+        }
     )
     src = SyntheticVideos(cfg.synthetic)
     by_caption = {}
@@ -62,7 +67,9 @@ def test_unpacked_samples_equal_the_source():
         for s in packing.unpack_row(b, r, (1, 4, 4)):
             caption = detokenize(s["text"])
             candidates = by_caption.get(caption, [])
-            if any(v.shape == s["latent"].shape and np.allclose(v, s["latent"]) for v in candidates):
+            if any(
+                v.shape == s["latent"].shape and np.allclose(v, s["latent"]) for v in candidates
+            ):
                 found += 1
     n = int((b["grid"][..., 0] > 0).sum())
     assert n >= 8 and found == n
@@ -86,7 +93,9 @@ def test_fill_is_high():
     assert np.mean(fills) > 0.9
 
 
-@pytest.mark.parametrize("shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9), (5, 16, 16)])
+@pytest.mark.parametrize(
+    "shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9), (5, 16, 16)]
+)
 def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
     policy = pipeline.SizePolicy(patch=(1, 4, 4), max_tokens=128)
     plan = policy.plan(*shape)
@@ -123,14 +132,19 @@ def test_size_policy_on_random_sizes():
             continue
         accepted += 1
         uh, uw = patch[1] * comp[1], patch[2] * comp[2]
-        tokens = policy.latent_frames(plan.frames) // patch[0] * (plan.height // uh) * (plan.width // uw)
+        tokens = (
+            policy.latent_frames(plan.frames) // patch[0] * (plan.height // uh) * (plan.width // uw)
+        )
         assert 1 <= tokens <= cap
         assert plan.height % uh == 0 and plan.width % uw == 0
         assert plan.height <= h and plan.width <= w
         idx = plan.frame_indices(t)
         assert len(idx) == plan.frames and idx[0] == 0 and (np.diff(idx) > 0).all() and idx[-1] < t
         if plan.height > uh and plan.width > uw:  # aspect ratio kept to within a patch
-            assert abs(plan.height / plan.width - h / w) <= (uh / plan.height + uw / plan.width) * h / w * 1.01
+            assert (
+                abs(plan.height / plan.width - h / w)
+                <= (uh / plan.height + uw / plan.width) * h / w * 1.01
+            )
     assert accepted > 250
 
 
@@ -148,10 +162,15 @@ def test_size_policy_fits_frames_to_whole_latent_patches():
     assert strided.stride == 4 and strided.frame_indices(7).tolist() == [0, 4]
 
 
-@pytest.mark.parametrize("shape, reason", [
-    ((3, 2, 30), "too_small"), ((0, 16, 16), "empty"), ((1, 16, 16), "too_short"),
-    ((4, 16, 40_000), "over_cap"),
-])
+@pytest.mark.parametrize(
+    "shape, reason",
+    [
+        ((3, 2, 30), "too_small"),
+        ((0, 16, 16), "empty"),
+        ((1, 16, 16), "too_short"),
+        ((4, 16, 40_000), "over_cap"),
+    ],
+)
 def test_size_policy_rejects_with_a_reason(shape, reason):
     with pytest.raises(pipeline.Rejected, match=reason) as e:
         pipeline.SizePolicy(patch=(2, 4, 4), max_tokens=128).plan(*shape)
@@ -159,13 +178,17 @@ def test_size_policy_rejects_with_a_reason(shape, reason):
 
 
 def _stats(element) -> dict[str, int]:
-    return dict(zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True))
+    return dict(
+        zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True)
+    )
 
 
 def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
     cfg = _cfg(frame_stride=1)
-    good = [{"video": np.full((4, 16, 16, 3), 10 * i, np.uint8), "caption": f"good {i}", "index": i}
-            for i in range(3)]
+    good = [
+        {"video": np.full((4, 16, 16, 3), 10 * i, np.uint8), "caption": f"good {i}", "index": i}
+        for i in range(3)
+    ]
     bad = [
         {"video": np.zeros((0, 16, 16, 3), np.uint8), "caption": "", "index": 10},  # empty
         {"video": np.zeros((4, 16, 16), np.uint8), "caption": "", "index": 11},  # bad shape
@@ -179,7 +202,10 @@ def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
     expected = np.array([0, 10, 20], np.float32) / 127.5 - 1
     np.testing.assert_array_equal([e["patches"][0, 0] for e in out], expected)
     counts = [_stats(e) for e in out]
-    assert counts[0]["rejected_empty"] == 1 and sum(v for k, v in counts[0].items() if "rejected" in k) == 1
+    assert (
+        counts[0]["rejected_empty"] == 1
+        and sum(v for k, v in counts[0].items() if "rejected" in k) == 1
+    )
     assert counts[1]["rejected_bad_shape"] == 1 and counts[1]["rejected_too_small"] == 1
     assert counts[2]["rejected_non_finite"] == 1
     total = {k: sum(c[k] for c in counts) for k in pipeline.STATS}
@@ -262,8 +288,12 @@ def test_token_drop_rates():
 
 def test_token_dropping_in_packed_rows():
     cfg = _drop_cfg("constant", 0.5)
-    cfg = pipeline.PipelineConfig(**{**cfg.__dict__, "packing": dataclasses.replace(
-        cfg.packing, max_samples=32, text_len=512)})  # halved samples: more of them fit a row
+    cfg = pipeline.PipelineConfig(
+        **{
+            **cfg.__dict__,
+            "packing": dataclasses.replace(cfg.packing, max_samples=32, text_len=512),
+        }
+    )  # halved samples: more of them fit a row
     b = next(iter(pipeline.build(cfg)))
     stats = _stats(b)
     kept = int((b["segment_ids"] > 0).sum())

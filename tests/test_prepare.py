@@ -28,7 +28,7 @@ def _clip(frames: int, color, seed: int) -> np.ndarray:
     video = np.zeros((frames, H, W, 3), np.uint8)
     video[...] = rng.integers(30, 60, size=3, dtype=np.uint8)
     for t in range(frames):
-        video[t, 8:24, 4 + 6 * t: 20 + 6 * t] = color
+        video[t, 8:24, 4 + 6 * t : 20 + 6 * t] = color
     return video
 
 
@@ -53,13 +53,21 @@ def media(tmp_path_factory):
     (src / "broken" / "text.mkv").write_text("not a video at all\n")
     (src / "notes.csv").write_text("a,b\n1,2\n")
     captions = root / "captions.jsonl"
-    captions.write_text(json.dumps({"file": "anim.gif", "caption": "a blue square moves right"})
-                        + "\n\n" + json.dumps({"file": "gone.mp4", "caption": "no such file"}) + "\n")
+    captions.write_text(
+        json.dumps({"file": "anim.gif", "caption": "a blue square moves right"})
+        + "\n\n"
+        + json.dumps({"file": "gone.mp4", "caption": "no such file"})
+        + "\n"
+    )
     return src, captions, videos
 
 
-BAD = {"broken/trunc.mp4": "decode_error", "broken/empty.webm": "empty_file",
-       "broken/text.mkv": "decode_error", "notes.csv": "not_media"}
+BAD = {
+    "broken/trunc.mp4": "decode_error",
+    "broken/empty.webm": "empty_file",
+    "broken/text.mkv": "decode_error",
+    "notes.csv": "not_media",
+}
 
 
 def _read_all(out) -> list[dict]:
@@ -73,8 +81,10 @@ def test_prepare_writes_good_files_and_lists_bad_ones(media, tmp_path):
     manifest = prep.prepare(str(src), str(out), str(captions), prep.PrepareOptions(shard_size=2))
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["written"] == 3 and manifest["frames"] == 5 + 3 + 1
-    assert manifest["shards"] == [{"file": "shard-00000.array_record", "records": 2},
-                                  {"file": "shard-00001.array_record", "records": 1}]
+    assert manifest["shards"] == [
+        {"file": "shard-00000.array_record", "records": 2},
+        {"file": "shard-00001.array_record", "records": 1},
+    ]
     assert {s["file"]: s["reason"] for s in manifest["skipped"]} == BAD
     assert manifest["skipped_count"] == 4
     assert manifest["skipped_by_reason"] == {"decode_error": 2, "empty_file": 1, "not_media": 1}
@@ -85,7 +95,11 @@ def test_prepare_writes_good_files_and_lists_bad_ones(media, tmp_path):
 
     got = _read_all(out)  # sorted by path: anim.gif, clips/red.mp4, still.png
     assert [e["source"] for e in got] == ["anim.gif", "clips/red.mp4", "still.png"]
-    assert [e["caption"] for e in got] == ["a blue square moves right", "a red square moves right", ""]
+    assert [e["caption"] for e in got] == [
+        "a blue square moves right",
+        "a red square moves right",
+        "",
+    ]
     np.testing.assert_array_equal(got[0]["video"], videos["anim.gif"])  # GIF: few colours, exact
     np.testing.assert_array_equal(got[2]["video"], videos["still.png"])
     mp4 = got[1]["video"]
@@ -104,14 +118,17 @@ def test_prepare_writes_good_files_and_lists_bad_ones(media, tmp_path):
 
 def test_prepare_downsizes_and_caps_frames(media, tmp_path):
     src, _, videos = media
-    manifest = prep.prepare(str(src), str(tmp_path / "out"),
-                            options=prep.PrepareOptions(max_frames=3, max_side=24))
+    manifest = prep.prepare(
+        str(src), str(tmp_path / "out"), options=prep.PrepareOptions(max_frames=3, max_side=24)
+    )
     assert manifest["written"] == 3
     got = {e["source"]: e for e in _read_all(tmp_path / "out")}
     assert got["clips/red.mp4"]["video"].shape == (3, 16, 24, 3)  # first 3 of 5, aspect kept
     assert got["anim.gif"]["video"].shape == (3, 16, 24, 3)
     assert got["still.png"]["video"].shape == (1, 16, 24, 3)
-    expected = np.asarray(Image.fromarray(videos["still.png"][0]).resize((24, 16), Image.Resampling.BOX))
+    expected = np.asarray(
+        Image.fromarray(videos["still.png"][0]).resize((24, 16), Image.Resampling.BOX)
+    )
     np.testing.assert_array_equal(got["still.png"]["video"][0], expected)
     assert manifest["captions"]["sidecar"] == 1  # the sidecar still applies
 
@@ -121,8 +138,9 @@ def test_prepare_mp4_encoding(media, tmp_path):
     record whose MP4 does not decode is an error for RecordsSource to turn into decode_error."""
     src, _, videos = media
     raw = prep.prepare(str(src), str(tmp_path / "raw"), options=prep.PrepareOptions(max_side=47))
-    mp4 = prep.prepare(str(src), str(tmp_path / "mp4"),
-                       options=prep.PrepareOptions(max_side=47, encoding="mp4"))
+    mp4 = prep.prepare(
+        str(src), str(tmp_path / "mp4"), options=prep.PrepareOptions(max_side=47, encoding="mp4")
+    )
     assert mp4["written"] == raw["written"] == 3 and mp4["options"]["encoding"] == "mp4"
     exact = {e["source"]: e["video"] for e in _read_all(tmp_path / "raw")}
     got = {e["source"]: e["video"] for e in _read_all(tmp_path / "mp4")}
@@ -145,14 +163,20 @@ def test_prepare_mp4_encoding(media, tmp_path):
 
 def test_worker_processes_write_the_same_shards(media, tmp_path):
     src, captions, _ = media
-    alone = prep.prepare(str(src), str(tmp_path / "alone"), str(captions),
-                         prep.PrepareOptions(shard_size=2))
-    pooled = prep.prepare(str(src), str(tmp_path / "pooled"), str(captions),
-                          prep.PrepareOptions(shard_size=2, workers=2))
+    alone = prep.prepare(
+        str(src), str(tmp_path / "alone"), str(captions), prep.PrepareOptions(shard_size=2)
+    )
+    pooled = prep.prepare(
+        str(src),
+        str(tmp_path / "pooled"),
+        str(captions),
+        prep.PrepareOptions(shard_size=2, workers=2),
+    )
     assert {**pooled, "options": None} == {**alone, "options": None}
     for shard in alone["shards"]:
-        assert (tmp_path / "alone" / shard["file"]).read_bytes() == \
-            (tmp_path / "pooled" / shard["file"]).read_bytes()
+        assert (tmp_path / "alone" / shard["file"]).read_bytes() == (
+            tmp_path / "pooled" / shard["file"]
+        ).read_bytes()
 
 
 def test_fit_side_keeps_the_aspect_ratio():
@@ -171,8 +195,14 @@ def test_bad_captions_file_names_the_line(media, tmp_path):
 
 def _prepare_cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "vdit.cli", "prepare", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vdit.cli", "prepare", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_prepare_cli(media, tmp_path):
@@ -181,7 +211,11 @@ def test_prepare_cli(media, tmp_path):
     proc = _prepare_cli(f"--input={src}", f"--out={out}", f"--captions={captions}", "--max_side=24")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "out": str(out), "written": 3, "skipped": 4, "shards": 1}
+        "out": str(out),
+        "written": 3,
+        "skipped": 4,
+        "shards": 1,
+    }
     for name, reason in BAD.items():
         assert f"{name}: {reason}" in proc.stdout
     assert json.loads((out / "manifest.json").read_text())["options"]["max_side"] == 24
@@ -204,7 +238,11 @@ def _pipeline_cfg(**data):
 
 
 def _unpacked(batch) -> list[dict]:
-    return [s for r in range(batch["segment_ids"].shape[0]) for s in packing.unpack_row(batch, r, (1, 4, 4))]
+    return [
+        s
+        for r in range(batch["segment_ids"].shape[0])
+        for s in packing.unpack_row(batch, r, (1, 4, 4))
+    ]
 
 
 def test_training_reads_prepared_records(media, tmp_path):
@@ -223,10 +261,14 @@ def test_training_reads_prepared_records(media, tmp_path):
         np.testing.assert_array_equal(s["latent"], stored[caption])  # 16x24: whole patches, kept
         seen.add(caption)
     assert seen == set(stored)
-    stats = dict(zip(pipeline.STATS, batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True))
+    stats = dict(
+        zip(pipeline.STATS, batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True)
+    )
     assert stats["rejected_decode_error"] == 0
     # A glob of shards works as well as the folder.
-    glob_cfg = _pipeline_cfg(**{"source": "records", "records.path": str(out / "shard-*.array_record")})
+    glob_cfg = _pipeline_cfg(
+        **{"source": "records", "records.path": str(out / "shard-*.array_record")}
+    )
     assert len(pipeline.make_source(glob_cfg)) == 3
 
 
@@ -245,7 +287,9 @@ def test_a_corrupt_record_is_a_counted_rejection(tmp_path, caplog):
     assert source[1]["caption"] == "good" and source[1]["fps"] == 8.0
     cfg = _pipeline_cfg()
     with caplog.at_level("WARNING"):
-        out = list(pipeline.prepare_samples(grain.MapDataset.source([source[i] for i in (0, 2, 1)]), cfg))
+        out = list(
+            pipeline.prepare_samples(grain.MapDataset.source([source[i] for i in (0, 2, 1)]), cfg)
+        )
     assert len(out) == 1
     assert out[0]["stats"][0, pipeline.STATS.index("rejected_decode_error")] == 2
     assert "sample 0 rejected: decode_error" in caplog.text
@@ -273,7 +317,10 @@ TFDS_CAPTIONS = ("red", "blue")
 def _tfds_examples():
     for i in range(4):
         video = _clip(2 + i % 2, (200, 40 * i, 40), 10 + i)[:, :16, :24]
-        yield i, {"video": video, "gray": video[..., :1], "label": i % 2, "text": f"clip number {i}"}
+        yield (
+            i,
+            {"video": video, "gray": video[..., :1], "label": i % 2, "text": f"clip number {i}"},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +331,19 @@ def tfds_dir(tmp_path_factory):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "video": tfds.features.Tensor(shape=(None, 16, 24, 3), dtype=np.uint8,
-                                              encoding="zlib"),
-                "gray": tfds.features.Tensor(shape=(None, 16, 24, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=TFDS_CAPTIONS),
-                "text": tfds.features.Text(),
-            }))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "video": tfds.features.Tensor(
+                            shape=(None, 16, 24, 3), dtype=np.uint8, encoding="zlib"
+                        ),
+                        "gray": tfds.features.Tensor(shape=(None, 16, 24, 1), dtype=np.uint8),
+                        "label": tfds.features.ClassLabel(names=TFDS_CAPTIONS),
+                        "text": tfds.features.Text(),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -305,33 +358,68 @@ def tfds_dir(tmp_path_factory):
 
 def test_tfds_source_maps_features(tfds_dir):
     expected = dict(_tfds_examples())
-    cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_test_clips", "tfds.data_dir": tfds_dir,
-                           "tfds.caption_key": "label", "tfds.fps": 12.0})
+    cfg = _pipeline_cfg(
+        **{
+            "source": "tfds",
+            "tfds.name": "vdit_test_clips",
+            "tfds.data_dir": tfds_dir,
+            "tfds.caption_key": "label",
+            "tfds.fps": 12.0,
+        }
+    )
     source = pipeline.make_source(cfg)
     assert len(source) == 4
     for i in range(4):
         e = source[i]
         want = next(v for v in expected.values() if np.array_equal(v["video"], e["video"]))
         assert e["caption"] == TFDS_CAPTIONS[want["label"]] and e["fps"] == 12.0
-    text = pipeline.make_source(_pipeline_cfg(**{
-        "source": "tfds", "tfds.name": "vdit_test_clips", "tfds.data_dir": tfds_dir,
-        "tfds.video_key": "gray", "tfds.caption_key": "text"}))
+    text = pipeline.make_source(
+        _pipeline_cfg(
+            **{
+                "source": "tfds",
+                "tfds.name": "vdit_test_clips",
+                "tfds.data_dir": tfds_dir,
+                "tfds.video_key": "gray",
+                "tfds.caption_key": "text",
+            }
+        )
+    )
     e = text[0]
     assert e["caption"].startswith("clip number ") and "fps" not in e
     assert e["video"].shape[-1] == 3 and (e["video"] == e["video"][..., :1]).all()  # gray -> RGB
     with pytest.raises(ValueError, match=r"data.tfds.video_key='frames'.*\['gray', 'label'"):
-        pipeline.make_source(_pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_test_clips",
-                                              "tfds.data_dir": tfds_dir, "tfds.video_key": "frames"}))
-    with pytest.raises(ValueError, match=r"data.tfds.name='vdit_missing_clips'.*nothing is downloaded"):
-        pipeline.make_source(_pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_missing_clips",
-                                              "tfds.data_dir": tfds_dir}))
+        pipeline.make_source(
+            _pipeline_cfg(
+                **{
+                    "source": "tfds",
+                    "tfds.name": "vdit_test_clips",
+                    "tfds.data_dir": tfds_dir,
+                    "tfds.video_key": "frames",
+                }
+            )
+        )
+    with pytest.raises(
+        ValueError, match=r"data.tfds.name='vdit_missing_clips'.*nothing is downloaded"
+    ):
+        pipeline.make_source(
+            _pipeline_cfg(
+                **{"source": "tfds", "tfds.name": "vdit_missing_clips", "tfds.data_dir": tfds_dir}
+            )
+        )
 
 
 def test_training_reads_a_tfds_dataset(tfds_dir):
-    cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_test_clips", "tfds.data_dir": tfds_dir,
-                           "tfds.caption_key": "text"})
-    by_caption = {f"clip number {i}": ex["video"].astype(np.float32) / 127.5 - 1
-                  for i, ex in _tfds_examples()}
+    cfg = _pipeline_cfg(
+        **{
+            "source": "tfds",
+            "tfds.name": "vdit_test_clips",
+            "tfds.data_dir": tfds_dir,
+            "tfds.caption_key": "text",
+        }
+    )
+    by_caption = {
+        f"clip number {i}": ex["video"].astype(np.float32) / 127.5 - 1 for i, ex in _tfds_examples()
+    }
     samples = _unpacked(next(iter(pipeline.build(cfg))))
     assert len(samples) >= 4
     for s in samples:
@@ -348,11 +436,17 @@ def test_tfds_mock_data_feeds_training():
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "video": tfds.features.Tensor(shape=(None, 16, 24, 3), dtype=np.uint8,
-                                              encoding="zlib"),
-                "label": tfds.features.ClassLabel(names=TFDS_CAPTIONS),
-            }))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "video": tfds.features.Tensor(
+                            shape=(None, 16, 24, 3), dtype=np.uint8, encoding="zlib"
+                        ),
+                        "label": tfds.features.ClassLabel(names=TFDS_CAPTIONS),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             raise AssertionError("mock data is generated, never prepared")
@@ -360,8 +454,9 @@ def test_tfds_mock_data_feeds_training():
         def _generate_examples(self):
             raise AssertionError("mock data is generated, never prepared")
 
-    cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "vdit_mock_clips",
-                           "tfds.caption_key": "label"})
+    cfg = _pipeline_cfg(
+        **{"source": "tfds", "tfds.name": "vdit_mock_clips", "tfds.caption_key": "label"}
+    )
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         source = pipeline.make_source(cfg)
         assert len(source) == 6
@@ -389,10 +484,20 @@ def test_vdit_train_on_prepared_videos(media, tmp_path):
 
     src, captions, _ = media
     out, workdir = tmp_path / "out", tmp_path / "run"
-    assert _prepare_cli(f"--input={src}", f"--out={out}", f"--captions={captions}",
-                        "--max_side=24").returncode == 0
-    proc = _vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2",
-                 "--config.data.source=records", f"--config.data.records.path={out}")
+    assert (
+        _prepare_cli(
+            f"--input={src}", f"--out={out}", f"--captions={captions}", "--max_side=24"
+        ).returncode
+        == 0
+    )
+    proc = _vdit(
+        "train",
+        *TINY_FLAGS,
+        f"--workdir={workdir}",
+        "--config.train.steps=2",
+        "--config.data.source=records",
+        f"--config.data.records.path={out}",
+    )
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert np.isfinite(final["loss"]) and final["skipped_steps"] == 0
     assert final["samples_per_s"] > 0

@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 from vdit.ops.attention import attention
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]')",
 )
 
 TOPOLOGY = "v5p:2x2x1"  # four chips, one host
@@ -48,8 +49,13 @@ def test_splash_attention_compiles_for_tpu(tpu_devices):
     x = jax.ShapeDtypeStruct((b, length, h, d), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
     ids = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=NamedSharding(mesh, spec_ids))
     fn = functools.partial(attention, impl="auto", block_q=512, block_kv=512, platform="tpu")
-    sharded = jax.shard_map(lambda q, k, v, ids: fn(q, k, v, ids, ids), mesh=mesh,
-                            in_specs=(spec, spec, spec, spec_ids), out_specs=spec, check_vma=False)
+    sharded = jax.shard_map(
+        lambda q, k, v, ids: fn(q, k, v, ids, ids),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, spec_ids),
+        out_specs=spec,
+        check_vma=False,
+    )
 
     def loss(q, k, v, ids):
         return jnp.sum(sharded(q, k, v, ids).astype(jnp.float32) ** 2)
@@ -86,7 +92,9 @@ def test_train_step_with_splash_compiles_for_tpu(tpu_devices):
     trainer = step_lib.make_trainer(c, tpu_devices)
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     abstract_batch = {
-        k: jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype, sharding=shardings[k])
+        k: jax.ShapeDtypeStruct(
+            np.shape(batch[k]), np.asarray(batch[k]).dtype, sharding=shardings[k]
+        )
         for k in pipeline.DEVICE_KEYS
     }
     step = trainer.jit_train_step(shardings)

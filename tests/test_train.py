@@ -24,7 +24,9 @@ def _run_steps(c, devices, batch, n=1):
     state = trainer.init_state()
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     gbatch = pipeline.to_global(batch, shardings)
-    grads = jax.jit(jax.grad(lambda p: trainer.loss_fn(p, gbatch, state["step"])[0]))(state["params"])
+    grads = jax.jit(jax.grad(lambda p: trainer.loss_fn(p, gbatch, state["step"])[0]))(
+        state["params"]
+    )
     train_step = trainer.jit_train_step(shardings)
     losses = []
     for _ in range(n):
@@ -74,11 +76,15 @@ def one_device():
     return c, batch, _loss_and_grads(c.copy_and_resolve_references(), jax.devices()[:1], batch)
 
 
-@pytest.mark.parametrize("mesh", [
-    pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
-    pytest.param((2, 2, 2, 1), marks=pytest.mark.slow),
-    (1, 2, 1, 4),  # sequence parallelism, in the default suite
-], ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
+        pytest.param((2, 2, 2, 1), marks=pytest.mark.slow),
+        (1, 2, 1, 4),  # sequence parallelism, in the default suite
+    ],
+    ids=lambda m: "x".join(map(str, m)),
+)
 def test_loss_and_grads_equal_across_meshes(one_device, mesh):
     """(data, fsdp, tensor, sequence) meshes of 8 devices == 1 device (and (2, 4, 1, 1) above).
     With sequence=4 every device attends its own quarter of each row's queries."""
@@ -106,9 +112,13 @@ def test_nan_batch_is_skipped_and_counted():
     state, metrics = train_step(state, pipeline.to_global(bad, shardings))
     assert not bool(metrics["finite"])
     assert int(state["skipped"]) == 1 and int(state["step"]) == 1
-    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(state["opt_state"]), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(before["opt_state"]), jax.tree.leaves(state["opt_state"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     # A good batch afterwards trains normally.
     state, metrics = train_step(state, pipeline.to_global(batch, shardings))

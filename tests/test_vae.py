@@ -16,8 +16,14 @@ from vdit.models import vae
 from vdit.train import vae_train
 
 # ct = 4 (two time-halving levels), 4x4 in space, 4 channels: every path of the full network, tiny.
-TINY = vae.VAEConfig(base_channels=4, channel_mults=(1, 1, 1), temporal_down=(True, True),
-                     blocks_per_level=1, latent_channels=4, groups=2)
+TINY = vae.VAEConfig(
+    base_channels=4,
+    channel_mults=(1, 1, 1),
+    temporal_down=(True, True),
+    blocks_per_level=1,
+    latent_channels=4,
+    groups=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,15 @@ def test_image_is_a_one_frame_video(model):
     np.testing.assert_allclose(np.asarray(first[:, :1]), np.asarray(mean), atol=1e-6)
 
 
-@pytest.mark.parametrize("frames, height, width, latent", [
-    (17, 40, 56, (5, 5, 7)), (1, 8, 8, (1, 1, 1)), (18, 40, 56, (5, 5, 7)), (4, 16, 24, (1, 2, 3)),
-])
+@pytest.mark.parametrize(
+    "frames, height, width, latent",
+    [
+        (17, 40, 56, (5, 5, 7)),
+        (1, 8, 8, (1, 1, 1)),
+        (18, 40, 56, (5, 5, 7)),
+        (4, 16, 24, (1, 2, 3)),
+    ],
+)
 def test_shapes_of_the_default_network(frames, height, width, latent):
     """Default config (4x8x8, 16 channels), shapes only (abstract evaluation, nothing compiles)."""
     cfg = vae.VAEConfig()
@@ -93,24 +105,34 @@ def test_chunked_equals_full(model):
 
 def test_groupnorm_and_attention_stay_causal_and_chunkable():
     """Per-frame GroupNorm and per-frame attention: still causal, chunked still == full."""
-    cfg = vae.VAEConfig(base_channels=4, channel_mults=(1, 1), temporal_down=(True,),
-                        blocks_per_level=1, latent_channels=4, norm="group", groups=2,
-                        mid_attention=True, pad_mode="zeros")
+    cfg = vae.VAEConfig(
+        base_channels=4,
+        channel_mults=(1, 1),
+        temporal_down=(True,),
+        blocks_per_level=1,
+        latent_channels=4,
+        norm="group",
+        groups=2,
+        mid_attention=True,
+        pad_mode="zeros",
+    )
     m = vae.CausalVAE3D(cfg, rngs=nnx.Rngs(1))
     x = _video(7, (1, 7, 8, 8, 3))  # ct = 2: 4 latent frames
     mean, _ = vae._encode_full(m, x)
     changed, _ = vae._encode_full(m, x.at[:, 3].set(0.5))  # first seen by latent frame 2
     np.testing.assert_array_equal(np.asarray(changed[:, :2]), np.asarray(mean[:, :2]))
     assert np.abs(np.asarray(changed[:, 2:] - mean[:, 2:])).max() > 1e-4
-    np.testing.assert_allclose(np.asarray(vae.encode_chunked(m, x, 2)[0]), np.asarray(mean),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(vae.encode_chunked(m, x, 2)[0]), np.asarray(mean), atol=2e-5
+    )
 
 
 def test_tiled_is_exact_when_the_overlap_margin_covers_the_receptive_field():
     """One level (no downsampling): the encoder sees 8 pixels around, the decoder 10. The outer
     quarter of an overlap is not blended in, so with overlap // 4 >= that radius, tiled == full."""
-    cfg = vae.VAEConfig(base_channels=4, channel_mults=(1,), temporal_down=(), blocks_per_level=1,
-                        latent_channels=4)
+    cfg = vae.VAEConfig(
+        base_channels=4, channel_mults=(1,), temporal_down=(), blocks_per_level=1, latent_channels=4
+    )
     m = vae.CausalVAE3D(cfg, rngs=nnx.Rngs(0))
     x = _video(5, (1, 2, 56, 56, 3))
     mean, _ = vae._encode_full(m, x)
@@ -147,7 +169,9 @@ def test_blend_weights():
     w = vae.blend_ramp(12, 8, left=True, right=False)
     np.testing.assert_array_equal(w[:2], 0.0)  # outer quarter of the overlap
     assert np.all(np.diff(w[:8]) >= 0) and np.all(w[8:] == 1.0)
-    both = vae.blend_ramp(12, 8, left=False, right=True)[4:] + vae.blend_ramp(12, 8, True, False)[:8]
+    both = (
+        vae.blend_ramp(12, 8, left=False, right=True)[4:] + vae.blend_ramp(12, 8, True, False)[:8]
+    )
     np.testing.assert_allclose(both, 1.0, atol=1e-6)  # the two sides of an overlap cross-fade
 
 
@@ -166,8 +190,9 @@ def test_latent_statistics_normalise_latents(model):
 def test_psnr_and_ssim():
     x = np.asarray(_video(20, (2, 3, 16, 16, 3)))
     assert float(vae_train.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
-    assert float(vae_train.psnr(x * 0.5, x * 0.5 + 0.1)) == pytest.approx(10 * np.log10(4 / 0.01),
-                                                                            abs=1e-3)
+    assert float(vae_train.psnr(x * 0.5, x * 0.5 + 0.1)) == pytest.approx(
+        10 * np.log10(4 / 0.01), abs=1e-3
+    )
     noisy = [x + s * np.asarray(_video(21, x.shape)) for s in (0.05, 0.2, 0.5)]
     ssims = [float(vae_train.ssim(n, x)) for n in noisy]
     assert ssims[0] > ssims[1] > ssims[2] > -1.0
@@ -202,28 +227,31 @@ def vae_tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda c: setattr(c.vae, "temporal_down", (True,)), "vae.temporal_down"),
-    (lambda c: setattr(c.vae, "channel_mults", ()), "vae.channel_mults"),
-    (lambda c: setattr(c.vae, "norm", "batch"), "vae.norm"),
-    (lambda c: setattr(c.vae, "pad_mode", "reflect"), "vae.pad_mode"),
-    (lambda c: setattr(c.vae, "temporal_kernel", 1), "vae.temporal_kernel"),
-    (lambda c: setattr(c.vae, "latent_channels", 0), "vae.latent_channels"),
-    (lambda c: setattr(c.loss, "kl_weight", -1.0), "loss.kl_weight"),
-    (lambda c: setattr(c.data, "size_choices", ((20, 16),)), "data.size_choices"),
-    (lambda c: setattr(c.data, "frame_choices", (1, 5)), "data.frame_choices"),
-    (lambda c: setattr(c.data, "max_pixels", 100), "data.max_pixels"),
-    (lambda c: setattr(c.data, "image_fraction", 2.0), "data.image_fraction"),
-    (lambda c: setattr(c.train, "video_samples", 9), "train.video_samples"),
-    (lambda c: setattr(c.data, "source", "web"), "data.source"),
-    (lambda c: setattr(c.data, "pan_fraction", -0.1), "data.pan_fraction"),
-    (lambda c: setattr(c.data, "source", "records"), "data.records.path"),
-    (lambda c: setattr(c.loss, "disc_weight", -1.0), "loss.disc_weight"),
-    (lambda c: setattr(c.disc, "layers", 0), "disc.layers"),
-    (lambda c: setattr(c.disc, "b1", 1.0), "disc.b1"),
-    (lambda c: setattr(c.mesh, "data", 3), "mesh"),
-    (lambda c: setattr(c, "kind", "gan"), "kind"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda c: setattr(c.vae, "temporal_down", (True,)), "vae.temporal_down"),
+        (lambda c: setattr(c.vae, "channel_mults", ()), "vae.channel_mults"),
+        (lambda c: setattr(c.vae, "norm", "batch"), "vae.norm"),
+        (lambda c: setattr(c.vae, "pad_mode", "reflect"), "vae.pad_mode"),
+        (lambda c: setattr(c.vae, "temporal_kernel", 1), "vae.temporal_kernel"),
+        (lambda c: setattr(c.vae, "latent_channels", 0), "vae.latent_channels"),
+        (lambda c: setattr(c.loss, "kl_weight", -1.0), "loss.kl_weight"),
+        (lambda c: setattr(c.data, "size_choices", ((20, 16),)), "data.size_choices"),
+        (lambda c: setattr(c.data, "frame_choices", (1, 5)), "data.frame_choices"),
+        (lambda c: setattr(c.data, "max_pixels", 100), "data.max_pixels"),
+        (lambda c: setattr(c.data, "image_fraction", 2.0), "data.image_fraction"),
+        (lambda c: setattr(c.train, "video_samples", 9), "train.video_samples"),
+        (lambda c: setattr(c.data, "source", "web"), "data.source"),
+        (lambda c: setattr(c.data, "pan_fraction", -0.1), "data.pan_fraction"),
+        (lambda c: setattr(c.data, "source", "records"), "data.records.path"),
+        (lambda c: setattr(c.loss, "disc_weight", -1.0), "loss.disc_weight"),
+        (lambda c: setattr(c.disc, "layers", 0), "disc.layers"),
+        (lambda c: setattr(c.disc, "b1", 1.0), "disc.b1"),
+        (lambda c: setattr(c.mesh, "data", 3), "mesh"),
+        (lambda c: setattr(c, "kind", "gan"), "kind"),
+    ],
+)
 def test_validation_names_the_field(change, field):
     c = load_config_module(os.path.join(ROOT, "configs", "vae.py")).get_config()
     change(c)
@@ -285,8 +313,9 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     train_and_evaluate(c, str(tmp_path / "resumed"))
     _, full = vae_train.load_vae(tmp_path / "full", use_ema=False)
     _, resumed = vae_train.load_vae(tmp_path / "resumed", use_ema=False)
-    for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
@@ -306,8 +335,9 @@ def test_training_on_photos_and_records_logs_their_metrics(tmp_path, source):
     if source == "records":
         rng = np.random.default_rng(0)
         videos = [rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8) for _ in range(6)]
-        c.data.records.path = write_shards(tmp_path / "shards", videos + [flat_video(9)],
-                                           corrupt={1})
+        c.data.records.path = write_shards(
+            tmp_path / "shards", videos + [flat_video(9)], corrupt={1}
+        )
     c.train.steps = 4
     c.train.log_every = 2
     c.train.eval_every = 4
@@ -342,11 +372,12 @@ def _one_device_trainer(c):
 def test_no_discriminator_state_when_the_weight_is_0():
     c = disc_tiny_config(disc_weight=0.0)
     trainer = _one_device_trainer(c)
-    assert set(trainer.abstract_state) == {"params", "opt_state", "ema", "stats", "step",
-                                           "skipped"}
+    assert set(trainer.abstract_state) == {"params", "opt_state", "ema", "stats", "step", "skipped"}
     with_disc = _one_device_trainer(disc_tiny_config())
-    assert set(with_disc.abstract_state) - set(trainer.abstract_state) == {"disc_params",
-                                                                           "disc_opt_state"}
+    assert set(with_disc.abstract_state) - set(trainer.abstract_state) == {
+        "disc_params",
+        "disc_opt_state",
+    }
     assert with_disc.disc(with_disc.abstract_state["disc_params"]) is not None
 
 
@@ -378,13 +409,17 @@ def test_discriminator_waits_for_disc_start_then_trains():
     s_off, m_off = step_off(s_off, video)
     assert float(m_on["disc_active"]) == 1.0 and np.isfinite(float(m_on["d_loss"]))
     assert float(m_on["loss"]) == pytest.approx(
-        float(m_off["loss"]) + 0.5 * float(m_on["g_adv"]), rel=1e-4, abs=1e-5)
+        float(m_off["loss"]) + 0.5 * float(m_on["g_adv"]), rel=1e-4, abs=1e-5
+    )
     assert abs(float(m_on["g_adv"])) > 1e-4  # the adversarial term is there
     # every kernel moves (the last bias's hinge gradient is exactly 0 while every logit is within
     # the margins: -P(real < 1) + P(fake > -1) = -1 + 1)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(s_on["disc_params"]))[0]
-    kernels = [(leaf, b) for (path, leaf), b in zip(flat, jax.tree.leaves(disc0), strict=True)
-               if "kernel" in jax.tree_util.keystr(path)]
+    kernels = [
+        (leaf, b)
+        for (path, leaf), b in zip(flat, jax.tree.leaves(disc0), strict=True)
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
     assert len(kernels) == 3 and all(np.abs(a - b).max() > 0 for a, b in kernels)
     assert int(s_on["step"]) == 2 and int(s_on["skipped"]) == 0
 
@@ -403,13 +438,15 @@ def test_patch_discriminator_shapes_and_hinge_loss():
     assert np.abs(np.asarray(y[:, 1] - logits[:, 1])).max() > 0
     # causal 3D: a frame's logits see earlier frames, never later ones
     d3 = discriminator.PatchDiscriminator(
-        discriminator.DiscConfig(channels=4, layers=2, temporal_kernel=2), rngs=nnx.Rngs(0))
+        discriminator.DiscConfig(channels=4, layers=2, temporal_kernel=2), rngs=nnx.Rngs(0)
+    )
     a, b = d3(x), d3(x.at[:, 1].set(0.0))
     np.testing.assert_array_equal(np.asarray(a[:, 0]), np.asarray(b[:, 0]))
     assert np.abs(np.asarray(a[:, 2] - b[:, 2])).max() > 0
     hinge = discriminator.hinge_d_loss
     assert float(hinge(jnp.array([2.0, 0.5]), jnp.array([-3.0, 0.0]))) == pytest.approx(
-        (0.0 + 0.5) / 2 + (0.0 + 1.0) / 2)
+        (0.0 + 0.5) / 2 + (0.0 + 1.0) / 2
+    )
 
 
 def _final_state(workdir, c):
@@ -464,8 +501,12 @@ def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
         g_rec = last(jax.grad(lambda p: on._gan_parts(p, *args)[4])(params))
         g_adv = last(jax.grad(lambda p: on._gan_parts(p, *args)[5])(params))
         loss, _, _, _, _, adv = on._gan_parts(params, *args)
-        return (on.adaptive_weight(params, *args),
-                jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), loss, adv)
+        return (
+            on.adaptive_weight(params, *args),
+            jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4),
+            loss,
+            adv,
+        )
 
     w, expected, loss, adv = both(state["params"])
     assert float(w) == pytest.approx(float(expected), rel=1e-4)

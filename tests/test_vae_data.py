@@ -11,9 +11,14 @@ pytest.importorskip("skimage")
 
 from vdit.data import pan, records, vae_data  # noqa: E402
 
-BASE = vae_data.VAEDataConfig(frame_choices=(5, 9), image_fraction=0.3,
-                              size_choices=((16, 16), (16, 32), (24, 40)), batch_size=3,
-                              max_pixels=3 * 9 * 24 * 40, eval_samples=2)
+BASE = vae_data.VAEDataConfig(
+    frame_choices=(5, 9),
+    image_fraction=0.3,
+    size_choices=((16, 16), (16, 32), (24, 40)),
+    batch_size=3,
+    max_pixels=3 * 9 * 24 * 40,
+    eval_samples=2,
+)
 
 
 def write_shards(directory, videos, corrupt=()):
@@ -66,16 +71,19 @@ def test_mixed_mixes_and_synthetic_is_unchanged_by_the_new_sources():
     assert 0 < len(spy) < n
     # the same shapes as the procedural stream of the same seed: the step's shape is drawn first
     for k in range(8):
-        assert (vae_data.batch_at(cfg, k).shape[1:]
-                == vae_data.batch_at(dataclasses.replace(cfg, source="synthetic"), k).shape[1:])
+        assert (
+            vae_data.batch_at(cfg, k).shape[1:]
+            == vae_data.batch_at(dataclasses.replace(cfg, source="synthetic"), k).shape[1:]
+        )
 
 
 def test_heldout_photos_are_never_trained_on(monkeypatch):
     held = {id(p) for p in pan.photos(pan.HELDOUT).values()}
     seen = []
     real = pan.pan_video
-    monkeypatch.setattr(pan, "pan_video", lambda photo, *a, **k: seen.append(id(photo))
-                        or real(photo, *a, **k))
+    monkeypatch.setattr(
+        pan, "pan_video", lambda photo, *a, **k: seen.append(id(photo)) or real(photo, *a, **k)
+    )
     for k in range(20):
         vae_data.batch_at(dataclasses.replace(BASE, source="pan"), k)
     assert len(set(seen)) > 3 and not set(seen) & held
@@ -116,8 +124,9 @@ def test_records_batches_skip_and_count_bad_records(tmp_path, caplog):
 
 def test_records_clip_is_a_window_of_the_video(tmp_path):
     """A record of frames 0..8 whose pixel values encode the frame: the clip is consecutive frames."""
-    video = np.broadcast_to(np.arange(9, dtype=np.uint8)[:, None, None, None] * 20,
-                            (9, 24, 40, 3)).copy()
+    video = np.broadcast_to(
+        np.arange(9, dtype=np.uint8)[:, None, None, None] * 20, (9, 24, 40, 3)
+    ).copy()
     clip, why = vae_data.record_clip({"video": video}, 5, 16, 32, np.random.default_rng(0))
     assert why == "" and clip.shape == (5, 16, 32, 3)
     first = int(clip[0, 0, 0, 0]) // 20

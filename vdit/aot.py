@@ -114,13 +114,15 @@ def _default_shape(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-_TOPOLOGY_HELP = ("expected GEN:AxB[xC] (e.g. v5p:2x2x1, v6e:2x2) or GEN-N as in accelerator types "
-                  "(v4-8, v5p-8: N TensorCores, 2 per chip; v5e-8 or v5litepod-8, v6e-8: N chips) "
-                  f"with GEN in {sorted(CHIPS) + sorted(_ALIASES)}")
+_TOPOLOGY_HELP = (
+    "expected GEN:AxB[xC] (e.g. v5p:2x2x1, v6e:2x2) or GEN-N as in accelerator types "
+    "(v4-8, v5p-8: N TensorCores, 2 per chip; v5e-8 or v5litepod-8, v6e-8: N chips) "
+    f"with GEN in {sorted(CHIPS) + sorted(_ALIASES)}"
+)
 
 
 def parse_topology(name: str) -> Topology:
-    """"v5p:2x2x1" or "v5p-8" -> Topology(v5p, (2, 2, 1)); ValueError for anything else."""
+    """ "v5p:2x2x1" or "v5p-8" -> Topology(v5p, (2, 2, 1)); ValueError for anything else."""
     m = re.fullmatch(r"(v\w+?)(?::(\d+(?:x\d+)*)|-(\d+))", name.strip())
     gen = None if m is None else _ALIASES.get(m.group(1), m.group(1))
     if m is None or gen not in CHIPS:
@@ -129,13 +131,16 @@ def parse_topology(name: str) -> Topology:
     if m.group(2) is not None:
         shape = tuple(int(x) for x in m.group(2).split("x"))
         if len(shape) != chip.torus_dims or min(shape) < 1:
-            raise ValueError(f"topology {name!r}: {gen} slices have {chip.torus_dims} positive axes, "
-                             f"e.g. {Topology(chip, _default_shape(4, chip.torus_dims)).name}")
+            raise ValueError(
+                f"topology {name!r}: {gen} slices have {chip.torus_dims} positive axes, "
+                f"e.g. {Topology(chip, _default_shape(4, chip.torus_dims)).name}"
+            )
         return Topology(chip, shape)
     n = int(m.group(3))
     if n % chip.cores_per_chip:
-        raise ValueError(f"topology {name!r}: {gen} names count TensorCores, "
-                         f"{chip.cores_per_chip} per chip")
+        raise ValueError(
+            f"topology {name!r}: {gen} names count TensorCores, {chip.cores_per_chip} per chip"
+        )
     try:
         return Topology(chip, _default_shape(n // chip.cores_per_chip, chip.torus_dims))
     except ValueError as e:
@@ -150,13 +155,18 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list[jax.Device
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'") from e
+        raise RuntimeError(
+            "compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'"
+        ) from e
     if "tpu" not in os.environ.get("JAX_PLATFORMS", "tpu"):
         # This process only compiles: do not take libtpu's single-process lock, which would stop
         # a training job or another compile on the same machine (and this one with them).
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
-                                             num_slices=num_slices).devices)
+    return list(
+        topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.name, num_slices=num_slices
+        ).devices
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,8 +212,8 @@ def full_rows_layout(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
     seg = np.zeros((d.batch_rows, d.row_len), np.int32)
     tseg = np.zeros((d.batch_rows, d.text_len), np.int32)
     for s in range(per_row):
-        seg[:, s * tokens:(s + 1) * tokens] = s + 1
-        tseg[:, s * text:(s + 1) * text] = s + 1
+        seg[:, s * tokens : (s + 1) * tokens] = s + 1
+        tseg[:, s * text : (s + 1) * text] = s + 1
     return seg, tseg
 
 
@@ -245,8 +255,9 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
 # The TPU compiler refuses a program whose buffers exceed HBM, e.g. "RESOURCE_EXHAUSTED: Ran out of
 # memory on HBM, the total memory required for HLO temporaries (131.96G) exceeds available HBM
 # (95.74G)." (sizes as XLA prints them).
-_OOM = re.compile(r"(?:temporaries|required)[^(]*\(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)",
-                  re.S)
+_OOM = re.compile(
+    r"(?:temporaries|required)[^(]*\(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S
+)
 
 
 def _xla_size(num: str, unit: str) -> int:
@@ -283,8 +294,13 @@ def _suggestions(c: ml_collections.ConfigDict, mesh: dict[str, int]) -> list[str
     return tries
 
 
-def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip: Chip | None = None,
-           topology: str = "local") -> dict[str, Any]:
+def report(
+    c: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device],
+    *,
+    chip: Chip | None = None,
+    topology: str = "local",
+) -> dict[str, Any]:
     """Compile the train step of the loaded config `c` over `devices`; every figure of the table."""
     trainer, state, batch = build(c, devices)
     oom, t0 = None, time.perf_counter()
@@ -299,8 +315,10 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
     per_chip = 1
     if chip is not None:  # compile-only v4 devices are TensorCores (2 per chip)
         per_chip = max(1, n // max(1, _chips_of(devices)))
-    part = {k: sum(sharded_nbytes(x) for x in jax.tree.leaves(state[k]))
-            for k in ("params", "opt_state", "ema")}
+    part = {
+        k: sum(sharded_nbytes(x) for x in jax.tree.leaves(state[k]))
+        for k in ("params", "opt_state", "ema")
+    }
     part["step_counters"] = sharded_nbytes(state["step"]) + sharded_nbytes(state["skipped"])
     part["batch"] = sum(sharded_nbytes(x) for x in batch.values())
     if compiled is not None:
@@ -312,16 +330,27 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
             "temporaries": int(ma.temp_size_in_bytes),
             "generated_code": int(ma.generated_code_size_in_bytes),
         }
-        mem["total"] = (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
-                        + mem["generated_code"])
+        mem["total"] = (
+            mem["arguments"]
+            + mem["outputs"]
+            - mem["aliased"]
+            + mem["temporaries"]
+            + mem["generated_code"]
+        )
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
     else:  # the compiler refused: what it needed, from its message, on top of the state and batch
         m = _OOM.search(oom)
         temp = _xla_size(*m.group(1, 2)) if m else 0
         args = sum(part.values())
-        mem = {"arguments": args, "outputs": args, "aliased": args, "temporaries": temp,
-               "generated_code": 0, "total": args + temp}
+        mem = {
+            "arguments": args,
+            "outputs": args,
+            "aliased": args,
+            "temporaries": temp,
+            "generated_code": 0,
+            "total": args + temp,
+        }
         cost = {}
     seg, tseg = full_rows_layout(c)
     cfg = trainer.model_cfg
@@ -333,8 +362,10 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
         "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
         "compile_seconds": seconds,
         "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
-        "total_bytes": {k: sum(nbytes(x) for x in jax.tree.leaves(state[k]))
-                        for k in ("params", "opt_state", "ema")},
+        "total_bytes": {
+            k: sum(nbytes(x) for x in jax.tree.leaves(state[k]))
+            for k in ("params", "opt_state", "ema")
+        },
         "bytes_per_device": {**part, **mem},
         "flops": {
             **{k: float(v) for k, v in f.items()},
@@ -352,8 +383,13 @@ def report(c: ml_collections.ConfigDict, devices: Sequence[jax.Device], *, chip:
     if chip is not None:
         hbm = chip.hbm_bytes // per_chip
         peak = chip.peak_flops / per_chip
-        out["chip"] = {"name": chip.name, "devices_per_chip": per_chip, "chips": n // per_chip,
-                       "hbm_per_device": hbm, "peak_flops_per_device": peak}
+        out["chip"] = {
+            "name": chip.name,
+            "devices_per_chip": per_chip,
+            "chips": n // per_chip,
+            "hbm_per_device": hbm,
+            "peak_flops_per_device": peak,
+        }
         out["fits"] = oom is None and mem["total"] <= hbm
         # the step can take no less than its model FLOPs at peak; useful / executed bounds MFU
         out["step_seconds_at_peak"] = f["total_useful"] / (n * peak)
@@ -391,21 +427,29 @@ def format_report(r: dict[str, Any]) -> str:
         "|---|---:|---|",
     ]
     rows = [
-        ("params", "shapes and shardings"), ("opt_state", "shapes and shardings"),
-        ("ema", "shapes and shardings"), ("batch", "shapes and shardings"),
-        ("arguments", "memory_analysis"), ("outputs", "memory_analysis"),
-        ("aliased", "memory_analysis (donated state)"), ("temporaries", "memory_analysis"),
+        ("params", "shapes and shardings"),
+        ("opt_state", "shapes and shardings"),
+        ("ema", "shapes and shardings"),
+        ("batch", "shapes and shardings"),
+        ("arguments", "memory_analysis"),
+        ("outputs", "memory_analysis"),
+        ("aliased", "memory_analysis (donated state)"),
+        ("temporaries", "memory_analysis"),
         ("generated_code", "memory_analysis"),
         ("total", "arguments + outputs - aliased + temporaries + code"),
     ]
     if "compile_error" in r:  # nothing from memory_analysis: the compiler's own count instead
-        rows = rows[:4] + [("temporaries", "the TPU compiler's out-of-memory error"),
-                           ("total", "state + batch + temporaries (at least)")]
+        rows = rows[:4] + [
+            ("temporaries", "the TPU compiler's out-of-memory error"),
+            ("total", "state + batch + temporaries (at least)"),
+        ]
     lines += [f"| {k} | {_size(b[k])} | {src} |" for k, src in rows]
     chip = r.get("chip")
     if chip:
-        lines.append(f"| HBM ({chip['name']}, {chip['devices_per_chip']} device(s) per chip) | "
-                     f"{_size(chip['hbm_per_device'])} | vdit.aot.CHIPS |")
+        lines.append(
+            f"| HBM ({chip['name']}, {chip['devices_per_chip']} device(s) per chip) | "
+            f"{_size(chip['hbm_per_device'])} | vdit.aot.CHIPS |"
+        )
     once = "once" if f["scan_layers"] else "all"
     lines += [
         "",
@@ -423,25 +467,33 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("| XLA cost_analysis | | n/a: not compiled |")
     else:
         ratio = f["xla_per_device"] / f["analytic_like_xla_per_device"]
-        lines += [f"| XLA cost_analysis (loop bodies once) | | {f['xla_per_device']:.4g} |", "",
-                  f"XLA / analytic counted alike = {ratio:.3f} (XLA also counts elementwise ops)"]
+        lines += [
+            f"| XLA cost_analysis (loop bodies once) | | {f['xla_per_device']:.4g} |",
+            "",
+            f"XLA / analytic counted alike = {ratio:.3f} (XLA also counts elementwise ops)",
+        ]
     if chip:
         lines.append(
             f"peak {chip['peak_flops_per_device']:.3g} FLOP/s per device: step >= "
             f"{r['step_seconds_at_peak'] * 1e3:.3g} ms at 100% MFU; useful / executed FLOPs = "
-            f"{r['mfu_bound']:.3f} (the MFU ceiling)")
+            f"{r['mfu_bound']:.3f} (the MFU ceiling)"
+        )
         hbm, total = chip["hbm_per_device"], b["total"]
         if "compile_error" in r:
             lines.append(f"compiler: {r['compile_error']}")
         if r["fits"]:
-            lines.append(f"fits: {_gib(total)} of {_gib(hbm)} GiB per device "
-                         f"({100 * total / hbm:.0f}%)")
+            lines.append(
+                f"fits: {_gib(total)} of {_gib(hbm)} GiB per device ({100 * total / hbm:.0f}%)"
+            )
         else:
-            lines.append(f"does NOT fit: needs {_gib(total)} GiB, chip has {_gib(hbm)} GiB per "
-                         f"device; try {'; '.join(r['try'])}")
+            lines.append(
+                f"does NOT fit: needs {_gib(total)} GiB, chip has {_gib(hbm)} GiB per "
+                f"device; try {'; '.join(r['try'])}"
+            )
     else:
-        lines.append(f"total {_gib(b['total'])} GiB per device (device memory unknown: "
-                     f"{r['device_kind']})")
+        lines.append(
+            f"total {_gib(b['total'])} GiB per device (device memory unknown: {r['device_kind']})"
+        )
     return "\n".join(lines)
 
 
@@ -468,10 +520,13 @@ def flops_report(c: ml_collections.ConfigDict, batches: int = 4) -> dict[str, An
     folder does not exist (``autoencoder.kind="latent"`` planned before `vdit encode`)."""
     cfg = configlib.model_config(c)
     readable = c.data.source != "latents" or os.path.isfile(
-        os.path.join(c.data.latents.path, latents.MANIFEST))
+        os.path.join(c.data.latents.path, latents.MANIFEST)
+    )
     if batches > 0 and readable:
         it = iter(pipeline.build(configlib.pipeline_config(c)))
-        layouts = [(b["segment_ids"], b["text_segment_ids"]) for b in (next(it) for _ in range(batches))]
+        layouts = [
+            (b["segment_ids"], b["text_segment_ids"]) for b in (next(it) for _ in range(batches))
+        ]
         source = f"mean of {batches} packed batches of the data pipeline"
     else:
         layouts = [full_rows_layout(c)]
@@ -480,10 +535,17 @@ def flops_report(c: ml_collections.ConfigDict, batches: int = 4) -> dict[str, An
     f = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
     slots = math.prod(layouts[0][0].shape)
     tokens = float(np.mean([(seg > 0).sum() for seg, _ in layouts]))
-    return {"flops": f, "layout": source, "tokens_per_step": tokens, "slots_per_step": slots,
-            "fill": tokens / slots, "attn_impl": cfg.attn_impl, "remat": cfg.remat,
-            "matmul_per_token": flops.matmul_flops_per_token(cfg),
-            "text_matmul_per_token": flops.text_matmul_flops_per_token(cfg)}
+    return {
+        "flops": f,
+        "layout": source,
+        "tokens_per_step": tokens,
+        "slots_per_step": slots,
+        "fill": tokens / slots,
+        "attn_impl": cfg.attn_impl,
+        "remat": cfg.remat,
+        "matmul_per_token": flops.matmul_flops_per_token(cfg),
+        "text_matmul_per_token": flops.text_matmul_flops_per_token(cfg),
+    }
 
 
 def format_flops(r: dict[str, Any]) -> str:
@@ -499,16 +561,27 @@ def format_flops(r: dict[str, Any]) -> str:
         ("total executed", f["total_executed"]),
     ]
     tot = f["total_executed"]
-    lines = [f"FLOPs of one train step (forward + backward) on {r['layout']}: "
-             f"{r['tokens_per_step']:,.0f} tokens in {r['slots_per_step']:,} slots "
-             f"(fill {r['fill']:.3f})", "", "| part | FLOPs | share of executed |", "|---|---:|---:|"]
+    lines = [
+        f"FLOPs of one train step (forward + backward) on {r['layout']}: "
+        f"{r['tokens_per_step']:,.0f} tokens in {r['slots_per_step']:,} slots "
+        f"(fill {r['fill']:.3f})",
+        "",
+        "| part | FLOPs | share of executed |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {name} | {v:.4g} | {v / tot:.3f} |" for name, v in rows]
     lines += ["", "| forward FLOPs per token | video | text |", "|---|---:|---:|"]
-    parts = {**{k: (v, None) for k, v in r["matmul_per_token"].items()},
-             **{k: (None, v) for k, v in r["text_matmul_per_token"].items()}}
+    parts = {
+        **{k: (v, None) for k, v in r["matmul_per_token"].items()},
+        **{k: (None, v) for k, v in r["text_matmul_per_token"].items()},
+    }
     for k, (v, t) in parts.items():
-        lines.append(f"| {k} | {'' if v is None else f'{v:.4g}'} | {'' if t is None else f'{t:.4g}'} |")
-    lines.append(f"\nmodel FLOPs per useful token: {f['total_useful'] / max(r['tokens_per_step'], 1):.4g}")
+        lines.append(
+            f"| {k} | {'' if v is None else f'{v:.4g}'} | {'' if t is None else f'{t:.4g}'} |"
+        )
+    lines.append(
+        f"\nmodel FLOPs per useful token: {f['total_useful'] / max(r['tokens_per_step'], 1):.4g}"
+    )
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def default_rules() -> tuple[tuple[str, object], ...]:
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
-    """"S/2" -> ("S", 2)."""
+    """ "S/2" -> ("S", 2)."""
     name, _, p = variant.partition("/")
     if name not in MODEL_SIZES or not p.isdigit() or int(p) < 1:
         raise ValueError(
@@ -60,8 +60,9 @@ def _fail(field: str, msg: str) -> None:
 AUTOENCODER_KINDS = ("identity", "latent")
 
 
-def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
-         plan_only: bool = False):
+def load(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, *, plan_only: bool = False
+):
     """Resolve and validate; returns an unlocked copy with width/depth/heads filled in.
 
     `plan_only=True` is for tools that need only shapes (compiling for a topology, FLOP counts): it
@@ -93,34 +94,55 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     if ae.kind not in AUTOENCODER_KINDS:
         _fail("autoencoder.kind", f"{ae.kind!r} is not one of {AUTOENCODER_KINDS}")
     if ae.kind == "latent" and not plan_only and c.data.source != "latents":
-        _fail("data.source", f"{c.data.source!r} gives pixels; autoencoder.kind='latent' trains on "
-              "data.source='latents' (a folder written by `vdit encode`)")
+        _fail(
+            "data.source",
+            f"{c.data.source!r} gives pixels; autoencoder.kind='latent' trains on "
+            "data.source='latents' (a folder written by `vdit encode`)",
+        )
     if ae.kind == "identity" and c.data.source == "latents":
-        _fail("autoencoder.kind", "'identity' is pixel space; data.source='latents' needs "
-              "autoencoder.kind='latent' with the VAE's compression and channels")
-    if ae.kind == "latent" and (len(ae.compression) != 3 or min(ae.compression) < 1
-                                or ae.channels < 1):
-        _fail("autoencoder.compression", f"{tuple(ae.compression)} and {ae.channels} channels: "
-              "expected three positive factors (time, height, width) and positive channels")
+        _fail(
+            "autoencoder.kind",
+            "'identity' is pixel space; data.source='latents' needs "
+            "autoencoder.kind='latent' with the VAE's compression and channels",
+        )
+    if ae.kind == "latent" and (
+        len(ae.compression) != 3 or min(ae.compression) < 1 or ae.channels < 1
+    ):
+        _fail(
+            "autoencoder.compression",
+            f"{tuple(ae.compression)} and {ae.channels} channels: "
+            "expected three positive factors (time, height, width) and positive channels",
+        )
     if ae.kind == "identity" and (tuple(ae.compression) != (1, 1, 1) or ae.channels != 3):
-        _fail("autoencoder.compression", "the identity autoencoder is pixel space: compression "
-              f"(1, 1, 1) and 3 channels, got {tuple(c.autoencoder.compression)} and "
-              f"{c.autoencoder.channels}")
+        _fail(
+            "autoencoder.compression",
+            "the identity autoencoder is pixel space: compression "
+            f"(1, 1, 1) and 3 channels, got {tuple(c.autoencoder.compression)} and "
+            f"{c.autoencoder.channels}",
+        )
 
     patch = (m.patch_t, p, p)
     comp = tuple(c.autoencoder.compression)
     frames, height, width = c.sample.grid_shape
-    lat = (frames if comp[0] == 1 else 1 + (frames - 1) // comp[0], height // comp[1], width // comp[2])
+    lat = (
+        frames if comp[0] == 1 else 1 + (frames - 1) // comp[0],
+        height // comp[1],
+        width // comp[2],
+    )
     if height % comp[1] or width % comp[2] or any(g % q for g, q in zip(lat, patch, strict=True)):
-        _fail("sample.grid_shape", f"{(frames, height, width)} gives latent grid {lat}, not "
-              f"divisible by the patch {patch} (model.patch_t, variant p)")
+        _fail(
+            "sample.grid_shape",
+            f"{(frames, height, width)} gives latent grid {lat}, not "
+            f"divisible by the patch {patch} (model.patch_t, variant p)",
+        )
 
     dc = c.data
     if plan_only and ae.kind == "latent" and not (dc.source == "latents" and dc.latents.path):
         with dc.unlocked():
             dc.source = "latents"  # shapes only: no folder is read
-            dc.latents = ml_collections.ConfigDict({"path": "(planning only)",
-                                                    "sample_posterior": True})
+            dc.latents = ml_collections.ConfigDict(
+                {"path": "(planning only)", "sample_posterior": True}
+            )
     pipeline.validate(pipeline_config(c))  # token and text caps, task names and weights
     if not 0 <= dc.caption_dropout < 1:
         _fail("data.caption_dropout", f"{dc.caption_dropout} is not in [0, 1)")
@@ -140,18 +162,25 @@ def load(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
         mesh["data"] *= dcn
         rows_split = mesh["data"] * mesh["fsdp"]
         if dc.batch_rows % rows_split:
-            _fail("data.batch_rows", f"{dc.batch_rows} rows do not split over mesh data x fsdp = "
-                  f"{mesh['data']} x {mesh['fsdp']}")
+            _fail(
+                "data.batch_rows",
+                f"{dc.batch_rows} rows do not split over mesh data x fsdp = "
+                f"{mesh['data']} x {mesh['fsdp']}",
+            )
         if m.heads % mesh["tensor"]:
             _fail("model.heads", f"{m.heads} heads do not split over mesh.tensor={mesh['tensor']}")
         if dc.row_len % mesh["sequence"]:
-            _fail("data.row_len", f"{dc.row_len} tokens do not split over "
-                  f"mesh.sequence={mesh['sequence']}")
+            _fail(
+                "data.row_len",
+                f"{dc.row_len} tokens do not split over mesh.sequence={mesh['sequence']}",
+            )
     if c.train.steps < 1:
         _fail("train.steps", f"{c.train.steps} must be >= 1")
     if c.train.get("peak_flops_per_device", 0.0) < 0:
-        _fail("train.peak_flops_per_device", f"{c.train.peak_flops_per_device} must be >= 0 "
-              "(0: from the device kind)")
+        _fail(
+            "train.peak_flops_per_device",
+            f"{c.train.peak_flops_per_device} must be >= 0 (0: from the device kind)",
+        )
     if c.train.checkpoint_every < 1:
         _fail("train.checkpoint_every", f"{c.train.checkpoint_every} must be >= 1")
     return c
@@ -164,12 +193,29 @@ def patch_size(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
     m = c.model
-    text = TextEncoderConfig(kind=m.text.kind, max_len=m.text.max_len, width=m.text.width,
-                             depth=m.text.depth, heads=m.text.heads, attn_impl=m.attn_impl)
+    text = TextEncoderConfig(
+        kind=m.text.kind,
+        max_len=m.text.max_len,
+        width=m.text.width,
+        depth=m.text.depth,
+        heads=m.text.heads,
+        attn_impl=m.attn_impl,
+    )
     return DiTConfig(
-        width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, patch=patch_size(c),
-        channels=c.autoencoder.channels, text=text, qk_norm=m.qk_norm, rope_theta=m.rope_theta,
-        attn_impl=m.attn_impl, attn_block=m.attn_block, remat=m.remat, scan_layers=m.scan_layers, dtype=m.dtype,
+        width=m.width,
+        depth=m.depth,
+        heads=m.heads,
+        mlp_ratio=m.mlp_ratio,
+        patch=patch_size(c),
+        channels=c.autoencoder.channels,
+        text=text,
+        qk_norm=m.qk_norm,
+        rope_theta=m.rope_theta,
+        attn_impl=m.attn_impl,
+        attn_block=m.attn_block,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        dtype=m.dtype,
         param_dtype=m.param_dtype,
     )
 
@@ -179,22 +225,36 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
     syn = d.synthetic
     return pipeline.PipelineConfig(
         synthetic=SyntheticConfig(
-            num_samples=syn.num_samples, seed=d.seed, frame_choices=tuple(syn.frame_choices),
+            num_samples=syn.num_samples,
+            seed=d.seed,
+            frame_choices=tuple(syn.frame_choices),
             image_fraction=syn.image_fraction,
-            size_choices=tuple(tuple(s) for s in syn.size_choices), fps=syn.fps,
+            size_choices=tuple(tuple(s) for s in syn.size_choices),
+            fps=syn.fps,
         ),
-        size=pipeline.SizePolicy(patch=patch_size(c), compression=tuple(c.autoencoder.compression),
-                                 max_tokens=d.max_tokens_per_sample, time_fit=d.time_fit),
-        packing=packing.PackingConfig(row_len=d.row_len, text_len=d.text_len,
-                                      max_samples=d.max_samples_per_row, num_bins=d.packing_bins,
-                                      seed=d.seed),
+        size=pipeline.SizePolicy(
+            patch=patch_size(c),
+            compression=tuple(c.autoencoder.compression),
+            max_tokens=d.max_tokens_per_sample,
+            time_fit=d.time_fit,
+        ),
+        packing=packing.PackingConfig(
+            row_len=d.row_len,
+            text_len=d.text_len,
+            max_samples=d.max_samples_per_row,
+            num_bins=d.packing_bins,
+            seed=d.seed,
+        ),
         rows_per_batch=d.batch_rows,
         text_len_per_sample=c.model.text.max_len,
         caption_dropout=d.caption_dropout,
         task_weights=tuple((k, float(v)) for k, v in d.tasks.items()),
         token_drop=pipeline.TokenDrop(
-            kind=d.token_drop.kind, rate=d.token_drop.rate, beta_a=d.token_drop.beta_a,
-            beta_b=d.token_drop.beta_b, ref_tokens=d.token_drop.ref_tokens,
+            kind=d.token_drop.kind,
+            rate=d.token_drop.rate,
+            beta_a=d.token_drop.beta_a,
+            beta_b=d.token_drop.beta_b,
+            ref_tokens=d.token_drop.ref_tokens,
         ),
         frame_stride=d.frame_stride,
         max_fps=d.max_fps,
@@ -211,9 +271,13 @@ def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
 
 def flow_config(c: ml_collections.ConfigDict) -> FlowConfig:
     f = c.flow
-    return FlowConfig(logit_mean=f.logit_mean, logit_std=f.logit_std,
-                      shift_ref_tokens=f.shift_ref_tokens, shift_at_ref=f.shift_at_ref,
-                      shift_max=f.shift_max)
+    return FlowConfig(
+        logit_mean=f.logit_mean,
+        logit_std=f.logit_std,
+        shift_ref_tokens=f.shift_ref_tokens,
+        shift_at_ref=f.shift_at_ref,
+        shift_max=f.shift_max,
+    )
 
 
 def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
@@ -233,8 +297,11 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     if not mults or min(mults) < 1:
         _fail("vae.channel_mults", f"{mults} must be a non-empty tuple of positive integers")
     if len(tuple(v.temporal_down)) != len(mults) - 1:
-        _fail("vae.temporal_down", f"{tuple(v.temporal_down)} needs one entry per downsampling, "
-              f"len(vae.channel_mults) - 1 = {len(mults) - 1}")
+        _fail(
+            "vae.temporal_down",
+            f"{tuple(v.temporal_down)} needs one entry per downsampling, "
+            f"len(vae.channel_mults) - 1 = {len(mults) - 1}",
+        )
     for field in ("latent_channels", "base_channels", "blocks_per_level", "groups"):
         if v[field] < 1:
             _fail(f"vae.{field}", f"{v[field]} must be >= 1")
@@ -252,8 +319,17 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     if "disc_adaptive" not in c.loss:
         c.loss.disc_adaptive = False
     if "disc" not in c:
-        c.disc = ml_collections.ConfigDict({"channels": 32, "layers": 3, "temporal_kernel": 1,
-                                            "lr": 1e-4, "b1": 0.5, "b2": 0.9, "grad_clip": 1.0})
+        c.disc = ml_collections.ConfigDict(
+            {
+                "channels": 32,
+                "layers": 3,
+                "temporal_kernel": 1,
+                "lr": 1e-4,
+                "b1": 0.5,
+                "b2": 0.9,
+                "grad_clip": 1.0,
+            }
+        )
     for field in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "disc_start"):
         if c.loss[field] < 0:
             _fail(f"loss.{field}", f"{c.loss[field]} must be >= 0")
@@ -284,25 +360,36 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     if not 0 <= d.pan_fraction <= 1:
         _fail("data.pan_fraction", f"{d.pan_fraction} is not in [0, 1]")
     if d.source == "records" and not d.records.path:
-        _fail("data.records.path", "is empty; data.source='records' reads shards written by "
-              "`vdit prepare` (a folder or a glob)")
+        _fail(
+            "data.records.path",
+            "is empty; data.source='records' reads shards written by "
+            "`vdit prepare` (a folder or a glob)",
+        )
     if not d.size_choices:
         _fail("data.size_choices", "is empty")
     for hw in d.size_choices:
         if hw[0] < ch or hw[1] < cw or hw[0] % ch or hw[1] % cw:
-            _fail("data.size_choices", f"{tuple(hw)} is not a positive multiple of the spatial "
-                  f"compression {ch}x{cw}")
+            _fail(
+                "data.size_choices",
+                f"{tuple(hw)} is not a positive multiple of the spatial compression {ch}x{cw}",
+            )
     if not d.frame_choices or min(d.frame_choices) < 2:
-        _fail("data.frame_choices", f"{tuple(d.frame_choices)}: video durations must be >= 2 "
-              "(images come from data.image_fraction)")
+        _fail(
+            "data.frame_choices",
+            f"{tuple(d.frame_choices)}: video durations must be >= 2 "
+            "(images come from data.image_fraction)",
+        )
     if not 0 <= d.image_fraction <= 1:
         _fail("data.image_fraction", f"{d.image_fraction} is not in [0, 1]")
     if d.batch_size < 1:
         _fail("data.batch_size", f"{d.batch_size} must be >= 1")
     largest = max(d.frame_choices) * max(h * w for h, w in d.size_choices)
     if d.max_pixels < largest:
-        _fail("data.max_pixels", f"{d.max_pixels} is under one sample of the largest shape "
-              f"({max(d.frame_choices)} frames of {max(h * w for h, w in d.size_choices)} pixels)")
+        _fail(
+            "data.max_pixels",
+            f"{d.max_pixels} is under one sample of the largest shape "
+            f"({max(d.frame_choices)} frames of {max(h * w for h, w in d.size_choices)} pixels)",
+        )
     if d.eval_samples < 1:
         _fail("data.eval_samples", f"{d.eval_samples} must be >= 1")
     if num_devices is not None:
@@ -324,9 +411,16 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
 def vae_config(c: ml_collections.ConfigDict) -> VAEConfig:
     v = c.vae
     return VAEConfig(
-        latent_channels=v.latent_channels, base_channels=v.base_channels,
-        channel_mults=tuple(v.channel_mults), blocks_per_level=v.blocks_per_level,
-        temporal_down=tuple(bool(x) for x in v.temporal_down), norm=v.norm, groups=v.groups,
-        mid_attention=v.mid_attention, temporal_kernel=v.temporal_kernel, pad_mode=v.pad_mode,
-        dtype=v.dtype, param_dtype=v.param_dtype,
+        latent_channels=v.latent_channels,
+        base_channels=v.base_channels,
+        channel_mults=tuple(v.channel_mults),
+        blocks_per_level=v.blocks_per_level,
+        temporal_down=tuple(bool(x) for x in v.temporal_down),
+        norm=v.norm,
+        groups=v.groups,
+        mid_attention=v.mid_attention,
+        temporal_kernel=v.temporal_kernel,
+        pad_mode=v.pad_mode,
+        dtype=v.dtype,
+        param_dtype=v.param_dtype,
     )

@@ -63,8 +63,9 @@ class EncodeOptions:
         if self.time_fit not in ("resample", "trim"):
             raise ValueError(f"--time_fit={self.time_fit!r}: choose 'resample' or 'trim'")
         if self.frame_stride < 1 or self.max_fps < 0:
-            raise ValueError(f"--frame_stride={self.frame_stride} must be >= 1 and "
-                             f"--max_fps={self.max_fps} >= 0")
+            raise ValueError(
+                f"--frame_stride={self.frame_stride} must be >= 1 and --max_fps={self.max_fps} >= 0"
+            )
         if self.chunk_frames < 0 or self.tile < 0 or not 0 <= self.tile_overlap:
             raise ValueError("--chunk_frames, --tile and --tile_overlap must be >= 0")
         if self.tile and self.tile_overlap >= self.tile:
@@ -76,8 +77,12 @@ class EncodeOptions:
 
 
 def size_policy(options: EncodeOptions, compression: tuple[int, int, int]) -> pipeline.SizePolicy:
-    return pipeline.SizePolicy(patch=tuple(options.latent_patch), compression=tuple(compression),
-                               max_tokens=options.max_tokens or 2**62, time_fit=options.time_fit)
+    return pipeline.SizePolicy(
+        patch=tuple(options.latent_patch),
+        compression=tuple(compression),
+        max_tokens=options.max_tokens or 2**62,
+        time_fit=options.time_fit,
+    )
 
 
 def encode_video(model, video: np.ndarray, options: EncodeOptions) -> tuple[jax.Array, jax.Array]:
@@ -104,30 +109,49 @@ def _replicas(model, devices) -> list:
     return [nnx.merge(graphdef, jax.device_put(state, d)) for d in devices]
 
 
-def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
-                   options: EncodeOptions = EncodeOptions(), *, vae_step: int | None = None,
-                   devices=None, process_index: int = 0, process_count: int = 1,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def encode_dataset(
+    vae_workdir: str,
+    input_path: str,
+    out_dir: str,
+    options: EncodeOptions = EncodeOptions(),
+    *,
+    vae_step: int | None = None,
+    devices=None,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Encode this process's share of the records at `input_path` into `out_dir`; returns the
     manifest (written as out_dir/manifest.json by a single process; by several, each writes its part
     and `merge_manifests` joins them)."""
     shards = records.find_shards(input_path)
     if not shards:
-        raise ValueError(f"--input={input_path!r}: no shards (*{records.SHARD_SUFFIX}); write them "
-                         "with `vdit prepare`")
+        raise ValueError(
+            f"--input={input_path!r}: no shards (*{records.SHARD_SUFFIX}); write them "
+            "with `vdit prepare`"
+        )
     if not os.path.isdir(os.path.join(vae_workdir, "checkpoints")):
-        raise ValueError(f"--vae={vae_workdir!r}: no checkpoints folder (a VAE work directory of "
-                         "`vdit train --config=configs/vae.py`)")
+        raise ValueError(
+            f"--vae={vae_workdir!r}: no checkpoints folder (a VAE work directory of "
+            "`vdit train --config=configs/vae.py`)"
+        )
     os.makedirs(out_dir, exist_ok=True)
     prefix = "shard" if process_count == 1 else f"shard-p{process_index:03d}"
-    part = (latents.MANIFEST if process_count == 1
-            else f"manifest-p{process_index:03d}-of-{process_count:03d}.json")
-    used = [f for f in os.listdir(out_dir)  # this process's names: peers may be writing theirs
-            if (f.startswith(prefix + "-") and f.endswith(records.SHARD_SUFFIX))
-            or f in (part, latents.MANIFEST)]
+    part = (
+        latents.MANIFEST
+        if process_count == 1
+        else f"manifest-p{process_index:03d}-of-{process_count:03d}.json"
+    )
+    used = [
+        f
+        for f in os.listdir(out_dir)  # this process's names: peers may be writing theirs
+        if (f.startswith(prefix + "-") and f.endswith(records.SHARD_SUFFIX))
+        or f in (part, latents.MANIFEST)
+    ]
     if used:
-        raise ValueError(f"--out={out_dir!r} already holds {sorted(used)[:3]}; choose an empty "
-                         "folder")
+        raise ValueError(
+            f"--out={out_dir!r} already holds {sorted(used)[:3]}; choose an empty folder"
+        )
     if vae_step is None:
         with Checkpointer(os.path.join(vae_workdir, "checkpoints"), save_every=1, keep=None) as c:
             vae_step = c.latest_step()
@@ -147,33 +171,50 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
         for index, element, video, events, (mean, logvar) in pending:
             if options.store == "sample":
                 eps = jax.random.normal(jax.random.fold_in(key, index), mean.shape, mean.dtype)
-                arrays = {"z": np.asarray(mean + np.exp(0.5 * np.asarray(logvar)) * np.asarray(eps))}
+                arrays = {
+                    "z": np.asarray(mean + np.exp(0.5 * np.asarray(logvar)) * np.asarray(eps))
+                }
             else:
                 arrays = {"mean": np.asarray(mean), "logvar": np.asarray(logvar)}
             lat = next(iter(arrays.values())).shape
             record = latents.encode_record(
-                arrays, pixel_shape=video.shape[:3], events=events, caption=element["caption"],
-                fps=float(element.get("fps", 0.0)) / pipeline.fps_stride(
-                    element, options.frame_stride, options.max_fps),
-                source=str(element.get("source", "")), index=index)
+                arrays,
+                pixel_shape=video.shape[:3],
+                events=events,
+                caption=element["caption"],
+                fps=float(element.get("fps", 0.0))
+                / pipeline.fps_stride(element, options.frame_stride, options.max_fps),
+                source=str(element.get("source", "")),
+                index=index,
+            )
             writer.write(record)
             written += 1
-            tokens += int(np.prod([g // p for g, p in zip(lat[:3], options.latent_patch,
-                                                          strict=True)]))
+            tokens += int(
+                np.prod([g // p for g, p in zip(lat[:3], options.latent_patch, strict=True)])
+            )
             if progress:
-                progress(f"ok   record {index}: {tuple(element['video'].shape[:3])} -> "
-                         f"{video.shape[:3]} -> latent {lat}")
+                progress(
+                    f"ok   record {index}: {tuple(element['video'].shape[:3])} -> "
+                    f"{video.shape[:3]} -> latent {lat}"
+                )
 
     pending: list = []
     try:
         for index in range(process_index, len(source), process_count):
             element = source[index]
             try:
-                video, events = pipeline.fit_video(element, policy, options.frame_stride,
-                                                   options.max_fps)
+                video, events = pipeline.fit_video(
+                    element, policy, options.frame_stride, options.max_fps
+                )
             except pipeline.Rejected as e:
-                skipped.append({"index": index, "source": str(element.get("source", "")),
-                                "reason": e.reason, "message": str(e)})
+                skipped.append(
+                    {
+                        "index": index,
+                        "source": str(element.get("source", "")),
+                        "reason": e.reason,
+                        "message": str(e),
+                    }
+                )
                 if progress:
                     progress(f"skip record {index}: {e.reason}: {e}")
                 continue
@@ -205,8 +246,10 @@ def encode_dataset(vae_workdir: str, input_path: str, out_dir: str,
             "latent_std": np.asarray(model.latent_std[...]).tolist(),
             "config": vae_config.vae.to_dict(),
         },
-        "options": {k: list(v) if isinstance(v, tuple) else v
-                    for k, v in dataclasses.asdict(options).items()},
+        "options": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(options).items()
+        },
         "processes": process_count,
     }
     with open(os.path.join(out_dir, part), "w", encoding="utf-8") as f:
@@ -228,16 +271,20 @@ def merge_manifests(out_dir: str, process_count: int) -> dict[str, Any]:
     for k in ("written", "tokens", "skipped_count"):
         merged[k] = sum(m[k] for m in parts)
     merged["skipped"] = sorted((s for m in parts for s in m["skipped"]), key=lambda s: s["index"])
-    merged["skipped_by_reason"] = dict(sorted(Counter(s["reason"] for s in merged["skipped"]).items()))
+    merged["skipped_by_reason"] = dict(
+        sorted(Counter(s["reason"] for s in merged["skipped"]).items())
+    )
     with open(os.path.join(out_dir, latents.MANIFEST), "w", encoding="utf-8") as f:
         json.dump(merged, f, indent=1)
     return merged
 
 
 def summary(manifest: dict[str, Any]) -> str:
-    lines = [f"encoded {manifest['written']} of {manifest['input_records']} records into "
-             f"{len(manifest['shards'])} shards ({manifest['tokens']:,} DiT tokens) with the VAE at "
-             f"step {manifest['vae']['step']}"]
+    lines = [
+        f"encoded {manifest['written']} of {manifest['input_records']} records into "
+        f"{len(manifest['shards'])} shards ({manifest['tokens']:,} DiT tokens) with the VAE at "
+        f"step {manifest['vae']['step']}"
+    ]
     for reason, n in manifest["skipped_by_reason"].items():
         lines.append(f"skipped {n} ({reason})")
     return "\n".join(lines)

@@ -107,11 +107,17 @@ def _attention(
     if impl == "xla":
         executed = 4.0 * heads * head_dim * q_seg.shape[0] * q_seg.shape[1] * kv_seg.shape[1]
     elif impl == "chunked":
-        executed = float(executed_attention_flops_chunked(
-            q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block))
+        executed = float(
+            executed_attention_flops_chunked(
+                q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block
+            )
+        )
     elif impl == "splash":
-        executed = float(executed_attention_flops_splash(
-            q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block))
+        executed = float(
+            executed_attention_flops_splash(
+                q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block
+            )
+        )
     else:
         raise ValueError(f"unknown attention impl {impl!r}")
     return useful, executed

@@ -41,8 +41,16 @@ STORES = ("moments", "sample")
 MANIFEST = "manifest.json"
 
 
-def encode_record(latent: dict[str, np.ndarray], *, pixel_shape, events, caption: str,
-                  fps: float, source: str, index: int) -> bytes:
+def encode_record(
+    latent: dict[str, np.ndarray],
+    *,
+    pixel_shape,
+    events,
+    caption: str,
+    fps: float,
+    source: str,
+    index: int,
+) -> bytes:
     """One encoded sample -> record bytes. `latent` is {"mean", "logvar"} or {"z"}."""
     if set(latent) == {"mean", "logvar"}:
         store = "moments"
@@ -55,10 +63,18 @@ def encode_record(latent: dict[str, np.ndarray], *, pixel_shape, events, caption
         if v.ndim != 4:
             raise ValueError(f"{k} has shape {v.shape}, expected (t, h, w, Z)")
     buf = io.BytesIO()
-    np.savez_compressed(buf, format=np.str_(FORMAT), store=np.str_(store), **arrays,
-                        pixel_shape=np.asarray(pixel_shape, np.int64),
-                        events=np.str_(",".join(events)), caption=np.str_(caption),
-                        fps=np.float64(fps), source=np.str_(source), index=np.int64(index))
+    np.savez_compressed(
+        buf,
+        format=np.str_(FORMAT),
+        store=np.str_(store),
+        **arrays,
+        pixel_shape=np.asarray(pixel_shape, np.int64),
+        events=np.str_(",".join(events)),
+        caption=np.str_(caption),
+        fps=np.float64(fps),
+        source=np.str_(source),
+        index=np.int64(index),
+    )
     return buf.getvalue()
 
 
@@ -82,25 +98,38 @@ def decode_record(data: bytes) -> dict[str, Any]:
     mean = m["mean"] if store == "moments" else m["z"]
     logvar = m["logvar"] if store == "moments" else None
     if mean.ndim != 4 or (logvar is not None and logvar.shape != mean.shape):
-        raise ValueError(f"latent shapes {mean.shape} and "
-                         f"{None if logvar is None else logvar.shape}, expected two equal (t, h, w, Z)")
+        raise ValueError(
+            f"latent shapes {mean.shape} and "
+            f"{None if logvar is None else logvar.shape}, expected two equal (t, h, w, Z)"
+        )
     events = str(m["events"])
-    return {"mean": mean, "logvar": logvar, "pixel_shape": tuple(int(v) for v in m["pixel_shape"]),
-            "events": tuple(e for e in events.split(",") if e), "caption": str(m["caption"]),
-            "fps": float(m["fps"]), "source": str(m["source"]), "index": int(m["index"])}
+    return {
+        "mean": mean,
+        "logvar": logvar,
+        "pixel_shape": tuple(int(v) for v in m["pixel_shape"]),
+        "events": tuple(e for e in events.split(",") if e),
+        "caption": str(m["caption"]),
+        "fps": float(m["fps"]),
+        "source": str(m["source"]),
+        "index": int(m["index"]),
+    }
 
 
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of a latents folder; ValueError naming data.latents.path when there is none."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
-        raise ValueError(f"data.latents.path={path!r}: no {MANIFEST} (a folder written by "
-                         "`vdit encode`, which writes the manifest last)")
+        raise ValueError(
+            f"data.latents.path={path!r}: no {MANIFEST} (a folder written by "
+            "`vdit encode`, which writes the manifest last)"
+        )
     with open(file, encoding="utf-8") as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"data.latents.path={path!r}: manifest format "
-                         f"{manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"data.latents.path={path!r}: manifest format "
+            f"{manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     return manifest
 
 
@@ -118,18 +147,28 @@ class LatentsSource(records.ShardSource):
         self.manifest = read_manifest(path)
         paths = [os.path.join(path, s["file"]) for s in self.manifest["shards"]]
         if not paths:
-            raise ValueError(f"data.latents.path={path!r}: the manifest lists no shards "
-                             f"({self.manifest.get('skipped_count', 0)} samples were skipped)")
+            raise ValueError(
+                f"data.latents.path={path!r}: the manifest lists no shards "
+                f"({self.manifest.get('skipped_count', 0)} samples were skipped)"
+            )
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"data.latents.path={path!r}: shards listed in the manifest are "
-                             f"missing: {[os.path.basename(p) for p in missing[:3]]}")
+            raise ValueError(
+                f"data.latents.path={path!r}: shards listed in the manifest are "
+                f"missing: {[os.path.basename(p) for p in missing[:3]]}"
+            )
         super().__init__(paths)
 
     def element(self, data: bytes, index: int) -> dict[str, Any]:
         r = decode_record(data)
-        element = {"mean": r["mean"], "logvar": r["logvar"], "events": r["events"],
-                   "caption": r["caption"], "source": r["source"], "index": index}
+        element = {
+            "mean": r["mean"],
+            "logvar": r["logvar"],
+            "events": r["events"],
+            "caption": r["caption"],
+            "source": r["source"],
+            "index": index,
+        }
         if r["fps"] > 0:
             element["fps"] = r["fps"]
         return element

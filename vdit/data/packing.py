@@ -51,7 +51,12 @@ def unpatchify(patches, grid: tuple[int, int, int], patch: tuple[int, int, int])
     return einops.rearrange(
         patches,
         "(t h w) (pt ph pw c) -> (t pt) (h ph) (w pw) c",
-        t=t // pt, h=h // ph, w=w // pw, pt=pt, ph=ph, pw=pw,
+        t=t // pt,
+        h=h // ph,
+        w=w // pw,
+        pt=pt,
+        ph=ph,
+        pw=pw,
     )
 
 
@@ -121,11 +126,15 @@ def unpack_row(batch: dict[str, np.ndarray], row: int, patch: tuple[int, int, in
         grid = tuple(int(v) for v in batch["grid"][row, s - 1])
         tokens = np.asarray(batch["patches"][row][sel])
         whole = tokens.shape[0] == np.prod(grid) // np.prod(patch)
-        out.append({
-            "latent": unpatchify(tokens, grid, patch) if whole else None,
-            "patches": tokens,
-            "positions": np.asarray(batch["positions"][row][sel]),
-            "text": np.asarray(batch["text"][row][np.asarray(batch["text_segment_ids"][row]) == s]),
-            "grid": grid,
-        })
+        out.append(
+            {
+                "latent": unpatchify(tokens, grid, patch) if whole else None,
+                "patches": tokens,
+                "positions": np.asarray(batch["positions"][row][sel]),
+                "text": np.asarray(
+                    batch["text"][row][np.asarray(batch["text_segment_ids"][row]) == s]
+                ),
+                "grid": grid,
+            }
+        )
     return out

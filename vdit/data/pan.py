@@ -19,8 +19,16 @@ import functools
 import numpy as np
 from PIL import Image
 
-COLOR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
-         "immunohistochemistry", "stereo_motorcycle")
+COLOR = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+)
 GREY = ("camera", "coins", "moon", "brick", "grass", "gravel", "page", "text")
 HELDOUT = ("chelsea", "coffee", "rocket")  # never trained on
 TRAIN = tuple(n for n in COLOR + GREY if n not in HELDOUT)
@@ -31,8 +39,10 @@ def _load(name: str) -> np.ndarray:
     try:
         import skimage.data
     except ImportError as e:
-        raise ImportError("the photo sources need scikit-image (its sample photos ship inside the "
-                          "wheel): pip install scikit-image") from e
+        raise ImportError(
+            "the photo sources need scikit-image (its sample photos ship inside the "
+            "wheel): pip install scikit-image"
+        ) from e
     if name not in COLOR + GREY:
         raise ValueError(f"unknown photo {name!r}; choose from {COLOR + GREY}")
     image = getattr(skimage.data, name)()
@@ -59,9 +69,17 @@ def largest_window(photo_hw: tuple[int, int], aspect: float) -> tuple[float, flo
     return h, h * aspect
 
 
-def pan_boxes(photo_hw: tuple[int, int], frames: int, height: int, width: int,
-              rng: np.random.Generator, min_scale: float = 0.3, max_speed: float = 0.08,
-              zoom: float = 0.1, eased: float = 0.5) -> np.ndarray:
+def pan_boxes(
+    photo_hw: tuple[int, int],
+    frames: int,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    min_scale: float = 0.3,
+    max_speed: float = 0.08,
+    zoom: float = 0.1,
+    eased: float = 0.5,
+) -> np.ndarray:
     """float (frames, 4) crop boxes (x0, y0, x1, y1) in photo pixels, one per frame.
 
     The window has the aspect width/height; its size is a share in [min_scale, 1] of the largest
@@ -93,12 +111,21 @@ def render(photo: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.
     (PIL bicubic, whose support widens with the downscale factor, so downscaling is antialiased).
     A box of exactly the output size at integer coordinates is a plain crop."""
     image = Image.fromarray(np.asarray(photo))
-    return np.stack([np.asarray(image.resize((width, height), Image.Resampling.BICUBIC,
-                                             box=tuple(float(v) for v in b))) for b in boxes])
+    return np.stack(
+        [
+            np.asarray(
+                image.resize(
+                    (width, height), Image.Resampling.BICUBIC, box=tuple(float(v) for v in b)
+                )
+            )
+            for b in boxes
+        ]
+    )
 
 
-def pan_video(photo: np.ndarray, frames: int, height: int, width: int, rng: np.random.Generator,
-              **path) -> np.ndarray:
+def pan_video(
+    photo: np.ndarray, frames: int, height: int, width: int, rng: np.random.Generator, **path
+) -> np.ndarray:
     """uint8 (frames, height, width, 3): a camera panning across `photo` (see `pan_boxes` for the
     path's keyword arguments). A function of the photo and the rng's state."""
     boxes = pan_boxes(photo.shape[:2], frames, height, width, rng, **path)

@@ -122,8 +122,11 @@ class SizePolicy:
                 break
             stride *= 2
         if (lt // pt) * gh * gw > self.max_tokens:  # an extreme aspect ratio: no crop, no squash
-            raise Rejected("over_cap", f"{frames}x{height}x{width} needs {gh}x{gw} patches per "
-                           f"frame at least, over max_tokens={self.max_tokens}")
+            raise Rejected(
+                "over_cap",
+                f"{frames}x{height}x{width} needs {gh}x{gw} patches per "
+                f"frame at least, over max_tokens={self.max_tokens}",
+            )
         kept = lt if ct == 1 else 1 + (lt - 1) * ct
         th, tw = gh * uh, gw * uw
         events = []
@@ -186,7 +189,10 @@ def resize_video(video: np.ndarray, height: int, width: int) -> np.ndarray:
     if video.shape[1:3] == (height, width):
         return video
     return np.stack(
-        [np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BOX)) for f in video]
+        [
+            np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BOX))
+            for f in video
+        ]
     )
 
 
@@ -201,7 +207,9 @@ class PipelineConfig:
     task_weights: tuple[tuple[str, float], ...] = (("t2v", 1.0),)
     token_drop: TokenDrop = TokenDrop()
     frame_stride: int = 1  # keep every k-th source frame (frame-rate subsampling)
-    max_fps: float = 0.0  # > 0: subsample sources with an "fps" above this (stride ceil(fps/max_fps))
+    max_fps: float = (
+        0.0  # > 0: subsample sources with an "fps" above this (stride ceil(fps/max_fps))
+    )
     seed: int = 0
     workers: int = 0  # grain worker processes (0: in the training process)
     source: str = "synthetic"  # one of SOURCES
@@ -243,8 +251,10 @@ class _Prepare(grain.transforms.RandomMap):
     def _prepare(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.size.compression != (1, 1, 1):
-            raise NotImplementedError("online VAE encoding: train on encoded latents instead "
-                                      "(`vdit encode`, data.source='latents')")
+            raise NotImplementedError(
+                "online VAE encoding: train on encoded latents instead "
+                "(`vdit encode`, data.source='latents')"
+            )
         video, events = fit_video(element, cfg.size, cfg.frame_stride, cfg.max_fps)
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
         return sample_tokens(latent, element["caption"], events, cfg, rng)
@@ -281,8 +291,11 @@ class _PrepareLatent(_Prepare):
                 events.append("snapped")
         n = math.prod(g // p for g, p in zip(grid, cfg.size.patch, strict=True))
         if n > cfg.size.max_tokens:
-            raise Rejected("over_cap", f"latent grid {grid} is {n} tokens, over max_tokens="
-                           f"{cfg.size.max_tokens}; encode with `vdit encode --max_tokens`")
+            raise Rejected(
+                "over_cap",
+                f"latent grid {grid} is {n} tokens, over max_tokens="
+                f"{cfg.size.max_tokens}; encode with `vdit encode --max_tokens`",
+            )
         z = mean
         if cfg.latents_sample_posterior and logvar is not None:
             z = mean + np.exp(0.5 * np.asarray(logvar)) * rng.standard_normal(mean.shape)
@@ -290,22 +303,29 @@ class _PrepareLatent(_Prepare):
         return sample_tokens(z.astype(np.float32), element["caption"], events, cfg, rng)
 
 
-def latent_statistics(manifest: dict[str, Any], cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+def latent_statistics(
+    manifest: dict[str, Any], cfg: PipelineConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """The manifest's per-channel (mean, std), after checking that the latents are of the
     autoencoder the config names."""
     v = manifest["vae"]
     if tuple(v["compression"]) != tuple(cfg.size.compression):
-        raise ValueError(f"autoencoder.compression={tuple(cfg.size.compression)}, but the latents "
-                         f"at data.latents.path={cfg.latents_path!r} were encoded with "
-                         f"{tuple(v['compression'])}")
+        raise ValueError(
+            f"autoencoder.compression={tuple(cfg.size.compression)}, but the latents "
+            f"at data.latents.path={cfg.latents_path!r} were encoded with "
+            f"{tuple(v['compression'])}"
+        )
     if v["latent_channels"] != cfg.channels:
-        raise ValueError(f"autoencoder.channels={cfg.channels}, but the latents at "
-                         f"data.latents.path={cfg.latents_path!r} have {v['latent_channels']}")
+        raise ValueError(
+            f"autoencoder.channels={cfg.channels}, but the latents at "
+            f"data.latents.path={cfg.latents_path!r} have {v['latent_channels']}"
+        )
     return np.asarray(v["latent_mean"], np.float32), np.asarray(v["latent_std"], np.float32)
 
 
-def fit_video(element: dict[str, Any], size: SizePolicy, frame_stride: int = 1,
-              max_fps: float = 0.0) -> tuple[np.ndarray, list[str]]:
+def fit_video(
+    element: dict[str, Any], size: SizePolicy, frame_stride: int = 1, max_fps: float = 0.0
+) -> tuple[np.ndarray, list[str]]:
     """A source element's uint8 (T, H, W, 3) video brought to the size `size` plans for it (frame-rate
     subsampling, then `SizePolicy.plan`), with the names of the events that changed it. Raises
     `Rejected` naming why a sample cannot be used. Shared by training and `vdit encode`."""
@@ -340,8 +360,9 @@ def fps_stride(element: dict[str, Any], frame_stride: int = 1, max_fps: float = 
     return stride if np.shape(element["video"])[0] > 1 else 1
 
 
-def sample_tokens(latent: np.ndarray, caption: str, events, cfg: PipelineConfig,
-                  rng: np.random.Generator) -> dict[str, Any]:
+def sample_tokens(
+    latent: np.ndarray, caption: str, events, cfg: PipelineConfig, rng: np.random.Generator
+) -> dict[str, Any]:
     """A whole-patch latent (T, H, W, C) -> the per-sample packing input: patches and positions, the
     task's conditioning mask, NaViT token dropping, the (possibly dropped) caption's tokens."""
     patches, positions = packing.patchify(latent, cfg.size.patch)
@@ -413,7 +434,9 @@ def validate(cfg: PipelineConfig) -> None:
     if not 0.0 <= d.rate < 1.0:
         raise ValueError(f"data.token_drop.rate={d.rate} must be in [0, 1)")
     if d.kind == "beta" and (d.beta_a <= 0 or d.beta_b <= 0):
-        raise ValueError(f"data.token_drop.beta_a/beta_b must be positive, got {d.beta_a}, {d.beta_b}")
+        raise ValueError(
+            f"data.token_drop.beta_a/beta_b must be positive, got {d.beta_a}, {d.beta_b}"
+        )
     if cfg.size.time_fit not in ("resample", "trim"):
         raise ValueError(f"data.time_fit={cfg.size.time_fit!r}: choose 'resample' or 'trim'")
     if cfg.frame_stride < 1:
@@ -423,19 +446,27 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r}: choose from {SOURCES}")
     if cfg.source == "records" and not cfg.records_path:
-        raise ValueError("data.records.path: required with data.source='records' (a folder of "
-                         "shards written by `vdit prepare`, or a glob of them)")
+        raise ValueError(
+            "data.records.path: required with data.source='records' (a folder of "
+            "shards written by `vdit prepare`, or a glob of them)"
+        )
     if cfg.source == "latents" and not cfg.latents_path:
-        raise ValueError("data.latents.path: required with data.source='latents' (a folder "
-                         "written by `vdit encode`)")
+        raise ValueError(
+            "data.latents.path: required with data.source='latents' (a folder "
+            "written by `vdit encode`)"
+        )
     if (cfg.source == "latents") != (cfg.size.compression != (1, 1, 1) or cfg.channels != 3):
-        raise ValueError(f"data.source={cfg.source!r} with autoencoder compression "
-                         f"{cfg.size.compression} and {cfg.channels} channels: latents "
-                         "(autoencoder.kind='latent') train from data.source='latents', pixels "
-                         "(autoencoder.kind='identity') from the other sources")
+        raise ValueError(
+            f"data.source={cfg.source!r} with autoencoder compression "
+            f"{cfg.size.compression} and {cfg.channels} channels: latents "
+            "(autoencoder.kind='latent') train from data.source='latents', pixels "
+            "(autoencoder.kind='identity') from the other sources"
+        )
     if cfg.source == "latents" and (cfg.frame_stride > 1 or cfg.max_fps > 0):
-        raise ValueError("data.frame_stride / data.max_fps: latents are encoded already; subsample "
-                         "frames when encoding (`vdit encode --frame_stride / --max_fps`)")
+        raise ValueError(
+            "data.frame_stride / data.max_fps: latents are encoded already; subsample "
+            "frames when encoding (`vdit encode --frame_stride / --max_fps`)"
+        )
     if cfg.source == "tfds":
         for field in ("name", "split", "video_key"):
             if not getattr(cfg.tfds, field):
@@ -450,16 +481,21 @@ def make_source(cfg: PipelineConfig):
     if cfg.source == "records":
         shards = records.find_shards(cfg.records_path)
         if not shards:
-            raise ValueError(f"data.records.path={cfg.records_path!r}: no shards (*"
-                             f"{records.SHARD_SUFFIX}) found; write them with `vdit prepare`")
+            raise ValueError(
+                f"data.records.path={cfg.records_path!r}: no shards (*"
+                f"{records.SHARD_SUFFIX}) found; write them with `vdit prepare`"
+            )
         try:
             source = records.RecordsSource(shards)
         except Exception as e:  # a shard without its footer (an interrupted write), not a shard
-            raise ValueError(f"data.records.path={cfg.records_path!r}: cannot open the "
-                             f"{len(shards)} shards ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"data.records.path={cfg.records_path!r}: cannot open the "
+                f"{len(shards)} shards ({type(e).__name__}: {e})"
+            ) from None
         if len(source) == 0:
-            raise ValueError(f"data.records.path={cfg.records_path!r}: the {len(shards)} shards "
-                             "hold no records")
+            raise ValueError(
+                f"data.records.path={cfg.records_path!r}: the {len(shards)} shards hold no records"
+            )
         return source
     if cfg.source == "latents":
         source = latents.LatentsSource(cfg.latents_path)
@@ -476,8 +512,9 @@ def make_source(cfg: PipelineConfig):
     return SyntheticVideos(cfg.synthetic)
 
 
-def prepare_samples(ds: grain.MapDataset, cfg: PipelineConfig,
-                    manifest: dict[str, Any] | None = None) -> grain.IterDataset:
+def prepare_samples(
+    ds: grain.MapDataset, cfg: PipelineConfig, manifest: dict[str, Any] | None = None
+) -> grain.IterDataset:
     """Source elements -> per-sample packing inputs; rejected samples are logged, skipped, and
     counted in the next accepted sample's "stats" (so counts after the last accepted sample of a
     finite dataset are only logged). Latents (data.source="latents") need their folder's manifest."""
@@ -508,8 +545,17 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
 
 
 # Keys the device step reads; the rest ("stats": (B, S, len(STATS)) counts) stay on the host.
-DEVICE_KEYS = ("patches", "segment_ids", "positions", "text", "text_segment_ids", "text_positions",
-               "cond_mask", "loss_mask", "grid")
+DEVICE_KEYS = (
+    "patches",
+    "segment_ids",
+    "positions",
+    "text",
+    "text_segment_ids",
+    "text_positions",
+    "cond_mask",
+    "loss_mask",
+    "grid",
+)
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]):

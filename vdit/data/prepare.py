@@ -47,8 +47,23 @@ from PIL import Image
 
 from vdit.data import records
 
-VIDEO_EXTS = frozenset({".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".ogv",
-                        ".flv", ".wmv", ".3gp", ".ts"})
+VIDEO_EXTS = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".webm",
+        ".mkv",
+        ".mov",
+        ".avi",
+        ".mpg",
+        ".mpeg",
+        ".ogv",
+        ".flv",
+        ".wmv",
+        ".3gp",
+        ".ts",
+    }
+)
 IMAGE_EXTS = frozenset({".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 SIDECAR_EXT = ".txt"
 MANIFEST = "manifest.json"
@@ -107,8 +122,11 @@ _LOG_NOISE = ("ffmpeg version", "Input #", "Output #", "Stream #", "Duration:", 
 def _short(e: BaseException, limit: int = 300) -> str:
     """One line from a decoder error. ffmpeg's include its whole log: keep the first line and the
     last three unindented log lines (where ffmpeg says what went wrong), without pointers."""
-    lines = [ln.strip() for ln in str(e).splitlines()
-             if ln.strip() and not ln[:1].isspace() and not ln.strip().startswith(_LOG_NOISE)]
+    lines = [
+        ln.strip()
+        for ln in str(e).splitlines()
+        if ln.strip() and not ln[:1].isspace() and not ln.strip().startswith(_LOG_NOISE)
+    ]
     lines = [re.sub(r" @ 0x[0-9a-f]+", "", ln) for ln in lines]
     if len(lines) > 4:
         lines = [lines[0], *lines[-3:]]
@@ -130,7 +148,9 @@ def _frames(path: str, ext: str) -> tuple[Iterator[np.ndarray], float]:
     return iio.imiter(path, plugin="pillow", mode="RGB"), fps
 
 
-def decode(path: str, options: PrepareOptions = PrepareOptions()) -> tuple[np.ndarray, float, tuple]:
+def decode(
+    path: str, options: PrepareOptions = PrepareOptions()
+) -> tuple[np.ndarray, float, tuple]:
     """Decode, cap and downsize one file: (uint8 (T, H, W, 3) frames, fps, (frames read, source
     height, source width)).
 
@@ -147,7 +167,12 @@ def decode(path: str, options: PrepareOptions = PrepareOptions()) -> tuple[np.nd
         frames, fps = _frames(path, ext)
         for frame in frames:
             frame = np.asarray(frame)
-            if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8 or 0 in frame.shape:
+            if (
+                frame.ndim != 3
+                or frame.shape[-1] != 3
+                or frame.dtype != np.uint8
+                or 0 in frame.shape
+            ):
                 raise Skip("bad_frames", f"frame {total} is {frame.dtype} {frame.shape}")
             if source_hw is None:
                 source_hw = frame.shape[:2]
@@ -189,8 +214,9 @@ def read_captions(path: str) -> dict[str, str]:
                 if not isinstance(file, str) or not isinstance(caption, str):
                     raise TypeError("'file' and 'caption' must be strings")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"caption\": ...}}, "
-                                 f"{type(e).__name__}: {e}") from None
+                raise ValueError(
+                    f'{path}:{n}: expected {{"file": ..., "caption": ...}}, {type(e).__name__}: {e}'
+                ) from None
             key = _norm(file)
             if key in out and out[key] != caption:
                 raise ValueError(f"{path}:{n}: a second, different caption for {file!r}")
@@ -208,8 +234,11 @@ def list_files(input_dir: str, exclude: tuple[str, ...] = ()) -> list[str]:
     excluded = {os.path.realpath(p) for p in exclude}
     out = []
     for root, dirs, files in os.walk(input_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.realpath(os.path.join(root, d)) not in excluded)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in excluded
+        )
         for name in files:
             full = os.path.join(root, name)
             if name.startswith(".") or os.path.realpath(full) in excluded:
@@ -220,7 +249,9 @@ def list_files(input_dir: str, exclude: tuple[str, ...] = ()) -> list[str]:
 
 def _media_stems(files: list[str]) -> set[str]:
     """Paths without extension of the media files: `STEM.txt` is their sidecar caption."""
-    return {stem for stem, ext in map(os.path.splitext, files) if ext.lower() in VIDEO_EXTS | IMAGE_EXTS}
+    return {
+        stem for stem, ext in map(os.path.splitext, files) if ext.lower() in VIDEO_EXTS | IMAGE_EXTS
+    }
 
 
 def _sample(job: tuple[str, str, str, str], options: PrepareOptions) -> dict[str, Any]:
@@ -256,19 +287,24 @@ def _in_order(jobs: list, options: PrepareOptions) -> Iterator[dict[str, Any]]:
             yield pending.popleft().result()
 
 
-def prepare(input_dir: str, out_dir: str, captions: str | None = None,
-            options: PrepareOptions = PrepareOptions(),
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def prepare(
+    input_dir: str,
+    out_dir: str,
+    captions: str | None = None,
+    options: PrepareOptions = PrepareOptions(),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Decode every media file under input_dir into shards in out_dir; returns the manifest
     (also written to out_dir/manifest.json). `progress` gets one line per file."""
     if not os.path.isdir(input_dir):
         raise ValueError(f"input folder {input_dir!r} does not exist")
     os.makedirs(out_dir, exist_ok=True)
-    existing = [f for f in os.listdir(out_dir)
-                if f.endswith(records.SHARD_SUFFIX) or f == MANIFEST]
+    existing = [f for f in os.listdir(out_dir) if f.endswith(records.SHARD_SUFFIX) or f == MANIFEST]
     if existing:
-        raise ValueError(f"output folder {out_dir!r} already holds {sorted(existing)[:3]}; "
-                         "choose an empty folder")
+        raise ValueError(
+            f"output folder {out_dir!r} already holds {sorted(existing)[:3]}; "
+            "choose an empty folder"
+        )
     by_file = read_captions(captions) if captions else {}
     files = list_files(input_dir, exclude=(out_dir, *((captions,) if captions else ())))
     all_files = set(files)
@@ -307,8 +343,10 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
             frames_written += done["shape"][0]
             bytes_written += len(done["record"])
             if progress:
-                progress(f"ok   {rel}: {done['source_shape']} -> {done['shape']}, "
-                         f"fps {done['fps']:g}, shard {shard} record {index}")
+                progress(
+                    f"ok   {rel}: {done['source_shape']} -> {done['shape']}, "
+                    f"fps {done['fps']:g}, shard {shard} record {index}"
+                )
     finally:
         writer.close()
 
@@ -334,9 +372,15 @@ def prepare(input_dir: str, out_dir: str, captions: str | None = None,
 
 def summary(manifest: dict[str, Any]) -> str:
     """A table of what was written and what was skipped, by reason, with the skipped files."""
-    rows = [("written", manifest["written"], f"{len(manifest['shards'])} shards, "
-             f"{manifest['frames']} frames, {manifest['bytes'] / 2**20:.1f} MiB "
-             f"({manifest['options']['encoding']})")]
+    rows = [
+        (
+            "written",
+            manifest["written"],
+            f"{len(manifest['shards'])} shards, "
+            f"{manifest['frames']} frames, {manifest['bytes'] / 2**20:.1f} MiB "
+            f"({manifest['options']['encoding']})",
+        )
+    ]
     for origin, n in manifest["captions"].items():
         rows.append((f"caption from {origin}", n, ""))
     for reason, n in manifest["skipped_by_reason"].items():
@@ -344,7 +388,10 @@ def summary(manifest: dict[str, Any]) -> str:
     if manifest["captions_without_file"]:
         rows.append(("captions for missing files", len(manifest["captions_without_file"]), ""))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  {'count':>6}", *(f"{a:{width}}  {b:>6}  {c}".rstrip() for a, b, c in rows)]
+    lines = [
+        f"{'':{width}}  {'count':>6}",
+        *(f"{a:{width}}  {b:>6}  {c}".rstrip() for a, b, c in rows),
+    ]
     if manifest["skipped"]:
         lines.append("")
         lines.append("skipped files:")

@@ -82,8 +82,14 @@ def _encode_mp4(video: np.ndarray, fps: float) -> np.ndarray:
     # H.264 in yuv420p needs even sides: replicate the last row/column (cropped again when read).
     t, h, w, _ = video.shape
     padded = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    data = iio.imwrite("<bytes>", padded, extension=".mp4", plugin="FFMPEG",
-                       fps=fps if fps > 0 else MP4_DEFAULT_FPS, macro_block_size=1)
+    data = iio.imwrite(
+        "<bytes>",
+        padded,
+        extension=".mp4",
+        plugin="FFMPEG",
+        fps=fps if fps > 0 else MP4_DEFAULT_FPS,
+        macro_block_size=1,
+    )
     return np.frombuffer(data, np.uint8)
 
 
@@ -97,8 +103,9 @@ def _decode_mp4(data: np.ndarray, shape: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(video[:, :h, :w, :3])
 
 
-def encode_record(video: np.ndarray, caption: str, fps: float, source: str,
-                  encoding: str = "raw") -> bytes:
+def encode_record(
+    video: np.ndarray, caption: str, fps: float, source: str, encoding: str = "raw"
+) -> bytes:
     """One sample -> record bytes (see the module docstring)."""
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
@@ -106,12 +113,22 @@ def encode_record(video: np.ndarray, caption: str, fps: float, source: str,
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r}: choose from {ENCODINGS}")
     if encoding == "mp4" and video.shape[0] > 1:
-        frames = {"video_mp4": _encode_mp4(video, fps), "shape": np.array(video.shape[:3], np.int64)}
+        frames = {
+            "video_mp4": _encode_mp4(video, fps),
+            "shape": np.array(video.shape[:3], np.int64),
+        }
     else:
         encoding, frames = "raw", {"video": video}
     buf = io.BytesIO()
-    np.savez_compressed(buf, format=np.str_(FORMAT), encoding=np.str_(encoding), **frames,
-                        caption=np.str_(caption), fps=np.float64(fps), source=np.str_(source))
+    np.savez_compressed(
+        buf,
+        format=np.str_(FORMAT),
+        encoding=np.str_(encoding),
+        **frames,
+        caption=np.str_(caption),
+        fps=np.float64(fps),
+        source=np.str_(source),
+    )
     return buf.getvalue()
 
 
@@ -135,14 +152,22 @@ def decode_record(data: bytes) -> dict[str, Any]:
         try:
             video = _decode_mp4(members["video_mp4"], members["shape"])
         except Exception as e:  # ffmpeg's errors: OSError, RuntimeError, ...
-            raise ValueError(f"the record's MP4 does not decode ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+            raise ValueError(
+                f"the record's MP4 does not decode ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            ) from None
     else:
         video = members["video"]
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"record video is {video.dtype} {video.shape}, expected uint8 (T, H, W, 3)")
-    return {"video": video, "caption": str(members["caption"]), "fps": float(members["fps"]),
-            "source": str(members["source"])}
+        raise ValueError(
+            f"record video is {video.dtype} {video.shape}, expected uint8 (T, H, W, 3)"
+        )
+    return {
+        "video": video,
+        "caption": str(members["caption"]),
+        "fps": float(members["fps"]),
+        "source": str(members["source"]),
+    }
 
 
 def find_shards(path: str) -> list[str]:
@@ -193,8 +218,12 @@ class RecordsSource(ShardSource):
 
     def element(self, data: bytes, index: int) -> dict[str, Any]:
         record = decode_record(data)
-        element = {"video": record["video"], "caption": record["caption"],
-                   "source": record["source"], "index": index}
+        element = {
+            "video": record["video"],
+            "caption": record["caption"],
+            "source": record["source"],
+            "index": index,
+        }
         if record["fps"] > 0:
             element["fps"] = record["fps"]
         return element

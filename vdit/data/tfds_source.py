@@ -37,21 +37,29 @@ class TfdsConfig:
 def _open(cfg: TfdsConfig):
     import tensorflow_datasets as tfds
 
-    where = f"data.tfds.name={cfg.name!r}, data.tfds.split={cfg.split!r}, data.tfds.data_dir=" \
-            f"{cfg.data_dir or '(TFDS default)'!r}"
+    where = (
+        f"data.tfds.name={cfg.name!r}, data.tfds.split={cfg.split!r}, data.tfds.data_dir="
+        f"{cfg.data_dir or '(TFDS default)'!r}"
+    )
     try:
-        return tfds.data_source(cfg.name, split=cfg.split, data_dir=cfg.data_dir or None,
-                                download=False)
+        return tfds.data_source(
+            cfg.name, split=cfg.split, data_dir=cfg.data_dir or None, download=False
+        )
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "tensorflow":
-            raise ValueError(f"{where}: its features decode with TensorFlow, which is not "
-                             "installed (pip install tensorflow)") from None
+            raise ValueError(
+                f"{where}: its features decode with TensorFlow, which is not "
+                "installed (pip install tensorflow)"
+            ) from None
         raise
-    except Exception as e:  # DatasetNotFoundError, AssertionError (not prepared), ValueError (split)
+    except (
+        Exception
+    ) as e:  # DatasetNotFoundError, AssertionError (not prepared), ValueError (split)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{where}: cannot open a prepared dataset ({type(e).__name__}: {first}); "
-                         "prepare it locally in ArrayRecord format first, nothing is downloaded"
-                         ) from None
+        raise ValueError(
+            f"{where}: cannot open a prepared dataset ({type(e).__name__}: {first}); "
+            "prepare it locally in ArrayRecord format first, nothing is downloaded"
+        ) from None
 
 
 class TfdsVideos:
@@ -63,11 +71,15 @@ class TfdsVideos:
         features = self._ds.dataset_info.features
         keys = sorted(features.keys())
         if cfg.video_key not in features:
-            raise ValueError(f"data.tfds.video_key={cfg.video_key!r} is not a feature of "
-                             f"{cfg.name!r}; its features are {keys}")
+            raise ValueError(
+                f"data.tfds.video_key={cfg.video_key!r} is not a feature of "
+                f"{cfg.name!r}; its features are {keys}"
+            )
         if cfg.caption_key and cfg.caption_key not in features:
-            raise ValueError(f"data.tfds.caption_key={cfg.caption_key!r} is not a feature of "
-                             f"{cfg.name!r}; its features are {keys} ('' for no captions)")
+            raise ValueError(
+                f"data.tfds.caption_key={cfg.caption_key!r} is not a feature of "
+                f"{cfg.name!r}; its features are {keys} ('' for no captions)"
+            )
         label = features[cfg.caption_key] if cfg.caption_key else None
         self._names = tuple(label.names) if hasattr(label, "names") else None  # ClassLabel
 
@@ -87,8 +99,12 @@ class TfdsVideos:
             video = np.asarray(example[self.cfg.video_key])
             caption = self._caption(example[self.cfg.caption_key]) if self.cfg.caption_key else ""
         except Exception as e:  # a corrupt record or an undecodable feature
-            return {"video": None, "caption": "", "index": index,
-                    "decode_error": f"example {index}: {type(e).__name__}: {e}"}
+            return {
+                "video": None,
+                "caption": "",
+                "index": index,
+                "decode_error": f"example {index}: {type(e).__name__}: {e}",
+            }
         if video.ndim == 3:  # an image feature: one frame
             video = video[None]
         if video.ndim == 4 and video.shape[-1] == 1:

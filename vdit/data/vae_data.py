@@ -61,8 +61,11 @@ def _step_shape(cfg: VAEDataConfig, rng: np.random.Generator) -> tuple[int, int,
 def _synthetic(rng: np.random.Generator, frames: int, h: int, w: int) -> np.ndarray:
     color = tuple(synthetic.COLORS)[int(rng.integers(len(synthetic.COLORS)))]
     shape = synthetic.SHAPES[int(rng.integers(len(synthetic.SHAPES)))]
-    direction = (synthetic.STILL if frames == 1 else
-                 synthetic.DIRECTIONS[int(rng.integers(len(synthetic.DIRECTIONS)))])
+    direction = (
+        synthetic.STILL
+        if frames == 1
+        else synthetic.DIRECTIONS[int(rng.integers(len(synthetic.DIRECTIONS)))]
+    )
     return synthetic.render(synthetic.SampleSpec(color, shape, direction, frames, h, w), rng)
 
 
@@ -100,13 +103,16 @@ def records_split(cfg: VAEDataConfig) -> tuple[_Records, int]:
     r = _records(cfg.records_path)
     n_train = len(r.source) - cfg.eval_samples
     if n_train < 1:
-        raise ValueError(f"data.records.path: {len(r.source)} records at {cfg.records_path!r}; "
-                         f"need more than data.eval_samples={cfg.eval_samples} (held out)")
+        raise ValueError(
+            f"data.records.path: {len(r.source)} records at {cfg.records_path!r}; "
+            f"need more than data.eval_samples={cfg.eval_samples} (held out)"
+        )
     return r, n_train
 
 
-def record_clip(element: dict, frames: int, h: int, w: int,
-                rng: np.random.Generator) -> tuple[np.ndarray | None, str]:
+def record_clip(
+    element: dict, frames: int, h: int, w: int, rng: np.random.Generator
+) -> tuple[np.ndarray | None, str]:
     """A record element -> (uint8 (frames, h, w, 3), "") by the rule of the module docstring, or
     (None, why) when it cannot give one."""
     if "decode_error" in element:
@@ -117,18 +123,23 @@ def record_clip(element: dict, frames: int, h: int, w: int,
         return None, f"{t} frames, the step needs {frames}"
     wh, ww = pan.largest_window((vh, vw), w / h)
     if wh < h - 1e-6:
-        return None, (f"{vh}x{vw}: its largest {h}:{w} window is {wh:.1f}x{ww:.1f}, under the "
-                      f"step's {h}x{w} (no upsampling)")
+        return None, (
+            f"{vh}x{vw}: its largest {h}:{w} window is {wh:.1f}x{ww:.1f}, under the "
+            f"step's {h}x{w} (no upsampling)"
+        )
     t0 = int(rng.integers(t - frames + 1))
     x0, y0 = rng.uniform(0, vw - ww), rng.uniform(0, vh - wh)
     box = (x0, y0, min(x0 + ww, vw), min(y0 + wh, vh))
-    clip = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BOX, box=box))
-            for f in video[t0:t0 + frames]]
+    clip = [
+        np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BOX, box=box))
+        for f in video[t0 : t0 + frames]
+    ]
     return np.stack(clip), ""
 
 
-def _record_samples(cfg: VAEDataConfig, rng: np.random.Generator, frames: int, h: int, w: int,
-                    n: int) -> tuple[list[np.ndarray], int]:
+def _record_samples(
+    cfg: VAEDataConfig, rng: np.random.Generator, frames: int, h: int, w: int, n: int
+) -> tuple[list[np.ndarray], int]:
     r, n_train = records_split(cfg)
     videos, skipped, tries = [], 0, 0
     while len(videos) < n:
@@ -137,7 +148,8 @@ def _record_samples(cfg: VAEDataConfig, rng: np.random.Generator, frames: int, h
                 f"data.records.path: {tries} draws from {cfg.records_path!r} gave {len(videos)} "
                 f"of the {n} usable samples a {frames}x{h}x{w} step needs ({skipped} skipped: "
                 "decode errors, too few frames, or smaller than the step's size; lower "
-                "data.frame_choices / data.size_choices or use larger records)")
+                "data.frame_choices / data.size_choices or use larger records)"
+            )
         tries += 1
         index = int(rng.integers(n_train))
         clip, why = record_clip(r.source[index], frames, h, w, rng)
@@ -160,10 +172,12 @@ def sample_batch(cfg: VAEDataConfig, step: int, seed: int | None = None) -> tupl
     elif cfg.source in ("synthetic", "pan", "mixed"):
         videos = []
         for _ in range(n):
-            use_pan = cfg.source == "pan" or (cfg.source == "mixed" and
-                                              rng.random() < cfg.pan_fraction)
-            videos.append(_pan(rng, pan.TRAIN, frames, h, w) if use_pan else
-                          _synthetic(rng, frames, h, w))
+            use_pan = cfg.source == "pan" or (
+                cfg.source == "mixed" and rng.random() < cfg.pan_fraction
+            )
+            videos.append(
+                _pan(rng, pan.TRAIN, frames, h, w) if use_pan else _synthetic(rng, frames, h, w)
+            )
     else:
         raise ValueError(f"data.source: {cfg.source!r} is not one of {SOURCES}")
     return np.stack(videos).astype(np.float32) / 127.5 - 1.0, skipped
@@ -211,7 +225,9 @@ def heldout_sets(cfg: VAEDataConfig, n: int, seed: int) -> dict[str, list[np.nda
             else:
                 videos.append(_to_float(clip))
         if not videos:
-            raise ValueError(f"data.records.path: none of the {cfg.eval_samples} held-out records "
-                             f"of {cfg.records_path!r} is usable for evaluation (see the warnings)")
+            raise ValueError(
+                f"data.records.path: none of the {cfg.eval_samples} held-out records "
+                f"of {cfg.records_path!r} is usable for evaluation (see the warnings)"
+            )
         sets["records"] = videos
     return sets

@@ -34,8 +34,10 @@ class EvalSetup:
         keeps 1 + (frames - 1) // ct latent frames; they decode to 1 + (t - 1) * ct frames)."""
         (frames, height, width), (ct, ch, cw) = shape, self.compression
         if height % ch or width % cw:
-            raise ValueError(f"{height}x{width} is not a multiple of the autoencoder's spatial "
-                             f"compression {ch}x{cw}")
+            raise ValueError(
+                f"{height}x{width} is not a multiple of the autoencoder's spatial "
+                f"compression {ch}x{cw}"
+            )
         return (frames if ct == 1 else 1 + (frames - 1) // ct, height // ch, width // cw)
 
 
@@ -47,31 +49,58 @@ def prompts(n: int, seed: int = 1234, image_fraction: float = 0.0) -> list[str]:
         color = list(synthetic.COLORS)[i % len(synthetic.COLORS)]
         shape = synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))]
         still = rng.random() < image_fraction
-        direction = synthetic.STILL if still else synthetic.DIRECTIONS[
-            (i // len(synthetic.COLORS) + rng.integers(len(synthetic.DIRECTIONS)))
-            % len(synthetic.DIRECTIONS)]
+        direction = (
+            synthetic.STILL
+            if still
+            else synthetic.DIRECTIONS[
+                (i // len(synthetic.COLORS) + rng.integers(len(synthetic.DIRECTIONS)))
+                % len(synthetic.DIRECTIONS)
+            ]
+        )
         frames = 1 if still else 8
         out.append(synthetic.caption(synthetic.SampleSpec(color, shape, direction, frames, 32, 32)))
     return out
 
 
-def generate(graphdef, params, captions: list[str], shape: tuple[int, int, int], setup: EvalSetup,
-             seed: int = 0) -> list[np.ndarray]:
+def generate(
+    graphdef,
+    params,
+    captions: list[str],
+    shape: tuple[int, int, int],
+    setup: EvalSetup,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """Pixel-space samples (uint8 (T, H, W, 3)) for each caption at (frames, height, width); latent
     models sample the latent grid of that size and decode it with `setup.decode`."""
     grid = setup.latent_grid(tuple(shape))
     if setup.compression != (1, 1, 1) and setup.decode is None:
-        raise ValueError("autoencoder.vae: a latent model needs its VAE work directory to turn "
-                         "samples into pixels")
+        raise ValueError(
+            "autoencoder.vae: a latent model needs its VAE work directory to turn "
+            "samples into pixels"
+        )
     reqs = [sampler.SampleRequest(p, grid, seed=seed + i) for i, p in enumerate(captions)]
-    lat = sampler.sample(graphdef, params, reqs, patch=setup.patch, channels=setup.channels,
-                         flow_cfg=setup.flow_cfg, steps=setup.steps, cfg_scale=setup.cfg_scale,
-                         text_len=setup.text_len)
+    lat = sampler.sample(
+        graphdef,
+        params,
+        reqs,
+        patch=setup.patch,
+        channels=setup.channels,
+        flow_cfg=setup.flow_cfg,
+        steps=setup.steps,
+        cfg_scale=setup.cfg_scale,
+        text_len=setup.text_len,
+    )
     return [to_uint8(setup.decode(x) if setup.decode else x) for x in lat]
 
 
-def evaluate(graphdef, params, setup: EvalSetup, n: int = 48,
-             shape: tuple[int, int, int] = (8, 32, 32), seed: int = 0) -> dict[str, float]:
+def evaluate(
+    graphdef,
+    params,
+    setup: EvalSetup,
+    n: int = 48,
+    shape: tuple[int, int, int] = (8, 32, 32),
+    seed: int = 0,
+) -> dict[str, float]:
     caps = prompts(n, seed=1234 + seed)
     videos = generate(graphdef, params, caps, shape, setup, seed=seed)
     return detector.score(videos, caps)

@@ -62,16 +62,25 @@ def sample(
         by_grid.setdefault(tuple(r.grid), []).append(i)
     for grid, idx in by_grid.items():
         lat = _sample_same_size(
-            graphdef, params, [requests[i] for i in idx], grid, patch, channels, flow_cfg,
-            steps, cfg_scale, text_len,
+            graphdef,
+            params,
+            [requests[i] for i in idx],
+            grid,
+            patch,
+            channels,
+            flow_cfg,
+            steps,
+            cfg_scale,
+            text_len,
         )
         for i, x in zip(idx, lat, strict=True):
             out[i] = x
     return [out[i] for i in range(len(requests))]
 
 
-def _sample_same_size(graphdef, params, reqs, grid, patch, channels, flow_cfg, steps, cfg_scale,
-                      text_len):
+def _sample_same_size(
+    graphdef, params, reqs, grid, patch, channels, flow_cfg, steps, cfg_scale, text_len
+):
     pt, ph, pw = patch
     if any(g % q for g, q in zip(grid, patch, strict=True)):
         raise ValueError(f"latent grid {grid} is not divisible by the patch {patch}")
@@ -98,18 +107,27 @@ def _sample_same_size(graphdef, params, reqs, grid, patch, channels, flow_cfg, s
         text[i, : len(t)] = t
         text_seg[i, : len(t)] = 1
 
-    noise = np.stack([
-        np.asarray(jax.random.normal(jax.random.key(r.seed), (num_tokens, x_cond.shape[-1])))
-        for r in reqs
-    ])
+    noise = np.stack(
+        [
+            np.asarray(jax.random.normal(jax.random.key(r.seed), (num_tokens, x_cond.shape[-1])))
+            for r in reqs
+        ]
+    )
     ts = timesteps(steps, num_tokens, flow_cfg)
     run = _euler_fn(graphdef, steps, cfg_scale)
     x = run(
-        params, jnp.asarray(noise), jnp.asarray(x_cond), jnp.asarray(cond),
+        params,
+        jnp.asarray(noise),
+        jnp.asarray(x_cond),
+        jnp.asarray(cond),
         jnp.asarray(np.broadcast_to(positions, (2 * n, *positions.shape))),
-        jnp.asarray(text), jnp.asarray(text_seg), jnp.asarray(ts),
+        jnp.asarray(text),
+        jnp.asarray(text_seg),
+        jnp.asarray(ts),
     )
-    if not x.is_fully_addressable:  # parameters sharded over processes: every process gets all samples
+    if (
+        not x.is_fully_addressable
+    ):  # parameters sharded over processes: every process gets all samples
         x = multihost_utils.process_allgather(x, tiled=True)
     x = np.asarray(x)
     return [packing.unpatchify(x[i], grid, patch) for i in range(n)]
@@ -127,7 +145,9 @@ def _euler_fn(graphdef, steps: int, cfg_scale: float):
             t_tok = jnp.where(cond, 0.0, t)
             xx = jnp.concatenate([x, x])
             tt = jnp.concatenate([t_tok, t_tok])
-            model = nnx.merge(graphdef, params)  # inside the loop body: the model lives in its trace
+            model = nnx.merge(
+                graphdef, params
+            )  # inside the loop body: the model lives in its trace
             v = model(xx, positions, seg, tt, text, text_seg)
             v_c, v_u = v[:n], v[n:]
             v = v_u + cfg_scale * (v_c - v_u)

@@ -34,8 +34,12 @@ class PatchDiscriminator(nnx.Module):
         kt = cfg.temporal_kernel
         kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         chans = [3] + [cfg.channels * min(2**i, 8) for i in range(cfg.layers)]
-        self.convs = nnx.List([CausalConv3d(a, b, (kt, 3, 3), (1, 2, 2), **kw)
-                               for a, b in zip(chans[:-1], chans[1:], strict=True)])
+        self.convs = nnx.List(
+            [
+                CausalConv3d(a, b, (kt, 3, 3), (1, 2, 2), **kw)
+                for a, b in zip(chans[:-1], chans[1:], strict=True)
+            ]
+        )
         self.out = CausalConv3d(chans[-1], 1, (kt, 3, 3), (1, 1, 1), **kw)
 
     def __call__(self, video: jax.Array) -> jax.Array:

@@ -61,12 +61,14 @@ class Block(nnx.Module):
         d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         # (6, D): shift1, scale1, gate1, shift2, scale2, gate2, added to the shared time projection.
-        self.modulation = nnx.Param(
-            jnp.zeros((6, d), pdt), out_sharding=("modulation", "embed")
+        self.modulation = nnx.Param(jnp.zeros((6, d), pdt), out_sharding=("modulation", "embed"))
+        self.self_attn = layers.Attention(
+            d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw
         )
-        self.self_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw)
         self.norm_cross = layers.RMSNorm(d, "embed", param_dtype=pdt)
-        self.cross_attn = layers.Attention(d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw)
+        self.cross_attn = layers.Attention(
+            d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw
+        )
         self.mlp = layers.MLP(d, int(d * cfg.mlp_ratio), **kw)
 
     def __call__(self, x, t_mod, segment_ids, rope, text, text_segment_ids):
@@ -103,6 +105,7 @@ class VideoDiT(nnx.Module):
         self.text_out = layers.dense(d, d, ("mlp", "embed"), **kw)
 
         if cfg.scan_layers:
+
             @nnx.split_rngs(splits=cfg.depth)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(r):
@@ -134,7 +137,9 @@ class VideoDiT(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if x.shape[-1] != cfg.patch_dim:
-            raise ValueError(f"patches have {x.shape[-1]} values, the model expects {cfg.patch_dim}")
+            raise ValueError(
+                f"patches have {x.shape[-1]} values, the model expects {cfg.patch_dim}"
+            )
         if text_positions is None:
             text_positions = _positions_within_segments(text_segment_ids)
         h = self.patch_embed(x.astype(dt))  # (B, L, D)

@@ -167,7 +167,6 @@ class Attention(nnx.Module):
         out = self._attend(q, k, v, q_segment_ids, kv_seg, context is None)  # (B, L, H, K)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
-
     def _attend(self, q, k, v, q_seg, kv_seg, self_attention: bool):
         """Attention; under a mesh, the kernel runs per device on its own rows, heads and queries.
 
@@ -180,13 +179,19 @@ class Attention(nnx.Module):
         ctx = sharding.current()
         platform = None if ctx is None else ctx[0].devices.flat[0].platform
         impl = resolve_impl(self.impl, platform)
-        fn = functools.partial(attention, impl=impl, block_q=self.block, block_kv=self.block,
-                               platform=platform)
+        fn = functools.partial(
+            attention, impl=impl, block_q=self.block, block_kv=self.block, platform=platform
+        )
         if ctx is None or impl == "xla":
             return fn(q, k, v, q_seg, kv_seg)
         mesh, rules = ctx
-        spec = lambda names, shape: (*sharding.logical_to_spec(names, rules, mesh, shape), None, None,
-                                     None, None)
+        spec = lambda names, shape: (
+            *sharding.logical_to_spec(names, rules, mesh, shape),
+            None,
+            None,
+            None,
+            None,
+        )
         bq, lq, hq, _ = spec(("batch", self.seq, "heads", None), q.shape)[:4]
         kv_len = self.seq if self_attention else None
         bk, lk, hk, _ = spec(("batch", kv_len, "heads", None), k.shape)[:4]
@@ -198,8 +203,13 @@ class Attention(nnx.Module):
         check = impl != "splash"
         if q_seg is kv_seg and lk is None:  # self-attention, whole rows: pass the ids once
             one = lambda q, k, v, seg: fn(q, k, v, seg, seg)
-            return jax.shard_map(one, mesh=mesh, in_specs=(spec_q, spec_q, spec_q, P(bq)),
-                                 out_specs=spec_q, check_vma=check)(q, k, v, q_seg)
+            return jax.shard_map(
+                one,
+                mesh=mesh,
+                in_specs=(spec_q, spec_q, spec_q, P(bq)),
+                out_specs=spec_q,
+                check_vma=check,
+            )(q, k, v, q_seg)
 
         def local(q, k, v, q_seg, kv_seg):
             if lk is not None:
@@ -207,16 +217,29 @@ class Attention(nnx.Module):
                 k, v, kv_seg = gather(k), gather(v), gather(kv_seg)
             return fn(q, k, v, q_seg, kv_seg)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec_q, spec_k, spec_k, P(bq, lq), P(bk, lk)),
-                             out_specs=spec_q, check_vma=check)(q, k, v, q_seg, kv_seg)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(spec_q, spec_k, spec_k, P(bq, lq), P(bk, lk)),
+            out_specs=spec_q,
+            check_vma=check,
+        )(q, k, v, q_seg, kv_seg)
 
 
 class MLP(nnx.Module):
     """Linear -> tanh-GELU -> Linear."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, names: Sequence[str] = ("embed", "mlp"),
-                 seq: str = "length"):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        names: Sequence[str] = ("embed", "mlp"),
+        seq: str = "length",
+    ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = dense(dim, hidden, (names[0], names[1]), **kw)
         self.fc2 = dense(hidden, dim, (names[1], names[0]), **kw)

@@ -61,7 +61,9 @@ class _TextBlock(nnx.Module):
             cfg.width, cfg.heads, impl=cfg.attn_impl, seq="text_length", **kw
         )
         self.norm2 = layers.RMSNorm(cfg.width, "text_embed", param_dtype=param_dtype)
-        self.mlp = layers.MLP(cfg.width, 4 * cfg.width, names=("text_embed", "mlp"), seq="text_length", **kw)
+        self.mlp = layers.MLP(
+            cfg.width, 4 * cfg.width, names=("text_embed", "mlp"), seq="text_length", **kw
+        )
 
     def __call__(self, x, segment_ids):
         x = x + self.attn(self.norm1(x), segment_ids)
@@ -69,8 +71,9 @@ class _TextBlock(nnx.Module):
 
 
 class TextEncoder(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
         if cfg.kind not in ("bytes", "precomputed"):
             raise ValueError(f"model.text.kind={cfg.kind!r}; choose 'bytes' or 'precomputed'")
         self.cfg = cfg
@@ -87,8 +90,10 @@ class TextEncoder(nnx.Module):
                 out_sharding=(None, "text_embed"),
             )
             self.blocks = nnx.List(
-                [_TextBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                 for _ in range(cfg.depth)]
+                [
+                    _TextBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                    for _ in range(cfg.depth)
+                ]
             )
             self.norm = layers.RMSNorm(cfg.width, "text_embed", param_dtype=param_dtype)
         self.dtype = dtype

@@ -58,15 +58,19 @@ class VAEConfig:
 
     def __post_init__(self):
         if len(self.temporal_down) != len(self.channel_mults) - 1:
-            raise ValueError(f"temporal_down has {len(self.temporal_down)} entries, need one per "
-                             f"downsampling (len(channel_mults) - 1 = {len(self.channel_mults) - 1})")
+            raise ValueError(
+                f"temporal_down has {len(self.temporal_down)} entries, need one per "
+                f"downsampling (len(channel_mults) - 1 = {len(self.channel_mults) - 1})"
+            )
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
         if self.temporal_kernel < 2:
-            raise ValueError(f"temporal_kernel={self.temporal_kernel} must be >= 2 (a strided time "
-                             "downsampling needs a kernel of at least its stride)")
+            raise ValueError(
+                f"temporal_kernel={self.temporal_kernel} must be >= 2 (a strided time "
+                "downsampling needs a kernel of at least its stride)"
+            )
 
     @property
     def compression(self) -> tuple[int, int, int]:
@@ -124,15 +128,28 @@ def _normal(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.A
 class CausalConv3d(nnx.Module):
     """3D convolution, channels last, causal in time, zero "same" padding in space."""
 
-    def __init__(self, cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1), *,
-                 pad_mode: str = "replicate", zero: bool = False, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel=(3, 3, 3),
+        stride=(1, 1, 1),
+        *,
+        pad_mode: str = "replicate",
+        zero: bool = False,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         kt = kernel[0]
         if kt < stride[0]:
             raise ValueError(f"temporal kernel {kt} is shorter than its stride {stride[0]}")
         shape = (*kernel, cin, cout)
-        value = (jnp.zeros(shape, param_dtype) if zero
-                 else _normal(rngs.params(), shape, math.prod(shape[:-1]), param_dtype))
+        value = (
+            jnp.zeros(shape, param_dtype)
+            if zero
+            else _normal(rngs.params(), shape, math.prod(shape[:-1]), param_dtype)
+        )
         self.kernel = nnx.Param(value, out_sharding=(None, None, None, "vae_in", "vae_out"))
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=("vae_out",))
         self.ksize = tuple(kernel)
@@ -145,6 +162,7 @@ class CausalConv3d(nnx.Module):
         st = self.stride[0]
         x = x.astype(self.dtype)
         if kt > 1:
+
             def padded(prev):
                 if prev is None:
                     first = x[:, :1] if self.pad_mode == "replicate" else jnp.zeros_like(x[:, :1])
@@ -154,9 +172,11 @@ class CausalConv3d(nnx.Module):
             x = padded(None) if cache is None else cache.exchange(padded)
             if cache is not None:
                 # frames the next chunk's first output window reaches back to
-                cache.new.append(x[:, x.shape[1] - (kt - st):])
+                cache.new.append(x[:, x.shape[1] - (kt - st) :])
         y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(self.dtype), window_strides=self.stride,
+            x,
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
             padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
         )
@@ -252,8 +272,12 @@ class Upsample(nnx.Module):
 
 
 def _conv_kw(cfg: VAEConfig, rngs: nnx.Rngs) -> dict:
-    return dict(pad_mode=cfg.pad_mode, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype))
+    return dict(
+        pad_mode=cfg.pad_mode,
+        rngs=rngs,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,15 +364,20 @@ class CausalVAE3D(nnx.Module):
         """Validates (B, T, H, W, C) and drops the trailing frames no latent frame sees."""
         ct, ch, cw = self.cfg.compression
         if video.ndim != 5 or video.shape[-1] != self.cfg.in_channels:
-            raise ValueError(f"expected a (B, T, H, W, {self.cfg.in_channels}) video, got {video.shape}")
+            raise ValueError(
+                f"expected a (B, T, H, W, {self.cfg.in_channels}) video, got {video.shape}"
+            )
         _, t, h, w, _ = video.shape
         if h % ch or w % cw:
-            raise ValueError(f"video size {h}x{w} is not a multiple of the spatial compression "
-                             f"{ch}x{cw}")
+            raise ValueError(
+                f"video size {h}x{w} is not a multiple of the spatial compression {ch}x{cw}"
+            )
         return video[:, : self.cfg.pixel_frames(self.cfg.latent_frames(t))]
 
     # --- full --------------------------------------------------------------------------------
-    def encode(self, video: jax.Array, cache: ConvCache | None = None) -> tuple[jax.Array, jax.Array]:
+    def encode(
+        self, video: jax.Array, cache: ConvCache | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """(B, T, H, W, 3) -> mean, logvar (B, 1 + (T-1)//ct, H/ch, W/cw, Z).
 
         With a `cache` of a later chunk the frames continue the video: a multiple of ct of them."""
@@ -452,7 +481,7 @@ def blend_ramp(n: int, overlap: int, left: bool, right: bool) -> np.ndarray:
     if left:
         w[:overlap] = np.minimum(w[:overlap], ramp)
     if right:
-        w[n - overlap:] = np.minimum(w[n - overlap:], ramp[::-1])
+        w[n - overlap :] = np.minimum(w[n - overlap :], ramp[::-1])
     return w
 
 
@@ -465,7 +494,7 @@ def _tiled(fn, x: jax.Array, in_tile: tuple[int, int], in_overlap: tuple[int, in
     for y0 in ys:
         for x0 in xs:
             th, tw = min(in_tile[0], h), min(in_tile[1], w)
-            outs = fn(x[:, :, y0:y0 + th, x0:x0 + tw])
+            outs = fn(x[:, :, y0 : y0 + th, x0 : x0 + tw])
             oh, ow = outs[0].shape[2:4]
             wy = blend_ramp(oh, int(in_overlap[0] * scale), y0 > 0, y0 + th < h)
             wx = blend_ramp(ow, int(in_overlap[1] * scale), x0 > 0, x0 + tw < w)
@@ -475,39 +504,61 @@ def _tiled(fn, x: jax.Array, in_tile: tuple[int, int], in_overlap: tuple[int, in
                 full = (int(h * scale), int(w * scale))
                 acc = [jnp.zeros(o.shape[:2] + full + o.shape[4:], o.dtype) for o in outs]
                 weight = jnp.zeros((1, 1, *full, 1), jnp.float32)
-            acc = [a.at[:, :, oy:oy + oh, ox:ox + ow].add(o * wt) for a, o in zip(acc, outs, strict=True)]
-            weight = weight.at[:, :, oy:oy + oh, ox:ox + ow].add(wt)
+            acc = [
+                a.at[:, :, oy : oy + oh, ox : ox + ow].add(o * wt)
+                for a, o in zip(acc, outs, strict=True)
+            ]
+            weight = weight.at[:, :, oy : oy + oh, ox : ox + ow].add(wt)
     return [a / weight for a in acc]
 
 
-def encode_tiled(model: CausalVAE3D, video: jax.Array, tile: tuple[int, int],
-                 overlap: tuple[int, int], chunk_frames: int | None = None):
+def encode_tiled(
+    model: CausalVAE3D,
+    video: jax.Array,
+    tile: tuple[int, int],
+    overlap: tuple[int, int],
+    chunk_frames: int | None = None,
+):
     """Encode overlapping spatial tiles (`tile`, `overlap` in latent pixels) and blend the moments;
     each tile is encoded whole or, with `chunk_frames`, chunked in time."""
     _, ch, cw = model.cfg.compression
     _check_tiling(tile, overlap)
     x = model.check_video(video)
-    fn = ((lambda v: encode_chunked(model, v, chunk_frames)) if chunk_frames
-          else (lambda v: _encode_full(model, v)))
-    mean, logvar = _tiled(fn, x, (tile[0] * ch, tile[1] * cw), (overlap[0] * ch, overlap[1] * cw),
-                          1.0 / ch)
+    fn = (
+        (lambda v: encode_chunked(model, v, chunk_frames))
+        if chunk_frames
+        else (lambda v: _encode_full(model, v))
+    )
+    mean, logvar = _tiled(
+        fn, x, (tile[0] * ch, tile[1] * cw), (overlap[0] * ch, overlap[1] * cw), 1.0 / ch
+    )
     return mean, logvar
 
 
-def decode_tiled(model: CausalVAE3D, z: jax.Array, tile: tuple[int, int], overlap: tuple[int, int],
-                 chunk_latents: int | None = None) -> jax.Array:
+def decode_tiled(
+    model: CausalVAE3D,
+    z: jax.Array,
+    tile: tuple[int, int],
+    overlap: tuple[int, int],
+    chunk_latents: int | None = None,
+) -> jax.Array:
     """Decode overlapping latent tiles (`tile`, `overlap` in latent pixels) and blend the videos."""
     _, ch, _ = model.cfg.compression
     _check_tiling(tile, overlap)
-    fn = ((lambda v: (decode_chunked(model, v, chunk_latents),)) if chunk_latents
-          else (lambda v: (_decode_full(model, v),)))
+    fn = (
+        (lambda v: (decode_chunked(model, v, chunk_latents),))
+        if chunk_latents
+        else (lambda v: (_decode_full(model, v),))
+    )
     return _tiled(fn, z, tuple(tile), tuple(overlap), float(ch))[0]
 
 
 def _check_tiling(tile, overlap):
     if min(tile) < 1 or min(overlap) < 0 or any(o >= t for o, t in zip(overlap, tile, strict=True)):
-        raise ValueError(f"tile {tuple(tile)} and overlap {tuple(overlap)}: need tile >= 1 and "
-                         "0 <= overlap < tile")
+        raise ValueError(
+            f"tile {tuple(tile)} and overlap {tuple(overlap)}: need tile >= 1 and "
+            "0 <= overlap < tile"
+        )
 
 
 @nnx.jit

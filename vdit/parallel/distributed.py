@@ -150,8 +150,10 @@ def plan(
     if cluster is not None:
         return Plan(given, cluster)
     if ids is not None:
-        raise ValueError("--local_device_ids needs a multi-process run (--coordinator_address, "
-                         "--num_processes, --process_id, or a cluster JAX detects)")
+        raise ValueError(
+            "--local_device_ids needs a multi-process run (--coordinator_address, "
+            "--num_processes, --process_id, or a cluster JAX detects)"
+        )
     return None
 
 
@@ -181,9 +183,11 @@ def initialize(
 
 def describe() -> str:
     """One line on the process layout, e.g. for the start of a log."""
-    return (f"process {jax.process_index()} of {jax.process_count()}: "
-            f"{jax.local_device_count()} local / {jax.device_count()} global "
-            f"{jax.default_backend()} devices")
+    return (
+        f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local / {jax.device_count()} global "
+        f"{jax.default_backend()} devices"
+    )
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:

@@ -55,16 +55,21 @@ def make_mesh(
         dims = tuple(shape[a] for a in MESH_AXES)
         return jax.make_mesh(dims, MESH_AXES, axis_types=auto, devices=devices)
     if dcn_data < 1 or len(devices) % dcn_data:
-        raise ValueError(f"mesh.dcn_data={dcn_data}: {len(devices)} devices do not split into "
-                         f"{dcn_data} equal slices")
+        raise ValueError(
+            f"mesh.dcn_data={dcn_data}: {len(devices)} devices do not split into "
+            f"{dcn_data} equal slices"
+        )
     ici = resolve_mesh_shape(sizes, len(devices) // dcn_data)
     ici_dims = tuple(ici[a] for a in MESH_AXES)
     slices = {getattr(d, "slice_index", None) for d in devices}
     if None not in slices and len(slices) > 1:
         if len(slices) != dcn_data:
-            raise ValueError(f"mesh.dcn_data={dcn_data} but the devices are in {len(slices)} slices")
+            raise ValueError(
+                f"mesh.dcn_data={dcn_data} but the devices are in {len(slices)} slices"
+            )
         array = mesh_utils.create_hybrid_device_mesh(
-            ici_dims, (dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices)
+            ici_dims, (dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices
+        )
     else:  # one physical slice (or CPU): consecutive device groups play the slices
         array = np.asarray(devices, dtype=object).reshape(dcn_data * ici_dims[0], *ici_dims[1:])
     return Mesh(array, MESH_AXES, axis_types=auto)

@@ -36,7 +36,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("channels", None),
     ("vae_in", None),  # input channels of VAE convolutions
-    ("vae_out", "fsdp"),  # output channels of VAE convolutions (replicated where fsdp does not divide)
+    (
+        "vae_out",
+        "fsdp",
+    ),  # output channels of VAE convolutions (replicated where fsdp does not divide)
 )
 
 
@@ -120,7 +123,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = ctx
     if len(names) != x.ndim:
-        raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of shape {x.shape}")
+        raise ValueError(
+            f"constrain: {len(names)} names {tuple(names)} for an array of shape {x.shape}"
+        )
     spec = logical_to_spec(names, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -139,7 +144,9 @@ def param_shardings(abstract_state: Any, rules: Rules, mesh: Mesh) -> dict:
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.get_value().shape))
+        node[path[-1]] = NamedSharding(
+            mesh, logical_to_spec(names, rules, mesh, var.get_value().shape)
+        )
     return out
 
 

@@ -210,8 +210,13 @@ def _check_process_count(data_dir: epath.Path) -> None:
     index, count = jax.process_index(), jax.process_count()
     if (data_dir / f"process_{index}-of-{count}.json").exists():
         return
-    saved = sorted({m.group(1) for p in data_dir.iterdir()
-                    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))})
+    saved = sorted(
+        {
+            m.group(1)
+            for p in data_dir.iterdir()
+            if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))
+        }
+    )
     raise ValueError(
         f"{data_dir} holds the data-iterator state of a run of {' or '.join(saved) or 'no'} "
         f"processes, this run has {count}: resume with the same process count (the mesh and the "

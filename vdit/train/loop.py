@@ -38,7 +38,9 @@ from vdit.train.samples import check_vae, write_sample_grid
 log = logging.getLogger(__name__)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices=None
+) -> dict[str, Any]:
     """Train (or resume) to `config.train.steps`; returns the last logged metrics.
 
     `devices` (default: all, over every process) are the devices the mesh is built from; in a
@@ -51,27 +53,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     devices = jax.devices() if devices is None else list(devices)
     missing = set(range(jax.process_count())) - {d.process_index for d in devices}
     if missing:
-        raise ValueError(f"the mesh devices include none of processes {sorted(missing)}: a "
-                         "multi-process run needs a mesh over the devices of every process")
+        raise ValueError(
+            f"the mesh devices include none of processes {sorted(missing)}: a "
+            "multi-process run needs a mesh over the devices of every process"
+        )
     c = configlib.load(config, len(devices))
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
     trainer = step_lib.make_trainer(c, devices)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    log.info("process %d of %d (%d of %d devices local), mesh %s, %s parameters",
-             jax.process_index(), jax.process_count(),
-             sum(d.process_index == jax.process_index() for d in devices), len(devices),
-             dict(trainer.mesh.shape), f"{n_params:,}")
+    log.info(
+        "process %d of %d (%d of %d devices local), mesh %s, %s parameters",
+        jax.process_index(),
+        jax.process_count(),
+        sum(d.process_index == jax.process_index() for d in devices),
+        len(devices),
+        dict(trainer.mesh.shape),
+        f"{n_params:,}",
+    )
     # peak FLOP/s of the run's devices for `mfu`: the config's, else the chip table's; 0 = unknown
-    peak = float(tc.get("peak_flops_per_device", 0.0)) or (aot.peak_flops_per_device(devices[0]) or 0.0)
+    peak = float(tc.get("peak_flops_per_device", 0.0)) or (
+        aot.peak_flops_per_device(devices[0]) or 0.0
+    )
     peak *= len(devices)
 
     data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
     if c.data.source == "latents":  # the decoder of the sample grid must be the encoding VAE
         check_vae(c, latents.read_manifest(c.data.latents.path))
     data_iter = iter(data)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=tc.checkpoint_every,
+        keep=tc.keep_checkpoints,
+    )
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(trainer.abstract_sharded_state(), data_iter=data_iter)
         log.info("resumed from step %d in %s", start, workdir)
@@ -89,17 +103,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         batch = next(data_iter)
         if batch_shardings is None:
             batch_shardings = trainer.batch_shardings(
-                {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
+                {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS}
+            )
         global_batch = pipeline.to_global(batch, batch_shardings)
         if train_step is None:
-            train_step = trainer.jit_train_step(batch_shardings).lower(state, global_batch).compile()
-            distributed.barrier("vdit_train_step_compiled")  # no process runs it before all compiled
+            train_step = (
+                trainer.jit_train_step(batch_shardings).lower(state, global_batch).compile()
+            )
+            distributed.barrier(
+                "vdit_train_step_compiled"
+            )  # no process runs it before all compiled
         host["tokens"] += int((batch["segment_ids"] > 0).sum())
         host["slots"] += batch["segment_ids"].size
         host["samples"] += int((batch["grid"][..., 0] > 0).sum())
         host["stats"] += batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
-        host["flops"] += flops.step_flops(trainer.model_cfg, batch["segment_ids"],
-                                          batch["text_segment_ids"])["total_useful"]
+        host["flops"] += flops.step_flops(
+            trainer.model_cfg, batch["segment_ids"], batch["text_segment_ids"]
+        )["total_useful"]
         state, metrics = train_step(state, global_batch)
         pending.append(metrics)
         done = step + 1
@@ -145,5 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 
 def _new_host_counts() -> dict[str, Any]:
-    return {"tokens": 0, "slots": 0, "samples": 0, "flops": 0.0,
-            "stats": np.zeros(len(pipeline.STATS), np.int64)}
+    return {
+        "tokens": 0,
+        "slots": 0,
+        "samples": 0,
+        "flops": 0.0,
+        "stats": np.zeros(len(pipeline.STATS), np.int64),
+    }

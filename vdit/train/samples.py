@@ -20,10 +20,16 @@ log = logging.getLogger(__name__)
 def eval_setup(c: ml_collections.ConfigDict) -> EvalSetup:
     """Sampling settings of config `c`; a latent model decodes with the VAE of `autoencoder.vae`
     (no decoder when it is empty: `generate` then refuses)."""
-    return EvalSetup(patch=configlib.patch_size(c), channels=c.autoencoder.channels,
-                     flow_cfg=configlib.flow_config(c), steps=c.sample.steps,
-                     cfg_scale=c.sample.cfg_scale, text_len=c.model.text.max_len,
-                     compression=tuple(c.autoencoder.compression), decode=decoder(c))
+    return EvalSetup(
+        patch=configlib.patch_size(c),
+        channels=c.autoencoder.channels,
+        flow_cfg=configlib.flow_config(c),
+        steps=c.sample.steps,
+        cfg_scale=c.sample.cfg_scale,
+        text_len=c.model.text.max_len,
+        compression=tuple(c.autoencoder.compression),
+        decode=decoder(c),
+    )
 
 
 def decoder(c: ml_collections.ConfigDict):
@@ -44,18 +50,23 @@ def check_vae(c: ml_collections.ConfigDict, manifest: dict) -> None:
     if dec is None:
         return
     v, model = manifest["vae"], dec.model
-    same = (tuple(v["compression"]) == tuple(model.cfg.compression)
-            and np.allclose(v["latent_mean"], np.asarray(model.latent_mean[...]), atol=1e-6)
-            and np.allclose(v["latent_std"], np.asarray(model.latent_std[...]), atol=1e-6))
+    same = (
+        tuple(v["compression"]) == tuple(model.cfg.compression)
+        and np.allclose(v["latent_mean"], np.asarray(model.latent_mean[...]), atol=1e-6)
+        and np.allclose(v["latent_std"], np.asarray(model.latent_std[...]), atol=1e-6)
+    )
     if not same:
-        raise ValueError(f"autoencoder.vae={c.autoencoder.vae!r} (step "
-                         f"{c.autoencoder.get('vae_step', -1)}) is not the VAE the latents at "
-                         f"data.latents.path were encoded with ({v['workdir']!r}, step {v['step']}): "
-                         "its compression or latent statistics differ; set autoencoder.vae_step")
+        raise ValueError(
+            f"autoencoder.vae={c.autoencoder.vae!r} (step "
+            f"{c.autoencoder.get('vae_step', -1)}) is not the VAE the latents at "
+            f"data.latents.path were encoded with ({v['workdir']!r}, step {v['step']}): "
+            "its compression or latent statistics differ; set autoencoder.vae_step"
+        )
 
 
-def write_sample_grid(c: ml_collections.ConfigDict, trainer, state, workdir: str, step: int,
-                      writer=None) -> dict[str, float]:
+def write_sample_grid(
+    c: ml_collections.ConfigDict, trainer, state, workdir: str, step: int, writer=None
+) -> dict[str, float]:
     """Sample `c.sample.grid_prompts` (seed 0) with the EMA (or raw) params; write an MP4 grid."""
     prompts = list(c.sample.grid_prompts)
     if not prompts:

@@ -58,7 +58,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(
-            schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            weight_decay=cfg.weight_decay,
             mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
         ),
     )
@@ -129,6 +132,7 @@ class Trainer:
 
     def batch_shardings(self, batch_keys: dict[str, int]) -> dict[str, NamedSharding]:
         """Rows over (data, fsdp), tokens over sequence. `batch_keys` maps key -> ndim."""
+
         def one(ndim: int, seq: str | None) -> NamedSharding:
             names = ("batch", seq) + (None,) * (ndim - 2)
             return NamedSharding(self.mesh, logical_to_spec(names[:ndim], self.rules, self.mesh))
@@ -151,7 +155,12 @@ class Trainer:
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         xt, target, t_tok = flow.noise_tokens(x0, noise, t_tok, batch["cond_mask"])
         pred = self.model(params)(
-            xt, batch["positions"], seg, t_tok, batch["text"], batch["text_segment_ids"],
+            xt,
+            batch["positions"],
+            seg,
+            t_tok,
+            batch["text"],
+            batch["text_segment_ids"],
             batch["text_positions"],
         )
         return flow.masked_mse(pred, target, batch["loss_mask"])
@@ -162,8 +171,9 @@ class Trainer:
         with activation_sharding(self.mesh, self.rules):
             grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
             (loss, count), grads = grad_fn(state["params"], batch, state["step"])
-        new_state, grad_norm, ok = guarded_update(self.tx, self.optim_cfg.ema_decay, state, grads,
-                                                  loss)
+        new_state, grad_norm, ok = guarded_update(
+            self.tx, self.optim_cfg.ema_decay, state, grads, loss
+        )
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "finite": ok}
         return new_state, metrics
 
@@ -202,15 +212,25 @@ def guarded_update(
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
     o = c.optim
     return OptimConfig(
-        lr=o.lr, warmup_steps=o.warmup_steps, total_steps=c.train.steps,
-        min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-        grad_clip=o.grad_clip, ema_decay=o.ema_decay,
+        lr=o.lr,
+        warmup_steps=o.warmup_steps,
+        total_steps=c.train.steps,
+        min_lr_ratio=o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        grad_clip=o.grad_clip,
+        ema_decay=o.ema_decay,
     )
 
 
 def make_trainer(c: ml_collections.ConfigDict, devices=None) -> Trainer:
     mesh = make_mesh({a: c.mesh[a] for a in MESH_AXES}, devices, c.mesh.get("dcn_data", 1))
     return Trainer(
-        configlib.model_config(c), configlib.flow_config(c), optim_config(c), mesh,
-        tuple(tuple(r) for r in c.sharding.rules), seed=c.seed,
+        configlib.model_config(c),
+        configlib.flow_config(c),
+        optim_config(c),
+        mesh,
+        tuple(tuple(r) for r in c.sharding.rules),
+        seed=c.seed,
     )

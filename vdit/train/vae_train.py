@@ -68,7 +68,7 @@ def _gauss_matrix(n: int, win: int, sigma: float = 1.5) -> np.ndarray:
     g /= g.sum()
     m = np.zeros((n - win + 1, n), np.float32)
     for i in range(n - win + 1):
-        m[i, i:i + win] = g
+        m[i, i : i + win] = g
     return m
 
 
@@ -98,7 +98,9 @@ class LossConfig:
     l2_weight: float = 0.0
     kl_weight: float = 1e-4
     sample_posterior: bool = True
-    disc_weight: float = 0.0  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
+    disc_weight: float = (
+        0.0  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
+    )
     disc_start: int = 0  # step from which the adversarial term applies and the discriminator trains
     disc_adaptive: bool = False  # scale disc_weight by |grad rec| / |grad adv| at the last layer
 
@@ -131,31 +133,39 @@ class VAETrainer:
     def __post_init__(self):
         self.tx = step_lib.make_optimizer(self.optim_cfg)
         abstract = nnx.eval_shape(lambda: vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(0)))
-        self.graphdef, abstract_params, abstract_stats = nnx.split(abstract, nnx.Param, vae.LatentStat)
+        self.graphdef, abstract_params, abstract_stats = nnx.split(
+            abstract, nnx.Param, vae.LatentStat
+        )
         self.param_shardings = param_shardings(abstract_params, self.rules, self.mesh)
         self.stats_shardings = param_shardings(abstract_stats, self.rules, self.mesh)
         if self.disc_on:
             o = self.disc_optim
-            self.disc_tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                                       optax.adam(o.lr, b1=o.b1, b2=o.b2))
+            self.disc_tx = optax.chain(
+                optax.clip_by_global_norm(o.grad_clip), optax.adam(o.lr, b1=o.b1, b2=o.b2)
+            )
             abstract_d = nnx.eval_shape(self._disc)
             self.disc_graphdef, abstract_dparams = nnx.split(abstract_d, nnx.Param)
             self.disc_shardings = param_shardings(abstract_dparams, self.rules, self.mesh)
         self.abstract_state = jax.eval_shape(self._init)
         replicated = NamedSharding(self.mesh, P())
         opt_shardings = lambda tx, opt_state, shardings: optax.tree_utils.tree_map_params(
-            tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated)
+            tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated
+        )
         self.state_shardings = {
             "params": self.param_shardings,
-            "opt_state": opt_shardings(self.tx, self.abstract_state["opt_state"],
-                                       self.param_shardings),
+            "opt_state": opt_shardings(
+                self.tx, self.abstract_state["opt_state"], self.param_shardings
+            ),
             "ema": self.param_shardings,
-            "stats": self.stats_shardings, "step": replicated, "skipped": replicated,
+            "stats": self.stats_shardings,
+            "step": replicated,
+            "skipped": replicated,
         }
         if self.disc_on:
             self.state_shardings["disc_params"] = self.disc_shardings
             self.state_shardings["disc_opt_state"] = opt_shardings(
-                self.disc_tx, self.abstract_state["disc_opt_state"], self.disc_shardings)
+                self.disc_tx, self.abstract_state["disc_opt_state"], self.disc_shardings
+            )
 
     def _disc(self) -> discriminator.PatchDiscriminator:
         # its own stream of the seed: the VAE's parameters are those of a run without it
@@ -166,9 +176,12 @@ class VAETrainer:
         _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
         params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         state = {
-            "params": params, "opt_state": self.tx.init(params),
-            "ema": jax.tree.map(jnp.copy, params), "stats": stats,
-            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
+            "stats": stats,
+            "step": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
         }
         if self.disc_on:
             dparams = nnx.to_pure_dict(nnx.state(self._disc(), nnx.Param))
@@ -180,6 +193,7 @@ class VAETrainer:
         kernels are drawn on the host, see `vae._normal`) and placed shard by shard."""
         model = vae.CausalVAE3D(self.model_cfg, rngs=nnx.Rngs(self.seed))
         _, params, stats = nnx.split(model, nnx.Param, vae.LatentStat)
+
         def put(a, sharding):
             a = np.asarray(a)
             return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
@@ -196,16 +210,21 @@ class VAETrainer:
             "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
         }
         if self.disc_on:
-            dparams = place(nnx.to_pure_dict(nnx.state(self._disc(), nnx.Param)),
-                            self.disc_shardings)
+            dparams = place(
+                nnx.to_pure_dict(nnx.state(self._disc(), nnx.Param)), self.disc_shardings
+            )
             state["disc_params"] = dparams
-            state["disc_opt_state"] = jax.jit(self.disc_tx.init,
-                                              out_shardings=sh["disc_opt_state"])(dparams)
+            state["disc_opt_state"] = jax.jit(
+                self.disc_tx.init, out_shardings=sh["disc_opt_state"]
+            )(dparams)
         return state
 
     def abstract_sharded_state(self) -> State:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state, self.state_shardings)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
 
     def model(self, params: dict, stats: dict) -> vae.CausalVAE3D:
         return nnx.merge(self.graphdef, params, stats)
@@ -246,11 +265,13 @@ class VAETrainer:
         """LDM's adaptive weight |d rec / dW| / (|d g_adv / dW| + 1e-4), clipped to [0, 1e4], W the
         decoder's last convolution kernel (rec: the L1 + L2 reconstruction loss, without KL). Only
         W varies, so autodiff goes back through the last layer, not the whole network."""
+
         def part(i):
             def f(kernel):
                 conv_out = {**params["decoder"]["conv_out"], "kernel": kernel}
                 p = {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
                 return self._gan_parts(p, stats, disc_params, video, step)[i]
+
             return jnp.linalg.norm(jax.grad(f)(params["decoder"]["conv_out"]["kernel"]))
 
         w = part(4) / (part(5) + 1e-4)
@@ -261,8 +282,9 @@ class VAETrainer:
         (times the adaptive weight with loss.disc_adaptive) from disc_start on; by exactly 0 before,
         where the loss is the reconstruction one."""
         lc = self.loss_cfg
-        loss, aux, recon, target, _, g_adv = self._gan_parts(params, stats, disc_params, video,
-                                                              step)
+        loss, aux, recon, target, _, g_adv = self._gan_parts(
+            params, stats, disc_params, video, step
+        )
         weight = jnp.asarray(lc.disc_weight, jnp.float32)
         extra = {"g_adv": g_adv}
         if lc.disc_adaptive:
@@ -274,6 +296,7 @@ class VAETrainer:
     def _disc_update(self, state: State, real: jax.Array, fake: jax.Array):
         """Hinge-loss step of the discriminator on the step's videos and their reconstructions
         (held fixed); applied from disc_start on, when its loss and gradients are finite."""
+
         def d_loss_fn(dp):
             d = self.disc(dp)
             real_logits, fake_logits = d(real), d(fake)
@@ -285,71 +308,109 @@ class VAETrainer:
         d_norm = optax.global_norm(d_grads)
         updates, new_opt = self.disc_tx.update(d_grads, dopt, dp)
         new_dp = optax.apply_updates(dp, updates)
-        active = ((state["step"] >= self.loss_cfg.disc_start) & jnp.isfinite(d_loss)
-                  & jnp.isfinite(d_norm))
+        active = (
+            (state["step"] >= self.loss_cfg.disc_start)
+            & jnp.isfinite(d_loss)
+            & jnp.isfinite(d_norm)
+        )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-        return keep(new_dp, dp), keep(new_opt, dopt), {
-            "d_loss": d_loss, "d_grad_norm": d_norm, "disc_active": active.astype(jnp.float32),
-            **d_aux}
+        return (
+            keep(new_dp, dp),
+            keep(new_opt, dopt),
+            {
+                "d_loss": d_loss,
+                "d_grad_norm": d_norm,
+                "disc_active": active.astype(jnp.float32),
+                **d_aux,
+            },
+        )
 
     def train_step(self, state: State, video: jax.Array) -> tuple[State, dict]:
         if self.disc_on:
             return self._gan_train_step(state, video)
         with activation_sharding(self.mesh, self.rules):
             (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-                state["params"], state["stats"], video, state["step"])
-        new_state, grad_norm, _ = step_lib.guarded_update(self.tx, self.optim_cfg.ema_decay, state,
-                                                          grads, loss)
+                state["params"], state["stats"], video, state["step"]
+            )
+        new_state, grad_norm, _ = step_lib.guarded_update(
+            self.tx, self.optim_cfg.ema_decay, state, grads, loss
+        )
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
 
     def _gan_train_step(self, state: State, video: jax.Array) -> tuple[State, dict]:
         with activation_sharding(self.mesh, self.rules):
             (loss, (aux, recon, target)), grads = jax.value_and_grad(
-                self._gan_loss_fn, has_aux=True)(state["params"], state["stats"],
-                                                 state["disc_params"], video, state["step"])
+                self._gan_loss_fn, has_aux=True
+            )(state["params"], state["stats"], state["disc_params"], video, state["step"])
             dp, dopt, d_aux = self._disc_update(state, target, jax.lax.stop_gradient(recon))
-        new_state, grad_norm, _ = step_lib.guarded_update(self.tx, self.optim_cfg.ema_decay, state,
-                                                          grads, loss)
+        new_state, grad_norm, _ = step_lib.guarded_update(
+            self.tx, self.optim_cfg.ema_decay, state, grads, loss
+        )
         new_state = {**new_state, "disc_params": dp, "disc_opt_state": dopt}
         return new_state, {"loss": loss, "grad_norm": grad_norm, **aux, **d_aux}
 
     def jit_train_step(self):
         """Jitted step; retraced once per batch shape (the shapes are the finite data choices)."""
-        return jax.jit(self.train_step, out_shardings=(self.state_shardings, None),
-                       donate_argnums=(0,))
+        return jax.jit(
+            self.train_step, out_shardings=(self.state_shardings, None), donate_argnums=(0,)
+        )
 
 
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
-    return LossConfig(l1_weight=c.loss.l1_weight, l2_weight=c.loss.l2_weight,
-                      kl_weight=c.loss.kl_weight, sample_posterior=c.loss.sample_posterior,
-                      disc_weight=c.loss.disc_weight, disc_start=c.loss.disc_start,
-                      disc_adaptive=c.loss.disc_adaptive)
+    return LossConfig(
+        l1_weight=c.loss.l1_weight,
+        l2_weight=c.loss.l2_weight,
+        kl_weight=c.loss.kl_weight,
+        sample_posterior=c.loss.sample_posterior,
+        disc_weight=c.loss.disc_weight,
+        disc_start=c.loss.disc_start,
+        disc_adaptive=c.loss.disc_adaptive,
+    )
 
 
 def disc_config(c: ml_collections.ConfigDict) -> tuple[discriminator.DiscConfig, DiscOptimConfig]:
     d = c.disc
-    return (discriminator.DiscConfig(channels=d.channels, layers=d.layers,
-                                     temporal_kernel=d.temporal_kernel, dtype=c.vae.dtype,
-                                     param_dtype=c.vae.param_dtype),
-            DiscOptimConfig(lr=d.lr, b1=d.b1, b2=d.b2, grad_clip=d.grad_clip))
+    return (
+        discriminator.DiscConfig(
+            channels=d.channels,
+            layers=d.layers,
+            temporal_kernel=d.temporal_kernel,
+            dtype=c.vae.dtype,
+            param_dtype=c.vae.param_dtype,
+        ),
+        DiscOptimConfig(lr=d.lr, b1=d.b1, b2=d.b2, grad_clip=d.grad_clip),
+    )
 
 
 def data_config(c: ml_collections.ConfigDict) -> VAEDataConfig:
     d = c.data
-    return VAEDataConfig(seed=d.seed, frame_choices=tuple(d.frame_choices),
-                         image_fraction=d.image_fraction,
-                         size_choices=tuple(tuple(s) for s in d.size_choices),
-                         batch_size=d.batch_size, max_pixels=d.max_pixels, source=d.source,
-                         pan_fraction=d.pan_fraction, records_path=d.records.path,
-                         eval_samples=d.eval_samples)
+    return VAEDataConfig(
+        seed=d.seed,
+        frame_choices=tuple(d.frame_choices),
+        image_fraction=d.image_fraction,
+        size_choices=tuple(tuple(s) for s in d.size_choices),
+        batch_size=d.batch_size,
+        max_pixels=d.max_pixels,
+        source=d.source,
+        pan_fraction=d.pan_fraction,
+        records_path=d.records.path,
+        eval_samples=d.eval_samples,
+    )
 
 
 def make_trainer(c: ml_collections.ConfigDict, devices=None) -> VAETrainer:
     mesh = make_mesh({a: c.mesh[a] for a in MESH_AXES}, devices, c.mesh.get("dcn_data", 1))
     disc_cfg, disc_optim = disc_config(c)
-    return VAETrainer(configlib.vae_config(c), loss_config(c), step_lib.optim_config(c), mesh,
-                      tuple(tuple(r) for r in c.sharding.rules), seed=c.seed, disc_cfg=disc_cfg,
-                      disc_optim=disc_optim)
+    return VAETrainer(
+        configlib.vae_config(c),
+        loss_config(c),
+        step_lib.optim_config(c),
+        mesh,
+        tuple(tuple(r) for r in c.sharding.rules),
+        seed=c.seed,
+        disc_cfg=disc_cfg,
+        disc_optim=disc_optim,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,8 +437,10 @@ def evaluate(model: vae.CausalVAE3D, videos: list[np.ndarray]) -> tuple[dict[str
 
 def side_by_side(videos: list[np.ndarray], recons: list[np.ndarray]) -> np.ndarray:
     """uint8 grid video of (input | reconstruction) pairs."""
-    pairs = [np.concatenate([to_uint8(v[0, : r.shape[1]]), to_uint8(r[0])], axis=2)
-             for v, r in zip(videos, recons, strict=True)]
+    pairs = [
+        np.concatenate([to_uint8(v[0, : r.shape[1]]), to_uint8(r[0])], axis=2)
+        for v, r in zip(videos, recons, strict=True)
+    ]
     return tile(pairs, cols=min(2, len(pairs)))
 
 
@@ -393,10 +456,17 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     trainer = make_trainer(c, devices)
     dcfg = data_config(c)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    log.info("VAE: mesh %s, %s parameters, compression %s", dict(trainer.mesh.shape),
-             f"{n_params:,}", trainer.model_cfg.compression)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints)
+    log.info(
+        "VAE: mesh %s, %s parameters, compression %s",
+        dict(trainer.mesh.shape),
+        f"{n_params:,}",
+        trainer.model_cfg.compression,
+    )
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=tc.checkpoint_every,
+        keep=tc.keep_checkpoints,
+    )
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(trainer.abstract_sharded_state())
         log.info("resumed from step %d in %s", start, workdir)
@@ -423,9 +493,12 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             fetched = jax.device_get(pending)
             dt = time.perf_counter() - t_last
             last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            last.update(lr=step_lib.learning_rate(trainer.optim_cfg, done),
-                        skipped_steps=int(jax.device_get(state["skipped"])),
-                        steps_per_s=len(fetched) / dt, pixels_per_s=pixels / dt)
+            last.update(
+                lr=step_lib.learning_rate(trainer.optim_cfg, done),
+                skipped_steps=int(jax.device_get(state["skipped"])),
+                steps_per_s=len(fetched) / dt,
+                pixels_per_s=pixels / dt,
+            )
             if dcfg.source == "records":
                 last["data_skipped"] = skipped
             writer.write(done, last)
@@ -434,13 +507,15 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
         if done == tc.steps:  # latent statistics of the final EMA model, saved with it
             model = trainer.model(state["ema"], state["stats"])
             mean, std = vae.latent_statistics(
-                model, (batch_at(dcfg, i, c.data.eval_seed + 1) for i in range(tc.stats_samples)))
+                model, (batch_at(dcfg, i, c.data.eval_seed + 1) for i in range(tc.stats_samples))
+            )
             vae.set_latent_statistics(model, mean, std)
             stats = nnx.to_pure_dict(nnx.state(model, vae.LatentStat))
             state = {**state, "stats": jax.device_put(stats, trainer.stats_shardings)}
             last.update(latent_mean_abs=float(np.abs(mean).mean()), latent_std=float(std.mean()))
-            writer.write(done, {"latent_mean_abs": last["latent_mean_abs"],
-                                "latent_std": last["latent_std"]})
+            writer.write(
+                done, {"latent_mean_abs": last["latent_mean_abs"], "latent_std": last["latent_std"]}
+            )
         if done % tc.eval_every == 0 or done == tc.steps:
             model = trainer.model(state["ema"], state["stats"])
             scores = {}
@@ -453,10 +528,12 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             writer.write(done, scores)
             last.update(scores)
             if jax.process_index() == 0 and tc.video_samples:
-                grid = upscale(side_by_side(shown[: tc.video_samples],
-                                            shown_recons[: tc.video_samples]), 4)
-                write_video(os.path.join(workdir, "samples", f"vae_step_{done:07d}.mp4"), grid,
-                            fps=tc.fps)
+                grid = upscale(
+                    side_by_side(shown[: tc.video_samples], shown_recons[: tc.video_samples]), 4
+                )
+                write_video(
+                    os.path.join(workdir, "samples", f"vae_step_{done:07d}.mp4"), grid, fps=tc.fps
+                )
                 writer.write_video("reconstructions", done, grid, tc.fps)
         ckpt.save(done, state, config=c, force=done == tc.steps)
     progress.close()
