@@ -28,18 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 try:
-    from vdit.ops.attention import (
-        attention,
-        executed_attention_flops_chunked,
-        useful_attention_flops,
-    )
+    from vdit.flops import executed_attention_flops_chunked, useful_attention_flops
+    from vdit.ops.attention import attention
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vdit.ops.attention import (
-        attention,
-        executed_attention_flops_chunked,
-        useful_attention_flops,
-    )
+    from vdit.flops import executed_attention_flops_chunked, useful_attention_flops
+    from vdit.ops.attention import attention
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 

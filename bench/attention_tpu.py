@@ -35,20 +35,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 try:
-    from vdit.ops.attention import (
-        attention,
+    from vdit.flops import (
         executed_attention_flops_chunked,
         executed_attention_flops_splash,
         useful_attention_flops,
     )
+    from vdit.ops.attention import attention
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vdit.ops.attention import (
-        attention,
+    from vdit.flops import (
         executed_attention_flops_chunked,
         executed_attention_flops_splash,
         useful_attention_flops,
     )
+    from vdit.ops.attention import attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import clip_layout  # noqa: E402  (bench/attention.py: the same row layouts)

@@ -54,9 +54,9 @@ except ImportError:  # a checkout without the package installed
 from vdit import flops
 from vdit.configlib import default_rules
 from vdit.diffusion.flow import FlowConfig
+from vdit.flops import executed_attention_flops_chunked, useful_attention_flops
 from vdit.models.dit import DiTConfig
 from vdit.models.text import TextEncoderConfig
-from vdit.ops.attention import executed_attention_flops_chunked, useful_attention_flops
 from vdit.parallel.mesh import make_mesh
 from vdit.train import step as step_lib
 

@@ -13,17 +13,15 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.ops import attention as attn_mod
-from vdit.ops.attention import (
-    IMPLS,
-    attention,
+from vdit.flops import (
     executed_attention_flops_chunked,
     executed_attention_flops_splash,
     executed_block_pairs_chunked,
-    resolve_impl,
-    splash_blocks,
     useful_attention_flops,
 )
+from vdit.ops.attention import IMPLS, attention, chunked, resolve_impl
+from vdit.ops.attention.blocks import block_ranges, block_ranges_np, pad_to_blocks
+from vdit.ops.attention.splash import splash_blocks
 
 H, D = 2, 16
 # Fixed tolerances (float32): values vs. dense reference, and gradients.
@@ -416,17 +414,13 @@ def test_errors():
 def test_block_ranges_hand_built_layout():
     # ids: 10 x seg1, 3 x seg2, 12 x seg3, 7 x pad; block 8 -> q blocks [1,1] [1,3] [3,3] [3,3]
     seg = _row_from_lengths([10, 3, 12], 32)[None]
-    lo, hi = attn_mod.block_ranges(
-        jnp.asarray(seg).reshape(1, 4, 8), jnp.asarray(seg).reshape(1, 4, 8)
-    )
+    lo, hi = block_ranges(jnp.asarray(seg).reshape(1, 4, 8), jnp.asarray(seg).reshape(1, 4, 8))
     np.testing.assert_array_equal(np.asarray(lo), [[0, 0, 1, 1]])
     np.testing.assert_array_equal(np.asarray(hi), [[2, 4, 4, 4]])
     assert executed_block_pairs_chunked(seg, seg, block_q=8, block_kv=8) == 2 + 4 + 3 + 3
     # A padding-only block is never visited, in either direction.
     seg2 = _row_from_lengths([5, 6], 32)[None]  # blocks: [1,2] [2,2] pad pad
-    lo, hi = attn_mod.block_ranges(
-        jnp.asarray(seg2).reshape(1, 4, 8), jnp.asarray(seg2).reshape(1, 4, 8)
-    )
+    lo, hi = block_ranges(jnp.asarray(seg2).reshape(1, 4, 8), jnp.asarray(seg2).reshape(1, 4, 8))
     np.testing.assert_array_equal(np.asarray(hi - lo), [[2, 2, 0, 0]])
     assert executed_block_pairs_chunked(seg2, seg2, block_q=8, block_kv=8) == 4
     # Useful pairs: 10^2 + 3^2 + 12^2.
@@ -439,7 +433,7 @@ def test_block_ranges_are_conservative_for_any_layout():
     for _ in range(20):
         seg = rng.integers(0, 6, size=(2, 48)).astype(np.int32)
         kv = rng.integers(0, 6, size=(2, 40)).astype(np.int32)
-        lo, hi = attn_mod._block_ranges_np(seg, kv, 8, 8)
+        lo, hi = block_ranges_np(seg, kv, 8, 8)
         for b in range(2):
             for i in range(6):
                 qids = set(seg[b, 8 * i : 8 * i + 8]) - {0}
@@ -466,6 +460,42 @@ def test_flops_many_short_clips():
     assert ratio < 4.5
 
 
+def _chunked_pair_counts(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: np.ndarray,
+    kv_segment_ids: np.ndarray,
+    *,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> dict[str, int]:
+    """Block pairs actually visited by the chunked forward, dq and dk/dv loops."""
+    q_seg = jnp.asarray(q_segment_ids, jnp.int32)
+    kv_seg = jnp.asarray(kv_segment_ids, jnp.int32)
+    counts = _pair_counts_jit(q, k, v, q_seg, kv_seg, block_q, block_kv)
+    return {name: int(c) for name, c in zip(("forward", "dq", "dkv"), counts, strict=True)}
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _pair_counts_jit(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array,
+    kv_seg: jax.Array,
+    block_q: int,
+    block_kv: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, q_seg, kv_seg, bq, bk = pad_to_blocks(q, k, v, q_seg, kv_seg, block_q, block_kv)
+    out, lse, n_fwd = chunked.flash_forward(q, k, v, q_seg, kv_seg, bq, bk, None)
+    dout = jnp.ones_like(out)
+    delta = chunked.delta_of(out, dout)
+    _, n_dq = chunked.flash_dq(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
+    _, _, n_dkv = chunked.flash_dkv(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
+    return n_fwd, n_dq, n_dkv
+
+
 def test_counter_matches_kernel_iterations():
     layouts = []
     clips = np.repeat(np.arange(1, 65, dtype=np.int32), 64)[None]  # 64 clips x 64 tokens
@@ -478,9 +508,7 @@ def test_counter_matches_kernel_iterations():
         lk = kv_seg.shape[1]
         q = jnp.zeros((b, lq, 1, 8))
         k = jnp.zeros((b, lk, 1, 8))
-        counts = attn_mod._debug_chunked_pair_counts(
-            q, k, k, q_seg, kv_seg, block_q=bq, block_kv=bk
-        )
+        counts = _chunked_pair_counts(q, k, k, q_seg, kv_seg, block_q=bq, block_kv=bk)
         expected = executed_block_pairs_chunked(q_seg, kv_seg, block_q=bq, block_kv=bk)
         # Monotone layouts: dk/dv ranges visit exactly the same pairs as forward / dq.
         assert counts == {"forward": expected, "dq": expected, "dkv": expected}

@@ -1,4 +1,8 @@
-"""Analytic FLOPs of one train step (forward + backward) of VideoDiT on a packed batch.
+"""Analytic FLOPs of attention for a layout of segment ids and of one VideoDiT train step; MFU.
+
+All FLOP counting lives here: the attention counters follow the kernels' block rules
+(:mod:`vdit.ops.attention.blocks`, :func:`vdit.ops.attention.splash.splash_blocks`), and
+:func:`step_flops` counts one forward + backward pass of VideoDiT on a packed batch.
 
 Conventions:
 
@@ -11,7 +15,7 @@ Conventions:
 * Dense matmuls run over every row slot, padding included (``"matmul"``); ``"matmul_useful"`` counts
   only the non-padding tokens.
 * Attention forward is ``QK^T + PV`` = ``4 * H * K`` FLOPs per (query, key) pair. Useful pairs are
-  those inside one segment (:func:`vdit.ops.attention.useful_attention_flops`); executed pairs are
+  those inside one segment (:func:`useful_attention_flops`); executed pairs are
   all ``Lq * Lk`` of a row for ``"xla"``, the visited block pairs for ``"chunked"`` and every block
   pair of the block-padded row for ``"splash"`` (it does not skip blocks by segment). ``"auto"`` is
   counted as what it resolves to on JAX's default backend.
@@ -33,17 +37,15 @@ Conventions:
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 
 from vdit.models import layers
 from vdit.models.dit import DiTConfig
-from vdit.ops.attention import (
-    executed_attention_flops_chunked,
-    executed_attention_flops_splash,
-    resolve_impl,
-    useful_attention_flops,
-)
+from vdit.ops.attention import resolve_impl
+from vdit.ops.attention.blocks import block_ranges_np, effective_block, round_up
+from vdit.ops.attention.splash import splash_blocks
 
 # Width of the sinusoidal timestep embedding fed to time_fc1 (fixed in VideoDiT).
 TIME_EMBED_DIM = 256
@@ -54,6 +56,107 @@ ATTN_BWD_USEFUL = 2.0
 ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5, "splash": 3.5}
 # Parts whose input is not a function of the parameters: backward computes only the weight gradient.
 _NO_INPUT_GRAD = frozenset({"patch_embed", "time_fc1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention FLOPs of one layer for a layout of segment ids
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_2d_ids(ids: Any) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"segment ids must be (B, L); got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def useful_attention_flops(
+    q_segment_ids: Any, kv_segment_ids: Any, num_heads: int, head_dim: int
+) -> int:
+    """Forward FLOPs (QK^T and PV) that a perfect kernel needs for this layout.
+
+    ``4 * H * D * sum_rows sum_{s > 0} n_q(s) * n_kv(s)``.
+    """
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    if q_ids.shape[0] != kv_ids.shape[0]:
+        raise ValueError(f"batch mismatch: {q_ids.shape} vs {kv_ids.shape}")
+    pairs = 0
+    for q_row, kv_row in zip(q_ids, kv_ids, strict=True):
+        n = int(max(q_row.max(initial=0), kv_row.max(initial=0))) + 1
+        nq = np.bincount(q_row[q_row > 0], minlength=n)
+        nkv = np.bincount(kv_row[kv_row > 0], minlength=n)
+        pairs += int(np.dot(nq[1:], nkv[1:]))
+    return 4 * num_heads * head_dim * pairs
+
+
+def executed_block_pairs_chunked(
+    q_segment_ids: Any, kv_segment_ids: Any, *, block_q: int = 512, block_kv: int = 512
+) -> int:
+    """Number of (q block, kv block) pairs the chunked forward pass visits."""
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    if q_ids.shape[1] == 0 or kv_ids.shape[1] == 0:
+        return 0
+    bq = effective_block(block_q, q_ids.shape[1])
+    bk = effective_block(block_kv, kv_ids.shape[1])
+    lo, hi = block_ranges_np(q_ids, kv_ids, bq, bk)
+    return int(np.sum(hi - lo))
+
+
+def executed_attention_flops_chunked(
+    q_segment_ids: Any,
+    kv_segment_ids: Any,
+    num_heads: int,
+    head_dim: int,
+    *,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> int:
+    """Forward FLOPs the chunked implementation executes for this layout.
+
+    ``executed (q block, kv block) pairs * 4 * H * D * block_q * block_kv`` with the block
+    sizes after clipping to the sequence lengths.
+    """
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    if q_ids.shape[1] == 0 or kv_ids.shape[1] == 0:
+        return 0
+    bq = effective_block(block_q, q_ids.shape[1])
+    bk = effective_block(block_kv, kv_ids.shape[1])
+    pairs = executed_block_pairs_chunked(q_ids, kv_ids, block_q=bq, block_kv=bk)
+    return 4 * num_heads * head_dim * bq * bk * pairs
+
+
+def executed_attention_flops_splash(
+    q_segment_ids: Any,
+    kv_segment_ids: Any,
+    num_heads: int,
+    head_dim: int,
+    *,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> int:
+    """Forward FLOPs the splash kernel executes: every block pair of the padded sequences.
+
+    With a full static mask the kernel's block-sparsity tables mark every block pair as
+    computable; segment ids only mask scores inside a block, so nothing is skipped.
+    """
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    b, lq = q_ids.shape
+    lk = kv_ids.shape[1]
+    if lq == 0 or lk == 0:
+        return 0
+    bq, bk = splash_blocks(block_q, block_kv, lq, lk)
+    return 4 * num_heads * head_dim * b * round_up(lq, bq) * round_up(lk, bk)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs of a train step
+# ----------------------------------------------------------------------------------------------
 
 
 def _dense(din: int, dout: int) -> float:
