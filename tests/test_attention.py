@@ -20,7 +20,12 @@ from vdit.flops import (
     useful_attention_flops,
 )
 from vdit.ops.attention import IMPLS, attention, chunked, resolve_impl
-from vdit.ops.attention.blocks import block_ranges, block_ranges_np, pad_to_blocks
+from vdit.ops.attention.blocks import (
+    BlockedView,
+    block_ranges,
+    block_ranges_np,
+    pad_to_blocks,
+)
 from vdit.ops.attention.splash import splash_blocks
 
 H, D = 2, 16
@@ -487,12 +492,9 @@ def _pair_counts_jit(
     block_q: int,
     block_kv: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, q_seg, kv_seg, bq, bk = pad_to_blocks(q, k, v, q_seg, kv_seg, block_q, block_kv)
-    out, lse, n_fwd = chunked.flash_forward(q, k, v, q_seg, kv_seg, bq, bk, None)
-    dout = jnp.ones_like(out)
-    delta = chunked.delta_of(out, dout)
-    _, n_dq = chunked.flash_dq(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
-    _, _, n_dkv = chunked.flash_dkv(q, k, v, q_seg, kv_seg, dout, lse, delta, bq, bk, None)
+    view = BlockedView.of(*pad_to_blocks(q, k, v, q_seg, kv_seg, block_q, block_kv))
+    out, lse, n_fwd = chunked.flash_forward(view, None)
+    _, (n_dq, n_dkv) = chunked.flash_backward(view, out, lse, jnp.ones_like(out), None)
     return n_fwd, n_dq, n_dkv
 
 

@@ -1,7 +1,9 @@
-"""Blocks of a packed sequence: block sizes, padding to blocks and the key-block ranges to visit.
+"""Blocks of a packed sequence: block sizes, padding to blocks, the blocked view, block ranges.
 
 The chunked kernel iterates these ranges and the FLOP counter (:mod:`vdit.flops`) counts them,
-from the same rule here in jnp (traced, per call) and in numpy (host side, per layout).
+from the same rule here in jnp (traced, per call) and in numpy (host side, per layout). Its
+forward, dq and dk/dv passes all read q, k, v and the segment ids through one
+:class:`BlockedView`.
 
 Block skipping
 --------------
@@ -20,7 +22,9 @@ many short clips costs about ``sum_s n_q(s) * n_kv(s)`` rather than ``L_q * L_kv
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +137,97 @@ def pad_to_blocks(
         v = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0)))
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pk)))
     return q, k, v, q_seg, kv_seg, bq, bk
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedView:
+    """Block-padded q, k, v and segment ids cut into blocks along the sequence.
+
+    Block ``i`` of batch row ``r`` is entry ``r * nq + i`` (query side) or ``r * nk + i`` (key
+    side) of the leading axis. The chunked forward, dq and dk/dv passes all read their blocks
+    and block ranges from one view.
+    """
+
+    q: jax.Array  # (B * nq, bq, H, D)
+    k: jax.Array  # (B * nk, bk, H, D)
+    v: jax.Array  # (B * nk, bk, H, D)
+    q_seg: jax.Array  # (B * nq, bq) int32
+    kv_seg: jax.Array  # (B * nk, bk) int32
+    batch: int  # B
+    nq: int  # query blocks per row
+    nk: int  # key blocks per row
+
+    @classmethod
+    def of(
+        cls,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        q_seg: jax.Array,
+        kv_seg: jax.Array,
+        bq: int,
+        bk: int,
+    ) -> BlockedView:
+        """The view of ``(B, Lq, H, D)``, ``(B, Lk, H, D)`` arrays padded to blocks ``bq``, ``bk``."""
+        b, lq, h, d = q.shape
+        lk = k.shape[1]
+        nq, nk = lq // bq, lk // bk
+        return cls(
+            q=q.reshape(b * nq, bq, h, d),
+            k=k.reshape(b * nk, bk, h, d),
+            v=v.reshape(b * nk, bk, h, d),
+            q_seg=q_seg.reshape(b * nq, bq),
+            kv_seg=kv_seg.reshape(b * nk, bk),
+            batch=b,
+            nq=nq,
+            nk=nk,
+        )
+
+    @property
+    def bq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def bk(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def scale(self) -> float:
+        """Score scale ``1/sqrt(D)``."""
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def q_blocks(self, x: jax.Array) -> jax.Array:
+        """``(B, Lq, ...)`` -> ``(B * nq, bq, ...)``: a per-query array cut like ``q``."""
+        return x.reshape(self.batch * self.nq, self.bq, *x.shape[2:])
+
+    def unblock_q(self, x: jax.Array) -> jax.Array:
+        """``(B * nq, bq, ...)`` -> ``(B, Lq, ...)``."""
+        return x.reshape(self.batch, self.nq * self.bq, *x.shape[2:])
+
+    def unblock_kv(self, x: jax.Array) -> jax.Array:
+        """``(B * nk, bk, ...)`` -> ``(B, Lk, ...)``."""
+        return x.reshape(self.batch, self.nk * self.bk, *x.shape[2:])
+
+    def kv_ranges(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """For every query block: its row and the range ``[lo, hi)`` of key blocks, ``(B * nq,)``."""
+        return self._ranges(self.q_seg, self.nq, self.kv_seg, self.nk)
+
+    def q_ranges(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """For every key block: its row and the (symmetric) range of query blocks, ``(B * nk,)``."""
+        return self._ranges(self.kv_seg, self.nk, self.q_seg, self.nq)
+
+    def _ranges(
+        self, row_seg: jax.Array, n_row: int, col_seg: jax.Array, n_col: int
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b = self.batch
+        lo, hi = block_ranges(row_seg.reshape(b, n_row, -1), col_seg.reshape(b, n_col, -1))
+        rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n_row)
+        return rows, lo.reshape(-1), hi.reshape(-1)
