@@ -10,11 +10,10 @@ import hashlib
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import restore_state, tiny_config
 
 from vdit.data import pipeline
 from vdit.train import loop
-from vdit.train.checkpoint import restore_for_inference
 from vdit.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -43,7 +42,7 @@ def _train(monkeypatch, workdir: str, steps: int, mesh: dict, n_devices: int) ->
         # A grain map keeps the iterator checkpointable; it sees exactly the batches the loop draws.
         return BUILD(*args, **kwargs).map(record)
 
-    monkeypatch.setattr(loop.pipeline, "build", recording_build)
+    monkeypatch.setattr(pipeline, "build", recording_build)
     c = tiny_config()
     c.sample.grid_prompts = ()
     c.train.log_every = 1
@@ -58,8 +57,7 @@ def straight(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("straight"))
     with pytest.MonkeyPatch.context() as mp:
         seen = _train(mp, workdir, 4, FSDP8, 8)
-    _, _, state = restore_for_inference(workdir)
-    return workdir, seen, jax.device_get(state)
+    return workdir, seen, restore_state(workdir)
 
 
 @pytest.mark.parametrize(
@@ -85,8 +83,7 @@ def test_resume_on_another_mesh_equals_uninterrupted(
         assert r["packing_fill"] == q["packing_fill"]
         assert r["loss"] == pytest.approx(q["loss"], rel=1e-5)
 
-    _, _, state = restore_for_inference(workdir)
-    state = jax.device_get(state)
+    state = restore_state(workdir)
     assert int(state["step"]) == 4 and int(state["skipped"]) == 0
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

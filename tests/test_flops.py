@@ -20,7 +20,7 @@ from tiny import tiny_config
 from vdit import configlib, flops
 from vdit.data import pipeline
 from vdit.models.dit import DiTConfig
-from vdit.train import step as step_lib
+from vdit.train.dit_task import DiTTask
 
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
 _DOT = re.compile(  # operands may or may not be printed with their shapes
@@ -52,7 +52,7 @@ def test_matches_xla_cost_analysis(remat):
     c.data.batch_rows = 2
     c.data.text_len = 64  # text-side and video-side terms then differ in size: no coincidences
     c = configlib.load(c, 1)
-    trainer = step_lib.make_trainer(c, jax.devices()[:1])
+    trainer = DiTTask(c, jax.devices()[:1], data=False)
     b = next(iter(pipeline.build(configlib.pipeline_config(c))))
     assert (b["segment_ids"] == 0).any() and (b["text_segment_ids"] == 0).any()  # padding counted
     shardings = trainer.batch_shardings({k: np.ndim(b[k]) for k in pipeline.DEVICE_KEYS})
@@ -61,7 +61,7 @@ def test_matches_xla_cost_analysis(remat):
         for k in pipeline.DEVICE_KEYS
     }
     compiled = (
-        trainer.jit_train_step(shardings).lower(trainer.abstract_sharded_state(), batch).compile()
+        trainer.jit_train_step(shardings).lower(trainer.state.abstract_sharded(), batch).compile()
     )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

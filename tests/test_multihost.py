@@ -15,9 +15,8 @@ import jax
 import numpy as np
 import pytest
 from test_cli import TINY_FLAGS
-from tiny import ROOT
+from tiny import ROOT, restore_state
 
-from vdit.train.checkpoint import restore_for_inference
 from vdit.train.metrics import read_metrics
 
 NUM_PROCESSES = 2
@@ -113,8 +112,7 @@ def _train_two_processes(workdir: str, steps: int) -> list[dict]:
 
 
 def _state(workdir: str):
-    _, _, state = restore_for_inference(workdir)
-    return jax.device_get(state)
+    return restore_state(workdir)
 
 
 def test_two_processes_resume_equals_uninterrupted(tmp_path):

@@ -81,7 +81,7 @@ def test_train_step_with_splash_compiles_for_tpu(tpu_devices):
 
     from vdit import configlib
     from vdit.data import pipeline
-    from vdit.train import step as step_lib
+    from vdit.train.dit_task import DiTTask
 
     c = tiny_config()
     assert c.model.attn_impl == "auto" and jax.default_backend() == "cpu"
@@ -89,7 +89,7 @@ def test_train_step_with_splash_compiles_for_tpu(tpu_devices):
     c.data.batch_rows = 4
     c = configlib.load(c, 4)
     batch = next(iter(pipeline.build(configlib.pipeline_config(c))))
-    trainer = step_lib.make_trainer(c, tpu_devices)
+    trainer = DiTTask(c, tpu_devices, data=False)
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
@@ -98,7 +98,7 @@ def test_train_step_with_splash_compiles_for_tpu(tpu_devices):
         for k in pipeline.DEVICE_KEYS
     }
     step = trainer.jit_train_step(shardings)
-    compiled = step.lower(trainer.abstract_sharded_state(), abstract_batch).compile()
+    compiled = step.lower(trainer.state.abstract_sharded(), abstract_batch).compile()
     # Three attention kinds (text self, scanned video self, scanned cross) x (fwd, dq, dk/dv).
     assert compiled.as_text().count(MOSAIC) == 9
     mem = compiled.memory_analysis()

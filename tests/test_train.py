@@ -6,12 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import restore_state, tiny_config
 
 from vdit import configlib
 from vdit.data import pipeline
 from vdit.parallel.sharding import activation_sharding
-from vdit.train import step as step_lib
+from vdit.train.dit_task import DiTTask
 from vdit.train.loop import train_and_evaluate
 
 
@@ -20,8 +20,8 @@ def _batch(c):
 
 
 def _run_steps(c, devices, batch, n=1):
-    trainer = step_lib.make_trainer(c, devices)
-    state = trainer.init_state()
+    trainer = DiTTask(c, devices, data=False)
+    state = trainer.state.init()
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     gbatch = pipeline.to_global(batch, shardings)
     grads = jax.jit(jax.grad(lambda p: trainer.loss_fn(p, gbatch, state["step"])[0]))(
@@ -56,8 +56,8 @@ def test_sharded_equals_single_device():
 
 
 def _loss_and_grads(c, devices, batch):
-    trainer = step_lib.make_trainer(c, devices)
-    state = trainer.init_state()
+    trainer = DiTTask(c, devices, data=False)
+    state = trainer.state.init()
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     gbatch = pipeline.to_global(batch, shardings)
 
@@ -101,8 +101,8 @@ def test_loss_and_grads_equal_across_meshes(one_device, mesh):
 def test_nan_batch_is_skipped_and_counted():
     c = configlib.load(tiny_config(), 1)
     batch = _batch(c)
-    trainer = step_lib.make_trainer(c, jax.devices()[:1])
-    state = trainer.init_state()
+    trainer = DiTTask(c, jax.devices()[:1], data=False)
+    state = trainer.state.init()
     before = jax.device_get(state)
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     bad = dict(batch)
@@ -127,10 +127,7 @@ def test_nan_batch_is_skipped_and_counted():
 
 
 def _params(workdir):
-    from vdit.train.checkpoint import restore_for_inference
-
-    _, _, state = restore_for_inference(workdir)
-    return jax.device_get(state)
+    return restore_state(workdir)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

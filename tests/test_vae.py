@@ -12,8 +12,11 @@ from flax import nnx
 from tiny import ROOT, load_config_module
 
 from vdit import configlib
+from vdit.data import vae_data
 from vdit.models import vae
-from vdit.train import vae_train
+from vdit.ops.quality import psnr, ssim
+from vdit.train.load import load
+from vdit.train.vae_task import VAETask, vae_data_config
 
 # ct = 4 (two time-halving levels), 4x4 in space, 4 channels: every path of the full network, tiny.
 TINY = vae.VAEConfig(
@@ -189,12 +192,10 @@ def test_latent_statistics_normalise_latents(model):
 
 def test_psnr_and_ssim():
     x = np.asarray(_video(20, (2, 3, 16, 16, 3)))
-    assert float(vae_train.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
-    assert float(vae_train.psnr(x * 0.5, x * 0.5 + 0.1)) == pytest.approx(
-        10 * np.log10(4 / 0.01), abs=1e-3
-    )
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(psnr(x * 0.5, x * 0.5 + 0.1)) == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-3)
     noisy = [x + s * np.asarray(_video(21, x.shape)) for s in (0.05, 0.2, 0.5)]
-    ssims = [float(vae_train.ssim(n, x)) for n in noisy]
+    ssims = [float(ssim(n, x)) for n in noisy]
     assert ssims[0] > ssims[1] > ssims[2] > -1.0
 
 
@@ -261,11 +262,11 @@ def test_validation_names_the_field(change, field):
 
 def test_batches_are_a_function_of_the_step_and_bounded():
     c = load_config_module(os.path.join(ROOT, "configs", "vae.py")).get_config()
-    d = vae_train.data_config(configlib.load(c, 8))
+    d = vae_data_config(configlib.load(c, 8))
     shapes = set()
     for k in range(40):
-        b = vae_train.batch_at(d, k)
-        np.testing.assert_array_equal(b, vae_train.batch_at(d, k))
+        b = vae_data.batch_at(d, k)
+        np.testing.assert_array_equal(b, vae_data.batch_at(d, k))
         assert b.dtype == np.float32 and -1.0 <= b.min() and b.max() <= 1.0
         assert b.size // 3 <= d.max_pixels
         shapes.add(b.shape[1:4])
@@ -289,7 +290,8 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert out["skipped_steps"] == 0 and np.isfinite(out["eval_psnr"]) and 0 < out["eval_ssim"] <= 1
     assert os.path.exists(tmp_path / "samples" / "vae_step_0000030.mp4")
     # the stored model: EMA parameters and the latent statistics of the final step
-    cfg, model = vae_train.load_vae(tmp_path)
+    loaded = load(tmp_path)
+    cfg, model = loaded.config, loaded.model()
     assert cfg.kind == "vae"
     std = np.asarray(model.latent_std[...])
     assert std.shape == (4,) and np.all(std > 0) and not np.allclose(std, 1.0)
@@ -311,8 +313,8 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     train_and_evaluate(c, str(tmp_path / "resumed"))
     c.train.steps = 6
     train_and_evaluate(c, str(tmp_path / "resumed"))
-    _, full = vae_train.load_vae(tmp_path / "full", use_ema=False)
-    _, resumed = vae_train.load_vae(tmp_path / "resumed", use_ema=False)
+    full = load(tmp_path / "full", ema=False).model()
+    resumed = load(tmp_path / "resumed", ema=False).model()
     for a, b in zip(
         jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)), strict=True
     ):
@@ -366,19 +368,19 @@ def disc_tiny_config(disc_weight=0.5, disc_start=1) -> ml_collections.ConfigDict
 def _one_device_trainer(c):
     with c.unlocked():
         c.mesh.data = 1
-    return vae_train.make_trainer(configlib.load(c, 1), jax.devices()[:1])
+    return VAETask(configlib.load(c, 1), jax.devices()[:1])
 
 
 def test_no_discriminator_state_when_the_weight_is_0():
     c = disc_tiny_config(disc_weight=0.0)
     trainer = _one_device_trainer(c)
-    assert set(trainer.abstract_state) == {"params", "opt_state", "ema", "stats", "step", "skipped"}
+    assert set(trainer.state.abstract) == {"params", "opt_state", "ema", "stats", "step", "skipped"}
     with_disc = _one_device_trainer(disc_tiny_config())
-    assert set(with_disc.abstract_state) - set(trainer.abstract_state) == {
+    assert set(with_disc.state.abstract) - set(trainer.state.abstract) == {
         "disc_params",
         "disc_opt_state",
     }
-    assert with_disc.disc(with_disc.abstract_state["disc_params"]) is not None
+    assert with_disc.disc(with_disc.state.abstract["disc_params"]) is not None
 
 
 @pytest.mark.slow
@@ -387,14 +389,14 @@ def test_discriminator_waits_for_disc_start_then_trains():
     untouched); at step 1 the loss adds disc_weight * g_adv and the discriminator changes."""
     on = _one_device_trainer(disc_tiny_config(disc_weight=0.5, disc_start=1))
     off = _one_device_trainer(disc_tiny_config(disc_weight=0.0))
-    d = vae_train.data_config(configlib.load(disc_tiny_config(), 1))
+    d = vae_data_config(configlib.load(disc_tiny_config(), 1))
     step_on, step_off = jax.jit(on.train_step), jax.jit(off.train_step)
-    s_on, s_off = on.init_state(), off.init_state()
+    s_on, s_off = on.state.init(), off.state.init()
     for a, b in zip(jax.tree.leaves(s_on["params"]), jax.tree.leaves(s_off["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     disc0 = jax.device_get(s_on["disc_params"])
 
-    video = jnp.asarray(vae_train.batch_at(d, 0))
+    video = jnp.asarray(vae_data.batch_at(d, 0))
     s_on, m_on = step_on(s_on, video)
     s_off, m_off = step_off(s_off, video)
     assert float(m_on["loss"]) == pytest.approx(float(m_off["loss"]), rel=1e-6)
@@ -404,7 +406,7 @@ def test_discriminator_waits_for_disc_start_then_trains():
     for a, b in zip(jax.tree.leaves(s_on["disc_params"]), jax.tree.leaves(disc0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
 
-    video = jnp.asarray(vae_train.batch_at(d, 1))
+    video = jnp.asarray(vae_data.batch_at(d, 1))
     s_on, m_on = step_on(s_on, video)
     s_off, m_off = step_off(s_off, video)
     assert float(m_on["disc_active"]) == 1.0 and np.isfinite(float(m_on["d_loss"]))
@@ -452,9 +454,9 @@ def test_patch_discriminator_shapes_and_hinge_loss():
 def _final_state(workdir, c):
     from vdit.train.checkpoint import Checkpointer
 
-    trainer = vae_train.make_trainer(configlib.load(c, 8))
+    trainer = VAETask(configlib.load(c, 8))
     with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=None) as ckpt:
-        state, step = ckpt.restore(trainer.abstract_sharded_state())
+        state, step = ckpt.restore(trainer.state.abstract_sharded())
     return jax.device_get(state), step
 
 
@@ -490,9 +492,9 @@ def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
     c = disc_tiny_config(disc_weight=0.5, disc_start=0)
     c.loss.disc_adaptive = True
     on = _one_device_trainer(c)
-    state = on.init_state()
-    d = vae_train.data_config(configlib.load(disc_tiny_config(), 1))
-    video = jnp.asarray(vae_train.batch_at(d, 0))
+    state = on.state.init()
+    d = vae_data_config(configlib.load(disc_tiny_config(), 1))
+    video = jnp.asarray(vae_data.batch_at(d, 0))
     args = (state["stats"], state["disc_params"], video, state["step"])
 
     @jax.jit

@@ -37,3 +37,28 @@ def tiny_config(variant: str = "mu/4"):
     c.sample.grid_shape = (4, 16, 16)
     c.mesh.data = -1
     return c
+
+
+def restore_state(workdir, step=None):
+    """The whole train state (params, optimizer, EMA, counters) of WORKDIR/checkpoints on one
+    device, as host arrays: for comparing runs (the inference loader reads parameters only)."""
+    import jax
+    import ml_collections
+
+    from vdit import configlib
+    from vdit.train.checkpoint import Checkpointer, read_config
+
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    c = configlib.load(ml_collections.ConfigDict(read_config(directory, step)))
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    if c.get("kind", "dit") == "vae":
+        from vdit.train.vae_task import VAETask
+
+        task = VAETask(c, jax.devices()[:1])
+    else:
+        from vdit.train.dit_task import DiTTask
+
+        task = DiTTask(c, jax.devices()[:1], data=False)
+    with Checkpointer(directory, save_every=1, keep=None) as ckpt:
+        state, _ = ckpt.restore(task.state.abstract_sharded(), step=step)
+    return jax.device_get(state)

@@ -73,3 +73,8 @@ def make_mesh(
     else:  # one physical slice (or CPU): consecutive device groups play the slices
         array = np.asarray(devices, dtype=object).reshape(dcn_data * ici_dims[0], *ici_dims[1:])
     return Mesh(array, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(mesh: Mapping, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a config's `mesh` section (axis sizes and `dcn_data`) over `devices`."""
+    return make_mesh({a: mesh[a] for a in MESH_AXES}, devices, mesh.get("dcn_data", 1))

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "read_config"]
+__all__ = ["STATE", "Checkpointer", "read_config"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Checkpointer:
         restored arrays are laid out accordingly, whatever mesh they were saved from.
         If ``data_iter`` is given, its state is restored in place.
         """
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         items: dict[str, Any] = {
             STATE: ocp.args.StandardRestore(jax.tree.map(_to_abstract, abstract_state))
         }
@@ -176,7 +176,7 @@ class Checkpointer:
 
     def read_config(self, step: int | None = None) -> dict[str, Any]:
         """The config stored with ``step`` (default: latest) as a dict."""
-        return _restore_config(self._manager, self.directory, self._resolve_step(step))
+        return _restore_config(self._manager, self.directory, self.resolve_step(step))
 
     def wait(self) -> None:
         """Blocks until any in-flight async save is committed."""
@@ -197,7 +197,7 @@ class Checkpointer:
     ) -> None:
         self.close()
 
-    def _resolve_step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
         """Waits for pending saves, then checks ``step`` (None: latest) is restorable."""
         if not self.directory.exists():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
@@ -258,25 +258,3 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> dict[s
         path, options=options, handler_registry=_handler_registry()
     ) as manager:
         return _restore_config(manager, path, _pick_step(manager.all_steps(), step, path))
-
-
-def restore_for_inference(workdir: str | os.PathLike, step: int | None = None, devices=None):
-    """(config, trainer, state) of the checkpoint in WORKDIR/checkpoints, on `devices` (default: the
-    first local device), for sampling, evaluation and export."""
-    import ml_collections
-
-    from vdit import configlib
-    from vdit.train.step import make_trainer
-
-    directory = os.path.join(os.fspath(workdir), "checkpoints")
-    stored = read_config(directory, step)
-    config = configlib.load(ml_collections.ConfigDict(stored))
-    devices = devices or jax.local_devices()[:1]
-    with config.unlocked():
-        config.mesh = ml_collections.ConfigDict(
-            {"data": len(devices), "fsdp": 1, "tensor": 1, "sequence": 1}
-        )
-    trainer = make_trainer(config, devices)
-    with Checkpointer(directory, save_every=1, keep=None) as ckpt:
-        state, _ = ckpt.restore(trainer.abstract_sharded_state(), step=step)
-    return config, trainer, state

@@ -1,19 +1,18 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""The one training loop, shared by every model: `train_and_evaluate(config, workdir)`.
 
-    mesh, trainer (model graph, optimizer, shardings) -> data iterator -> restore or init
-    -> for each step: next batch -> global arrays -> jitted step -> metrics / checkpoint / samples
+    task (the model's state, step, batches, evaluation) -> restore or init
+    -> for each step: batch -> jitted step -> metrics / evaluation / checkpoint -> progress
 
-A run resumes from the latest checkpoint in WORKDIR/checkpoints by itself, with the data iterator where
-it stopped, so a restarted job continues as if it had never stopped. The mesh of the resumed run may
-differ from the one that saved (the state is resharded on restore); the process count may not (each
-process saves its own data-iterator state).
+What differs between models is a `Task` (vdit/train/dit_task.py, vdit/train/vae_task.py); the loop
+owns what they share. A run resumes from the latest checkpoint in WORKDIR/checkpoints by itself (with
+the data iterator where it stopped, for a task that has one), so a restarted job continues as if it
+had never stopped. The mesh of the resumed run may differ from the one that saved (the state is
+resharded on restore); the process count may not (each process saves its own data-iterator state).
 
 Multi-host (after `jax.distributed.initialize`, see vdit/parallel/distributed.py), every process runs
-this same function: it reads only its share of the data (`pipeline.build(..., process_index,
-process_count)`) and contributes its rows to the global batch; checkpoints are saved and restored by
-all processes together (orbax coordinates them, grain writes one iterator state per process); every
-process runs the jitted step and the end-of-run sample grid, and only process 0 writes metrics,
-TensorBoard events, samples and the progress bar.
+this same function: the task reads only this process's share of the data; checkpoints are saved and
+restored by all processes together; only process 0 writes metrics, TensorBoard events, samples and
+the progress bar.
 """
 
 from __future__ import annotations
@@ -27,15 +26,49 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import aot, configlib, flops
-from vdit.data import latents, pipeline
-from vdit.parallel import distributed
-from vdit.train import step as step_lib
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.metrics import MetricsWriter, progress_bar
-from vdit.train.samples import check_vae, write_sample_grid
+from vdit.train.state import OptimConfig, ShardedState, State, learning_rate
 
 log = logging.getLogger(__name__)
+
+
+class Task:
+    """What the loop needs from one model. Subclasses set `config`, `state`, `optim_cfg`."""
+
+    config: ml_collections.ConfigDict  # the loaded (validated) config
+    state: ShardedState  # the train state's layout and init
+    optim_cfg: OptimConfig
+    data_iter: Any = None  # a checkpointable data iterator saved with the state, or None
+    logged: tuple[str, ...] | None = None  # step metrics averaged into the log (None: all)
+    postfix: tuple[str, ...] = ("loss",)  # logged metrics shown on the progress bar
+
+    def describe(self) -> str:
+        """One log line about the run."""
+        return f"mesh {dict(self.state.mesh.shape)}, {self.state.num_params():,} parameters"
+
+    def batch(self, step: int) -> tuple[Any, dict[str, Any]]:
+        """(the step's device batch, host-side counts summed over a log interval)."""
+        raise NotImplementedError
+
+    def step(self, state: State, batch: Any) -> tuple[State, dict[str, jax.Array]]:
+        """The jitted train step (donates `state`)."""
+        raise NotImplementedError
+
+    def summarize(self, counts: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Metrics of a log interval from its summed host counts."""
+        return {}
+
+    def finish(self, state: State, writer: MetricsWriter) -> tuple[State, dict[str, Any]]:
+        """The last step's state before its evaluation and checkpoint, and metrics about it."""
+        return state, {}
+
+    def eval_due(self, done: int) -> bool:
+        return done == self.config.train.steps
+
+    def evaluate(self, state: State, done: int, workdir: str, writer: MetricsWriter) -> dict:
+        """Evaluation metrics at step `done` (files it writes go under `workdir`)."""
+        return {}
 
 
 def train_and_evaluate(
@@ -43,13 +76,10 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train (or resume) to `config.train.steps`; returns the last logged metrics.
 
-    `devices` (default: all, over every process) are the devices the mesh is built from; in a
-    multi-process run they must include devices of every process. Every process calls this together.
+    `config.kind` picks the task ("dit", the default, or "vae"). `devices` (default: all, over every
+    process) are the devices the mesh is built from; in a multi-process run they must include
+    devices of every process. Every process calls this together.
     """
-    if config.get("kind", "dit") == "vae":  # the causal VAE has its own loop (configs/vae.py)
-        from vdit.train.vae_train import train_vae
-
-        return train_vae(config, workdir, devices)
     devices = jax.devices() if devices is None else list(devices)
     missing = set(range(jax.process_count())) - {d.process_index for d in devices}
     if missing:
@@ -57,70 +87,40 @@ def train_and_evaluate(
             f"the mesh devices include none of processes {sorted(missing)}: a "
             "multi-process run needs a mesh over the devices of every process"
         )
-    c = configlib.load(config, len(devices))
+    if config.get("kind", "dit") == "vae":
+        from vdit.train.vae_task import VAETask as task_type
+    else:
+        from vdit.train.dit_task import DiTTask as task_type
+    return run(task_type.from_config(config, devices), workdir)
+
+
+def run(task: Task, workdir: str) -> dict[str, Any]:
+    """The loop: restore or init, then step, log, evaluate and checkpoint to `train.steps`."""
+    c = task.config
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
-    trainer = step_lib.make_trainer(c, devices)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    log.info(
-        "process %d of %d (%d of %d devices local), mesh %s, %s parameters",
-        jax.process_index(),
-        jax.process_count(),
-        sum(d.process_index == jax.process_index() for d in devices),
-        len(devices),
-        dict(trainer.mesh.shape),
-        f"{n_params:,}",
-    )
-    # peak FLOP/s of the run's devices for `mfu`: the config's, else the chip table's; 0 = unknown
-    peak = float(tc.get("peak_flops_per_device", 0.0)) or (
-        aot.peak_flops_per_device(devices[0]) or 0.0
-    )
-    peak *= len(devices)
-
-    data = pipeline.build(configlib.pipeline_config(c), jax.process_index(), jax.process_count())
-    if c.data.source == "latents":  # the decoder of the sample grid must be the encoding VAE
-        check_vae(c, latents.read_manifest(c.data.latents.path))
-    data_iter = iter(data)
+    log.info("process %d of %d: %s", jax.process_index(), jax.process_count(), task.describe())
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=tc.checkpoint_every,
         keep=tc.keep_checkpoints,
     )
     if ckpt.latest_step() is not None:
-        state, start = ckpt.restore(trainer.abstract_sharded_state(), data_iter=data_iter)
+        state, start = ckpt.restore(task.state.abstract_sharded(), data_iter=task.data_iter)
         log.info("resumed from step %d in %s", start, workdir)
     else:
-        state, start = trainer.init_state(), 0
+        state, start = task.state.init(), 0
 
-    batch_shardings = None
-    train_step = None
     writer = MetricsWriter(workdir)
     progress = progress_bar(start, tc.steps, tc.progress and jax.process_index() == 0)
     pending: list[dict] = []
-    host = _new_host_counts()
+    counts: dict[str, Any] = {}
     t_last, last = time.perf_counter(), {}
     for step in range(start, tc.steps):
-        batch = next(data_iter)
-        if batch_shardings is None:
-            batch_shardings = trainer.batch_shardings(
-                {k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS}
-            )
-        global_batch = pipeline.to_global(batch, batch_shardings)
-        if train_step is None:
-            train_step = (
-                trainer.jit_train_step(batch_shardings).lower(state, global_batch).compile()
-            )
-            distributed.barrier(
-                "vdit_train_step_compiled"
-            )  # no process runs it before all compiled
-        host["tokens"] += int((batch["segment_ids"] > 0).sum())
-        host["slots"] += batch["segment_ids"].size
-        host["samples"] += int((batch["grid"][..., 0] > 0).sum())
-        host["stats"] += batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
-        host["flops"] += flops.step_flops(
-            trainer.model_cfg, batch["segment_ids"], batch["text_segment_ids"]
-        )["total_useful"]
-        state, metrics = train_step(state, global_batch)
+        batch, host = task.batch(step)
+        for k, v in host.items():
+            counts[k] = counts.get(k, 0) + v
+        state, metrics = task.step(state, batch)
         pending.append(metrics)
         done = step + 1
         progress.update(1)
@@ -128,47 +128,29 @@ def train_and_evaluate(
         if done % tc.log_every == 0 or done == tc.steps:
             fetched = jax.device_get(pending)
             dt = time.perf_counter() - t_last
-            dropped = host["stats"][pipeline.DROPPED]
-            last = {
-                "loss": float(np.mean([m["loss"] for m in fetched])),
-                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                "lr": step_lib.learning_rate(trainer.optim_cfg, done),
-                "skipped_steps": int(jax.device_get(state["skipped"])),
-                "tokens_per_s": host["tokens"] * jax.process_count() / dt,
-                "steps_per_s": len(fetched) / dt,
-                "packing_fill": host["tokens"] / max(host["slots"], 1),
-                "samples_per_s": host["samples"] * jax.process_count() / dt,
-                # per interval: samples resized / rejected and why, tokens dropped (data.token_drop)
-                **{f"data_{k}": int(v) for k, v in zip(pipeline.STATS, host["stats"], strict=True)},
-                "token_drop_rate": float(dropped / max(dropped + host["tokens"], 1)),
-                # model FLOPs (fwd + bwd, no recompute, no padding) per second, all processes
-                "model_flops_per_s": host["flops"] * jax.process_count() / dt,
-            }
-            if peak > 0:  # model FLOPs utilisation of all devices of the run
-                last["mfu"] = flops.mfu(last["model_flops_per_s"], peak)
+            keys = task.logged if task.logged is not None else tuple(fetched[0])
+            last = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+            last.update(
+                lr=learning_rate(task.optim_cfg, done),
+                skipped_steps=int(jax.device_get(state["skipped"])),
+                steps_per_s=len(fetched) / dt,
+                **task.summarize(counts, dt),
+            )
             writer.write(done, last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", fill=f"{last['packing_fill']:.3f}")
-            pending, t_last = [], time.perf_counter()
-            host = _new_host_counts()
+            progress.set_postfix(**{k: f"{last[k]:.4f}" for k in task.postfix})
+            pending, counts, t_last = [], {}, time.perf_counter()
 
-        ckpt.save(done, state, data_iter=data_iter, config=c, force=done == tc.steps)
-        if done == tc.steps or (tc.sample_every and done % tc.sample_every == 0):
-            scores = write_sample_grid(c, trainer, state, workdir, done, writer)
+        if done == tc.steps:
+            state, final = task.finish(state, writer)
+            last.update(final)
+        if task.eval_due(done):
+            scores = task.evaluate(state, done, workdir, writer)
             if scores:
                 writer.write(done, scores)
                 last.update(scores)
+        ckpt.save(done, state, data_iter=task.data_iter, config=c, force=done == tc.steps)
     progress.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
     return last
-
-
-def _new_host_counts() -> dict[str, Any]:
-    return {
-        "tokens": 0,
-        "slots": 0,
-        "samples": 0,
-        "flops": 0.0,
-        "stats": np.zeros(len(pipeline.STATS), np.int64),
-    }

@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -13,6 +14,8 @@ from vdit import configlib
 from vdit.data import detector
 from vdit.data.video_io import tile, upscale, write_video
 from vdit.diffusion.evaluate import EvalSetup, generate
+from vdit.models import vae
+from vdit.train import load
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,22 @@ def decoder(c: ml_collections.ConfigDict):
     ae = c.autoencoder
     if ae.kind != "latent" or not ae.get("vae", ""):
         return None
-    from vdit.train.vae_train import latent_decoder
-
     step = ae.get("vae_step", -1)
     return latent_decoder(ae.vae, None if step < 0 else step)
+
+
+def latent_decoder(workdir: str, step: int | None = None, chunk_latents: int = 4):
+    """The pixels of normalised latents, as DiT samples are: a function latent (t, h, w, Z) ->
+    video (1 + (t - 1) * ct, h * ch, w * cw, 3) in [-1, 1] that undoes the VAE's latent statistics
+    and decodes in temporal chunks (bounded memory for any length). The VAE is loaded once."""
+    model = load.cached(os.fspath(workdir), step).model()
+
+    def decode(latent: np.ndarray) -> np.ndarray:
+        z = model.denormalize(jnp.asarray(latent, jnp.float32))[None]
+        return np.asarray(vae.decode_chunked(model, z, chunk_latents)[0])
+
+    decode.model = model
+    return decode
 
 
 def check_vae(c: ml_collections.ConfigDict, manifest: dict) -> None:
@@ -65,17 +80,16 @@ def check_vae(c: ml_collections.ConfigDict, manifest: dict) -> None:
 
 
 def write_sample_grid(
-    c: ml_collections.ConfigDict, trainer, state, workdir: str, step: int, writer=None
+    c: ml_collections.ConfigDict, graphdef, params, workdir: str, step: int, writer=None
 ) -> dict[str, float]:
-    """Sample `c.sample.grid_prompts` (seed 0) with the EMA (or raw) params; write an MP4 grid."""
+    """Sample `c.sample.grid_prompts` (seed 0) with `params`; write an MP4 grid under `workdir`."""
     prompts = list(c.sample.grid_prompts)
     if not prompts:
         return {}
     if c.autoencoder.kind == "latent" and not c.autoencoder.get("vae", ""):
         log.warning("no sample grid: autoencoder.vae names no VAE to decode latents with")
         return {}
-    params = state["ema"] if c.sample.use_ema else state["params"]
-    videos = generate(trainer.graphdef, params, prompts, tuple(c.sample.grid_shape), eval_setup(c))
+    videos = generate(graphdef, params, prompts, tuple(c.sample.grid_shape), eval_setup(c))
     scores = detector.score(videos, prompts)
     if jax.process_index() == 0:
         grid = upscale(tile(videos, cols=min(4, len(videos))), 4)
