@@ -47,10 +47,10 @@ import jax
 import numpy as np
 
 try:
-    from vdit.data import packing, pipeline
+    from vdit.data import packing, pipeline, size
 except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vdit.data import packing, pipeline
+    from vdit.data import packing, pipeline, size
 from vdit import flops
 from vdit.configlib import default_rules
 from vdit.diffusion.flow import FlowConfig
@@ -107,7 +107,14 @@ def latent_tokens(frames: int, height: int, width: int) -> int:
 # Strategies: which samples, how many tokens each, how much of each source is kept
 # --------------------------------------------------------------------------------------------------
 def vdit_sizes(samples: list[Source], max_tokens: int) -> tuple[list[int], list[float]]:
-    policy = pipeline.SizePolicy(patch=PATCH, compression=COMPRESSION, max_tokens=max_tokens)
+    policy = size.SizePolicy(
+        patch=PATCH,
+        compression=COMPRESSION,
+        max_tokens_per_sample=max_tokens,
+        time_fit="resample",
+        frame_stride=1,
+        max_fps=0.0,
+    )
     tokens, kept = [], []
     for s in samples:
         plan = policy.plan(s.frames, s.height, s.width)
@@ -131,7 +138,11 @@ def pack_rows(tokens: list[int], row_len: int, max_samples: int, bins: int, num_
     ]
     ds = grain.MapDataset.source(elements).repeat(None).to_iter_dataset()
     cfg = packing.PackingConfig(
-        row_len=row_len, text_len=max_samples * TEXT_TOKENS, max_samples=max_samples, num_bins=bins
+        row_len=row_len,
+        text_len=max_samples * TEXT_TOKENS,
+        max_samples_per_row=max_samples,
+        packing_bins=bins,
+        seed=0,
     )
     it = iter(packing.pack(ds, cfg))
     rows = []

@@ -12,8 +12,8 @@ import pytest
 from tiny import ROOT, load_config_module, tiny_config
 
 from vdit import configlib, encode
-from vdit.data import latents, packing, pipeline, records
-from vdit.models.text import detokenize
+from vdit.data import latents, packing, pipeline, records, size, sources
+from vdit.data.tokenizer import detokenize
 from vdit.train import vae_train
 
 PATCH = (1, 2, 2)  # DiT patch in latent units
@@ -97,7 +97,7 @@ def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
     got = _read(out)
     assert set(got) == set(setup["good"])
     for caption, video in setup["good"].items():
-        planned, events = pipeline.fit_video({"video": video}, policy)
+        planned, events = size.fit_video({"video": video}, policy)
         mean, logvar = model.encode(jnp.asarray(planned, jnp.float32)[None] / 127.5 - 1.0)
         e = got[caption]
         np.testing.assert_allclose(e["mean"], np.asarray(mean[0]), atol=2e-5)
@@ -194,8 +194,8 @@ def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
     c.data.max_tokens_per_sample = 20  # clip b: 4 x 3 x 2 = 24 tokens; the others fit
     cfg = configlib.pipeline_config(configlib.load(c))
     it = iter(pipeline.build(cfg))
-    counts = sum(next(it)["stats"].reshape(-1, len(pipeline.STATS)).sum(0) for _ in range(3))
-    assert counts[pipeline.STATS.index("rejected_over_cap")] >= 1
+    counts = sum(next(it)["stats"].reshape(-1, len(size.STATS)).sum(0) for _ in range(3))
+    assert counts[size.STATS.index("rejected_over_cap")] >= 1
     c = _latent_config(out)
     c.autoencoder.channels = 8
     with pytest.raises(ValueError, match="autoencoder.channels"):
@@ -219,7 +219,7 @@ def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
     c.data.latents.sample_posterior = True
     cfg = configlib.pipeline_config(configlib.load(c))
     manifest = latents.read_manifest(str(out))
-    shift, scale = pipeline.latent_statistics(manifest, cfg)
+    shift, scale = sources.latent_statistics(manifest, cfg)
     element = latents.LatentsSource(str(out))[0]
     prep = pipeline._PrepareLatent(cfg, shift, scale)
     draws = [

@@ -1,6 +1,7 @@
 """The grain pipeline: packed rows hold exactly the samples, deterministically, per host, within caps."""
 
 import dataclasses
+import functools
 
 import grain
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 from tiny import tiny_config
 
 from vdit import configlib
-from vdit.data import packing, pipeline, tasks
+from vdit.data import config, packing, pipeline, size, tasks, tokenizer
 from vdit.data.synthetic import SyntheticVideos
-from vdit.models.text import detokenize
+from vdit.data.tokenizer import detokenize
+from vdit.models.text import TextEncoderConfig
 
 
 def _cfg(image_fraction=0.3, **data):
@@ -21,13 +23,25 @@ def _cfg(image_fraction=0.3, **data):
     return configlib.pipeline_config(configlib.load(c))
 
 
+@functools.cache
+def _default_size() -> size.SizePolicy:
+    return _cfg().size
+
+
+def _policy(patch, max_tokens, compression=(1, 1, 1)) -> size.SizePolicy:
+    """The tiny config's size policy with this patch, compression and cap."""
+    return dataclasses.replace(
+        _default_size(), patch=patch, compression=compression, max_tokens_per_sample=max_tokens
+    )
+
+
 def test_rows_follow_the_contract():
     cfg = _cfg()
     b = next(iter(pipeline.build(cfg)))
     B, L = b["segment_ids"].shape
-    assert (B, L) == (cfg.rows_per_batch, cfg.packing.row_len)
+    assert (B, L) == (cfg.batch_rows, cfg.row_len)
     assert b["patches"].shape == (B, L, 4 * 4 * 3) and b["positions"].shape == (B, L, 3)
-    assert b["grid"].shape == (B, cfg.packing.max_samples, 3)
+    assert b["grid"].shape == (B, cfg.max_samples_per_row, 3)
     for r in range(B):
         seg = b["segment_ids"][r]
         n = seg.max()
@@ -50,12 +64,7 @@ def test_rows_follow_the_contract():
 def test_unpacked_samples_equal_the_source():
     """Unpacking a row gives back each source video (as [-1, 1] pixels) and its caption."""
     cfg = _cfg(caption_dropout=0.0)
-    cfg = pipeline.PipelineConfig(
-        **{
-            **cfg.__dict__,
-            "synthetic": type(cfg.synthetic)(**{**cfg.synthetic.__dict__, "num_samples": 64}),
-        }
-    )
+    cfg = dataclasses.replace(cfg, synthetic=dataclasses.replace(cfg.synthetic, num_samples=64))
     src = SyntheticVideos(cfg.synthetic)
     by_caption = {}
     for i in range(64):
@@ -81,7 +90,7 @@ def test_deterministic_and_hosts_disjoint():
     np.testing.assert_array_equal(first[0], first[1])
     a = next(iter(pipeline.build(cfg, process_index=0, process_count=2)))
     b = next(iter(pipeline.build(cfg, process_index=1, process_count=2)))
-    assert a["patches"].shape[0] == cfg.rows_per_batch // 2
+    assert a["patches"].shape[0] == cfg.batch_rows // 2
     assert not np.array_equal(a["patches"], b["patches"])
     with pytest.raises(ValueError, match="batch_rows"):
         pipeline.build(cfg, process_index=0, process_count=3)
@@ -97,7 +106,7 @@ def test_fill_is_high():
     "shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9), (5, 16, 16)]
 )
 def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
-    policy = pipeline.SizePolicy(patch=(1, 4, 4), max_tokens=128)
+    policy = _policy((1, 4, 4), 128)
     plan = policy.plan(*shape)
     t, H, W = shape
     h, w = plan.height, plan.width
@@ -123,12 +132,12 @@ def test_size_policy_on_random_sizes():
         patch = (int(rng.integers(1, 3)), int(rng.choice([1, 2, 4])), int(rng.choice([1, 2, 4])))
         comp = (int(rng.choice([1, 4])), int(rng.choice([1, 8])), int(rng.choice([1, 8])))
         cap = int(rng.integers(1, 5000))
-        policy = pipeline.SizePolicy(patch=patch, compression=comp, max_tokens=cap)
+        policy = _policy(patch, cap, comp)
         t, h, w = int(rng.integers(0, 130)), int(rng.integers(1, 1100)), int(rng.integers(1, 2000))
         try:
             plan = policy.plan(t, h, w)
-        except pipeline.Rejected as e:
-            assert e.reason in pipeline.REJECTS
+        except size.Rejected as e:
+            assert e.reason in size.REJECTS
             continue
         accepted += 1
         uh, uw = patch[1] * comp[1], patch[2] * comp[2]
@@ -149,7 +158,7 @@ def test_size_policy_on_random_sizes():
 
 
 def test_size_policy_fits_frames_to_whole_latent_patches():
-    policy = pipeline.SizePolicy(patch=(2, 4, 4), compression=(4, 1, 1), max_tokens=4096)
+    policy = _policy((2, 4, 4), 4096, (4, 1, 1))
     plan = policy.plan(12, 16, 16)
     # 12 frames -> 1 + 11 // 4 = 3 latent frames -> 2 (one temporal patch of 2) -> 1 + 1 * 4 pixels,
     # picked over the whole clip (first and last frame kept)...
@@ -158,7 +167,7 @@ def test_size_policy_fits_frames_to_whole_latent_patches():
     # ...or the first five.
     trim = dataclasses.replace(policy, time_fit="trim").plan(12, 16, 16)
     assert trim.events == ("frames_trimmed",) and trim.frame_indices(12).tolist() == [0, 1, 2, 3, 4]
-    strided = pipeline.SizePolicy(patch=(1, 4, 4), max_tokens=2).plan(7, 16, 16)
+    strided = _policy((1, 4, 4), 2).plan(7, 16, 16)
     assert strided.stride == 4 and strided.frame_indices(7).tolist() == [0, 4]
 
 
@@ -172,15 +181,13 @@ def test_size_policy_fits_frames_to_whole_latent_patches():
     ],
 )
 def test_size_policy_rejects_with_a_reason(shape, reason):
-    with pytest.raises(pipeline.Rejected, match=reason) as e:
-        pipeline.SizePolicy(patch=(2, 4, 4), max_tokens=128).plan(*shape)
+    with pytest.raises(size.Rejected, match=reason) as e:
+        _policy((2, 4, 4), 128).plan(*shape)
     assert e.value.reason == reason
 
 
 def _stats(element) -> dict[str, int]:
-    return dict(
-        zip(pipeline.STATS, element["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True)
-    )
+    return dict(zip(size.STATS, element["stats"].reshape(-1, len(size.STATS)).sum(0), strict=True))
 
 
 def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
@@ -208,7 +215,7 @@ def test_rejected_samples_are_counted_and_nothing_else_is_lost(caplog):
     )
     assert counts[1]["rejected_bad_shape"] == 1 and counts[1]["rejected_too_small"] == 1
     assert counts[2]["rejected_non_finite"] == 1
-    total = {k: sum(c[k] for c in counts) for k in pipeline.STATS}
+    total = {k: sum(c[k] for c in counts) for k in size.STATS}
     assert sum(v for k, v in total.items() if k.startswith("rejected")) == len(bad)
     assert all(f"sample {b['index']} rejected" in caplog.text for b in bad)
 
@@ -246,8 +253,8 @@ def test_token_dropping_keeps_positions_and_conditioning():
     full_cfg = _drop_cfg("none", 0.0)
     drop_cfg = _drop_cfg("constant", 0.5)
     weights = (("t2v", 1.0), ("i2v", 1.0))
-    full_cfg = pipeline.PipelineConfig(**{**full_cfg.__dict__, "task_weights": weights})
-    drop_cfg = pipeline.PipelineConfig(**{**drop_cfg.__dict__, "task_weights": weights})
+    full_cfg = dataclasses.replace(full_cfg, tasks=weights)
+    drop_cfg = dataclasses.replace(drop_cfg, tasks=weights)
     source = grain.MapDataset.source(SyntheticVideos(full_cfg.synthetic))[:24]
     full = list(pipeline.prepare_samples(source, full_cfg))
     dropped = list(pipeline.prepare_samples(source, drop_cfg))
@@ -272,27 +279,24 @@ def test_token_dropping_keeps_positions_and_conditioning():
 
 def test_token_drop_rates():
     rng = np.random.default_rng(0)
-    size = pipeline.TokenDrop(kind="size", rate=0.8, ref_tokens=64)
-    assert size.draw_rate(64, rng) == 0.0 and size.draw_rate(16, rng) == 0.0
-    assert size.draw_rate(256, rng) == pytest.approx(0.6)
-    beta = pipeline.TokenDrop(kind="beta", rate=0.5, beta_a=2.0, beta_b=2.0)
+    by_size = _drop_cfg("size", 0.8, ref_tokens=64).token_drop
+    assert by_size.draw_rate(64, rng) == 0.0 and by_size.draw_rate(16, rng) == 0.0
+    assert by_size.draw_rate(256, rng) == pytest.approx(0.6)
+    beta = _drop_cfg("beta", 0.5, beta_a=2.0, beta_b=2.0).token_drop
     rates = np.array([beta.draw_rate(100, rng) for _ in range(2000)])
     assert rates.max() <= 0.5 and 0.3 < rates.mean() < 0.5 and (rates < 0.5).mean() > 0.4
-    keep = pipeline.TokenDrop(kind="constant", rate=0.99).keep(np.zeros(10, bool), rng)
+    keep = _drop_cfg("constant", 0.99).token_drop.keep(np.zeros(10, bool), rng)
     assert len(keep) == 1  # at least one generated token stays
     with pytest.raises(ValueError, match="token_drop.kind"):
-        pipeline.validate(_drop_cfg("sometimes", 0.1))
+        config.validate(_drop_cfg("sometimes", 0.1))
     with pytest.raises(ValueError, match="token_drop.rate"):
-        pipeline.validate(_drop_cfg("constant", 1.0))
+        config.validate(_drop_cfg("constant", 1.0))
 
 
 def test_token_dropping_in_packed_rows():
     cfg = _drop_cfg("constant", 0.5)
-    cfg = pipeline.PipelineConfig(
-        **{
-            **cfg.__dict__,
-            "packing": dataclasses.replace(cfg.packing, max_samples=32, text_len=512),
-        }
+    cfg = dataclasses.replace(
+        cfg, max_samples_per_row=32, text_len=512
     )  # halved samples: more of them fit a row
     b = next(iter(pipeline.build(cfg)))
     stats = _stats(b)
@@ -318,7 +322,7 @@ def test_task_masks():
 
 def test_conditioning_tasks_reach_the_batch():
     cfg = _cfg()
-    cfg = pipeline.PipelineConfig(**{**cfg.__dict__, "task_weights": (("i2v", 1.0),)})
+    cfg = dataclasses.replace(cfg, tasks=(("i2v", 1.0),))
     b = next(iter(pipeline.build(cfg)))
     n_video = 0
     for r in range(b["segment_ids"].shape[0]):
@@ -334,3 +338,14 @@ def test_conditioning_tasks_reach_the_batch():
             assert not b["loss_mask"][r][sel][:per_frame].any()
             n_video += 1
     assert n_video >= 2
+
+
+def test_tokenizer_round_trip_and_empty_caption():
+    ids = tokenizer.tokenize("a red square moves left", 64)
+    assert ids[0] == tokenizer.BOS and detokenize(ids) == "a red square moves left"
+    assert tokenizer.tokenize("", 64).tolist() == [tokenizer.BOS]
+    assert len(tokenizer.tokenize("x" * 100, 16)) == 16
+    # the text encoder's embedding table has a row per id
+    assert TextEncoderConfig().vocab_size == tokenizer.VOCAB_SIZE
+    c = configlib.model_config(configlib.load(tiny_config()))
+    assert c.text.vocab_size == tokenizer.VOCAB_SIZE

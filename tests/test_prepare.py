@@ -14,10 +14,10 @@ from PIL import Image
 from tiny import ROOT, tiny_config
 
 from vdit import configlib
-from vdit.data import packing, pipeline, records
+from vdit.data import packing, pipeline, records, size, sources
 from vdit.data import prepare as prep
+from vdit.data.tokenizer import detokenize
 from vdit.data.video_io import write_video
-from vdit.models.text import detokenize
 
 H, W = 32, 48
 
@@ -261,15 +261,13 @@ def test_training_reads_prepared_records(media, tmp_path):
         np.testing.assert_array_equal(s["latent"], stored[caption])  # 16x24: whole patches, kept
         seen.add(caption)
     assert seen == set(stored)
-    stats = dict(
-        zip(pipeline.STATS, batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0), strict=True)
-    )
+    stats = dict(zip(size.STATS, batch["stats"].reshape(-1, len(size.STATS)).sum(0), strict=True))
     assert stats["rejected_decode_error"] == 0
     # A glob of shards works as well as the folder.
     glob_cfg = _pipeline_cfg(
         **{"source": "records", "records.path": str(out / "shard-*.array_record")}
     )
-    assert len(pipeline.make_source(glob_cfg)) == 3
+    assert len(sources.make_source(glob_cfg)) == 3
 
 
 def test_a_corrupt_record_is_a_counted_rejection(tmp_path, caplog):
@@ -291,7 +289,7 @@ def test_a_corrupt_record_is_a_counted_rejection(tmp_path, caplog):
             pipeline.prepare_samples(grain.MapDataset.source([source[i] for i in (0, 2, 1)]), cfg)
         )
     assert len(out) == 1
-    assert out[0]["stats"][0, pipeline.STATS.index("rejected_decode_error")] == 2
+    assert out[0]["stats"][0, size.STATS.index("rejected_decode_error")] == 2
     assert "sample 0 rejected: decode_error" in caplog.text
 
 
@@ -367,13 +365,13 @@ def test_tfds_source_maps_features(tfds_dir):
             "tfds.fps": 12.0,
         }
     )
-    source = pipeline.make_source(cfg)
+    source = sources.make_source(cfg)
     assert len(source) == 4
     for i in range(4):
         e = source[i]
         want = next(v for v in expected.values() if np.array_equal(v["video"], e["video"]))
         assert e["caption"] == TFDS_CAPTIONS[want["label"]] and e["fps"] == 12.0
-    text = pipeline.make_source(
+    text = sources.make_source(
         _pipeline_cfg(
             **{
                 "source": "tfds",
@@ -388,7 +386,7 @@ def test_tfds_source_maps_features(tfds_dir):
     assert e["caption"].startswith("clip number ") and "fps" not in e
     assert e["video"].shape[-1] == 3 and (e["video"] == e["video"][..., :1]).all()  # gray -> RGB
     with pytest.raises(ValueError, match=r"data.tfds.video_key='frames'.*\['gray', 'label'"):
-        pipeline.make_source(
+        sources.make_source(
             _pipeline_cfg(
                 **{
                     "source": "tfds",
@@ -401,7 +399,7 @@ def test_tfds_source_maps_features(tfds_dir):
     with pytest.raises(
         ValueError, match=r"data.tfds.name='vdit_missing_clips'.*nothing is downloaded"
     ):
-        pipeline.make_source(
+        sources.make_source(
             _pipeline_cfg(
                 **{"source": "tfds", "tfds.name": "vdit_missing_clips", "tfds.data_dir": tfds_dir}
             )
@@ -458,22 +456,22 @@ def test_tfds_mock_data_feeds_training():
         **{"source": "tfds", "tfds.name": "vdit_mock_clips", "tfds.caption_key": "label"}
     )
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-        source = pipeline.make_source(cfg)
+        source = sources.make_source(cfg)
         assert len(source) == 6
         frames = [source[i]["video"].shape for i in range(6)]
         batch = next(iter(pipeline.build(cfg)))
     assert all(f[1:] == (16, 24, 3) and f[0] >= 1 for f in frames)
     samples = _unpacked(batch)
     assert len(samples) >= 2 and {detokenize(s["text"]) for s in samples} <= set(TFDS_CAPTIONS)
-    stats = batch["stats"].reshape(-1, len(pipeline.STATS)).sum(0)
-    assert all(stats[pipeline.STATS.index(f"rejected_{r}")] == 0 for r in pipeline.REJECTS)
+    stats = batch["stats"].reshape(-1, len(size.STATS)).sum(0)
+    assert all(stats[size.STATS.index(f"rejected_{r}")] == 0 for r in size.REJECTS)
 
 
 def test_a_shard_that_is_not_array_record_names_the_field(tmp_path):
     (tmp_path / records.shard_name(0)).write_bytes(b"interrupted write, no footer")
     cfg = _pipeline_cfg(**{"source": "records", "records.path": str(tmp_path)})
     with pytest.raises(ValueError, match=r"data.records.path=.*cannot open the 1 shards"):
-        pipeline.make_source(cfg)
+        sources.make_source(cfg)
 
 
 @pytest.mark.slow
@@ -501,7 +499,7 @@ def test_vdit_train_on_prepared_videos(media, tmp_path):
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert np.isfinite(final["loss"]) and final["skipped_steps"] == 0
     assert final["samples_per_s"] > 0
-    assert all(final[f"data_rejected_{r}"] == 0 for r in pipeline.REJECTS)
+    assert all(final[f"data_rejected_{r}"] == 0 for r in size.REJECTS)
 
 
 def test_tfds_without_tensorflow_says_so(monkeypatch):
@@ -515,4 +513,4 @@ def test_tfds_without_tensorflow_says_so(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", needs_tensorflow)
     cfg = _pipeline_cfg(**{"source": "tfds", "tfds.name": "ucf101"})
     with pytest.raises(ValueError, match=r"data.tfds.name='ucf101'.*pip install tensorflow"):
-        pipeline.make_source(cfg)
+        sources.make_source(cfg)

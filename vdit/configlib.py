@@ -11,9 +11,8 @@ import math
 
 import ml_collections
 
-from vdit.data import packing, pipeline
-from vdit.data.synthetic import SyntheticConfig
-from vdit.data.tfds_source import TfdsConfig
+from vdit.data import config as data_config
+from vdit.data import tokenizer
 from vdit.data.vae_data import SOURCES as VAE_SOURCES
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.dit import REMAT_POLICIES, DiTConfig
@@ -143,13 +142,7 @@ def load(
             dc.latents = ml_collections.ConfigDict(
                 {"path": "(planning only)", "sample_posterior": True}
             )
-    pipeline.validate(pipeline_config(c))  # token and text caps, task names and weights
-    if not 0 <= dc.caption_dropout < 1:
-        _fail("data.caption_dropout", f"{dc.caption_dropout} is not in [0, 1)")
-    unit = (p * comp[1], p * comp[2])
-    for hw in dc.synthetic.size_choices if dc.source == "synthetic" else ():
-        if hw[0] < unit[0] or hw[1] < unit[1]:
-            _fail("data.synthetic.size_choices", f"{hw} is smaller than one patch {unit} in pixels")
+    data_config.validate(pipeline_config(c))  # every check on the data section
 
     if num_devices is not None:
         dcn = c.mesh.get("dcn_data", 1)
@@ -200,6 +193,7 @@ def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
         depth=m.text.depth,
         heads=m.text.heads,
         attn_impl=m.attn_impl,
+        vocab_size=tokenizer.VOCAB_SIZE,
     )
     return DiTConfig(
         width=m.width,
@@ -220,52 +214,13 @@ def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
     )
 
 
-def pipeline_config(c: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
-    d = c.data
-    syn = d.synthetic
-    return pipeline.PipelineConfig(
-        synthetic=SyntheticConfig(
-            num_samples=syn.num_samples,
-            seed=d.seed,
-            frame_choices=tuple(syn.frame_choices),
-            image_fraction=syn.image_fraction,
-            size_choices=tuple(tuple(s) for s in syn.size_choices),
-            fps=syn.fps,
-        ),
-        size=pipeline.SizePolicy(
-            patch=patch_size(c),
-            compression=tuple(c.autoencoder.compression),
-            max_tokens=d.max_tokens_per_sample,
-            time_fit=d.time_fit,
-        ),
-        packing=packing.PackingConfig(
-            row_len=d.row_len,
-            text_len=d.text_len,
-            max_samples=d.max_samples_per_row,
-            num_bins=d.packing_bins,
-            seed=d.seed,
-        ),
-        rows_per_batch=d.batch_rows,
-        text_len_per_sample=c.model.text.max_len,
-        caption_dropout=d.caption_dropout,
-        task_weights=tuple((k, float(v)) for k, v in d.tasks.items()),
-        token_drop=pipeline.TokenDrop(
-            kind=d.token_drop.kind,
-            rate=d.token_drop.rate,
-            beta_a=d.token_drop.beta_a,
-            beta_b=d.token_drop.beta_b,
-            ref_tokens=d.token_drop.ref_tokens,
-        ),
-        frame_stride=d.frame_stride,
-        max_fps=d.max_fps,
-        seed=d.seed,
-        workers=d.workers,
-        source=d.source,
-        records_path=d.records.path if "records" in d else "",
-        tfds=TfdsConfig(**d.tfds.to_dict()) if "tfds" in d else TfdsConfig(),
-        latents_path=d.latents.path if "latents" in d else "",
-        latents_sample_posterior=d.latents.sample_posterior if "latents" in d else True,
+def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
+    return data_config.PipelineConfig.from_sections(
+        c.data.to_dict(),
+        patch=patch_size(c),
+        compression=tuple(c.autoencoder.compression),
         channels=c.autoencoder.channels,
+        text_max_len=c.model.text.max_len,
     )
 
 

@@ -4,7 +4,7 @@
                 [--max_tokens=N] [--chunk_frames=16] [--tile=0 --tile_overlap=4] [--store=moments]
 
 Each input record (written by `vdit prepare`) goes through the same size policy as pixel-space
-training (`pipeline.fit_video`): frame-rate subsampling, then aspect-kept resizing to whole DiT patches
+training (`size.fit_video`): frame-rate subsampling, then aspect-kept resizing to whole DiT patches
 of the latent grid (`--latent_patch`, in latent units) under `--max_tokens` tokens, with the frame
 count brought to 1 + k * ct so every pixel frame is seen by a latent frame. So a latent grid is always
 a whole number of patches and the DiT trains on it as is. The video is then encoded in temporal chunks
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vdit.data import latents, pipeline, records
+from vdit.data import latents, records, size
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.vae_train import load_vae
 
@@ -76,12 +76,14 @@ class EncodeOptions:
             raise ValueError(f"--shard_size={self.shard_size} must be >= 1")
 
 
-def size_policy(options: EncodeOptions, compression: tuple[int, int, int]) -> pipeline.SizePolicy:
-    return pipeline.SizePolicy(
+def size_policy(options: EncodeOptions, compression: tuple[int, int, int]) -> size.SizePolicy:
+    return size.SizePolicy(
         patch=tuple(options.latent_patch),
         compression=tuple(compression),
-        max_tokens=options.max_tokens or 2**62,
+        max_tokens_per_sample=options.max_tokens or 2**62,
         time_fit=options.time_fit,
+        frame_stride=options.frame_stride,
+        max_fps=options.max_fps,
     )
 
 
@@ -182,8 +184,7 @@ def encode_dataset(
                 pixel_shape=video.shape[:3],
                 events=events,
                 caption=element["caption"],
-                fps=float(element.get("fps", 0.0))
-                / pipeline.fps_stride(element, options.frame_stride, options.max_fps),
+                fps=float(element.get("fps", 0.0)) / policy.fps_stride(element),
                 source=str(element.get("source", "")),
                 index=index,
             )
@@ -203,10 +204,8 @@ def encode_dataset(
         for index in range(process_index, len(source), process_count):
             element = source[index]
             try:
-                video, events = pipeline.fit_video(
-                    element, policy, options.frame_stride, options.max_fps
-                )
-            except pipeline.Rejected as e:
+                video, events = size.fit_video(element, policy)
+            except size.Rejected as e:
                 skipped.append(
                     {
                         "index": index,

@@ -13,7 +13,7 @@ record is one sample: the bytes of a numpy `.npz` archive (`np.savez_compressed`
 | `logvar`      | float32, (t, h, w, Z)  | "moments": the posterior log-variance                      |
 | `z`           | float32, (t, h, w, Z)  | "sample": one posterior sample                             |
 | `pixel_shape` | int64, (3,)            | (T, H, W) of the pixels that were encoded                  |
-| `events`      | str, ()                | the size events of `vdit.data.pipeline.EVENTS` that        |
+| `events`      | str, ()                | the size events of `vdit.data.size.EVENTS` that            |
 |               |                        | changed the source sample, comma-separated ("" for none)   |
 | `caption`     | str, ()                | the caption                                                |
 | `fps`         | float64, ()            | frames per second of the encoded frames (0 unknown)        |
@@ -27,6 +27,7 @@ its compression, latent channels and the per-channel latent statistics (`vae.lat
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -39,6 +40,14 @@ from vdit.data import records
 FORMAT = "vdit-latent-npz-1"
 STORES = ("moments", "sample")
 MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentsConfig:
+    """The data.latents section (empty for configs written before it)."""
+
+    path: str = ""  # a folder written by `vdit encode`
+    sample_posterior: bool = True  # z ~ N(mean, exp(logvar)) at every use (False: the mean)
 
 
 def encode_record(

@@ -62,11 +62,13 @@ def unpatchify(patches, grid: tuple[int, int, int], patch: tuple[int, int, int])
 
 @dataclasses.dataclass(frozen=True)
 class PackingConfig:
+    """Named like the data section's fields (configs/default.py)."""
+
     row_len: int  # L: video tokens per row
     text_len: int  # C: text tokens per row
-    max_samples: int  # S: samples per row at most
-    num_bins: int  # rows packed together (more bins -> higher fill, more host memory)
-    seed: int = 0
+    max_samples_per_row: int  # S: samples per row at most
+    packing_bins: int  # rows packed together (more bins -> higher fill, more host memory)
+    seed: int
 
 
 def pack(
@@ -85,16 +87,16 @@ def pack(
         "positions": cfg.row_len,
         "cond_mask": cfg.row_len,
         "text": cfg.text_len,
-        "grid": cfg.max_samples,
-        **{k: cfg.max_samples for k in sample_features},
+        "grid": cfg.max_samples_per_row,
+        **{k: cfg.max_samples_per_row for k in sample_features},
     }
     packed = grain.experimental.BestFitPackIterDataset(
         ds,
         length_struct=lengths,
-        num_packing_bins=cfg.num_bins,
+        num_packing_bins=cfg.packing_bins,
         seed=cfg.seed,
         shuffle_bins=True,
-        max_sequences_per_bin=cfg.max_samples,
+        max_sequences_per_bin=cfg.max_samples_per_row,
     )
     return packed.map(lambda row: _to_contract(row, sample_features))
 

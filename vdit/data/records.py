@@ -20,13 +20,14 @@ with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
 video decoder, at the cost of space (zlib only). "mp4" re-encodes multi-frame samples with H.264
 (lossy, imageio's default quality; typically tens of times smaller) and decodes them with ffmpeg
 when read; one-frame samples (images) are always stored "raw". `RecordsSource` turns records back
-into the element dict of the training pipeline (`vdit/data/pipeline.py`); a record that cannot be
+into the element dict of the training pipeline (`vdit/data/sources.py`); a record that cannot be
 read or decoded becomes an element with a "decode_error" message, which the pipeline counts as a
 rejected sample instead of stopping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import os
@@ -39,6 +40,13 @@ ENCODINGS = ("raw", "mp4")
 MP4_DEFAULT_FPS = 8.0  # frame rate written into MP4s of sources without one (playback only)
 SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access without decoding neighbours
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordsConfig:
+    """The data.records section: where prepared records are (empty for configs written before it)."""
+
+    path: str = ""  # a folder of shards written by `vdit prepare`, or a glob of shards
 
 
 def shard_name(i: int, prefix: str = "shard") -> str:

@@ -22,8 +22,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vdit.data import packing
+from vdit.data.tokenizer import tokenize
 from vdit.diffusion import flow
-from vdit.models.text import tokenize
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Text conditioning: a byte-level tokenizer and a small transformer encoder, or precomputed embeddings.
+"""Text conditioning: a small transformer encoder over byte-level token ids, or precomputed embeddings.
 
 Two paths, chosen by `TextEncoderConfig.kind`:
-- ``"bytes"``: captions become UTF-8 byte ids (no vocabulary file, nothing to download) and a small
-  transformer, trained with the DiT, encodes them. The embedded default uses this.
+- ``"bytes"``: captions become UTF-8 byte ids (`vdit.data.tokenizer`: no vocabulary file, nothing to
+  download) and a small transformer, trained with the DiT, encodes them. The embedded default uses this.
 - ``"precomputed"``: records carry text embeddings (e.g. T5/UMT5 outputs computed offline); the encoder
   is the identity and the DiT's text projection maps them to its width.
 
@@ -15,28 +15,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vdit.models import layers
-
-BOS = 1  # every caption starts with it, so an empty caption (dropped for CFG) is one token long
-BYTE_OFFSET = 2  # id = byte + 2; 0 is never produced
-VOCAB_SIZE = 256 + BYTE_OFFSET
-
-
-def tokenize(caption: str, max_len: int) -> np.ndarray:
-    """Caption -> int32 ids (BOS, bytes...), truncated to max_len. Never empty."""
-    if max_len < 1:
-        raise ValueError(f"max_len={max_len} must be >= 1")
-    data = np.frombuffer(caption.encode("utf-8"), dtype=np.uint8).astype(np.int32) + BYTE_OFFSET
-    return np.concatenate([[BOS], data])[:max_len].astype(np.int32)
-
-
-def detokenize(ids: np.ndarray) -> str:
-    ids = np.asarray(ids)
-    data = ids[ids >= BYTE_OFFSET] - BYTE_OFFSET
-    return bytes(data.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +28,7 @@ class TextEncoderConfig:
     depth: int = 2
     heads: int = 4
     attn_impl: str = "xla"
+    vocab_size: int = 258  # "bytes": embedding rows (vdit.data.tokenizer.VOCAB_SIZE)
 
     @property
     def out_width(self) -> int:
@@ -82,7 +64,7 @@ class TextEncoder(nnx.Module):
                 raise ValueError(f"model.text.width={cfg.width} not divisible by heads={cfg.heads}")
             init = nnx.initializers.normal(0.02)
             self.embed = nnx.Param(
-                init(rngs.params(), (VOCAB_SIZE, cfg.width), param_dtype),
+                init(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype),
                 out_sharding=("vocab", "text_embed"),
             )
             self.pos_embed = nnx.Param(

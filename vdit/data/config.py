@@ -1,0 +1,181 @@
+"""The DiT's data settings: the config's `data` section as one typed value, and every check on it.
+
+`PipelineConfig`'s fields are the `data` section's (configs/default.py, where every default and its
+comment lives) plus the four it takes from other sections (the patch, the autoencoder's compression
+and channels, the caption length), so building one is construction: `PipelineConfig.from_sections`.
+The parts take views of it named by their own dataclasses (`size`, `packing`, `token_drop`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from vdit.data import sources, tasks
+from vdit.data.latents import LatentsConfig
+from vdit.data.packing import PackingConfig
+from vdit.data.records import RecordsConfig
+from vdit.data.size import TIME_FITS, SizePolicy
+from vdit.data.synthetic import SyntheticConfig
+from vdit.data.tfds_source import TfdsConfig
+from vdit.data.token_drop import TokenDrop
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The fields of configs/default.py's `data` section, by the same names (see the comments there).
+    With data.source="latents" the size fields (max_tokens_per_sample, time_fit, frame_stride,
+    max_fps) say how the latents were encoded (`vdit encode` reads them from the same config): the
+    pipeline checks latents against the cap and the patch and applies nothing else to them."""
+
+    source: str  # one of sources.SOURCES
+    seed: int  # shuffling, caption dropout, task draws, packing (and the synthetic source)
+    synthetic: SyntheticConfig
+    records: RecordsConfig
+    tfds: TfdsConfig
+    latents: LatentsConfig
+    batch_rows: int  # global rows per step (split over processes)
+    row_len: int  # L: tokens per row
+    text_len: int  # C: text tokens per row
+    max_samples_per_row: int  # S
+    packing_bins: int  # rows packed together
+    max_tokens_per_sample: int  # larger samples are resized down (never cropped)
+    time_fit: str  # one of size.TIME_FITS
+    frame_stride: int  # keep every k-th source frame
+    max_fps: float  # > 0: sources with a higher "fps" are strided down to at most this
+    token_drop: TokenDrop
+    caption_dropout: float  # empty caption rate (classifier-free guidance)
+    tasks: tuple[tuple[str, float], ...]  # (task, weight) of data.tasks, in the config's order
+    workers: int  # grain worker processes (0: in the training process)
+    # From other sections:
+    patch: tuple[int, int, int]  # (model.patch_t, p, p) of model.variant
+    compression: tuple[int, int, int]  # autoencoder.compression
+    channels: int  # autoencoder.channels (3: pixels)
+    text_max_len: int  # model.text.max_len: caption tokens kept per sample
+
+    @classmethod
+    def from_sections(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        patch: tuple[int, int, int],
+        compression: tuple[int, int, int],
+        channels: int,
+        text_max_len: int,
+    ) -> PipelineConfig:
+        """From the `data` section (a dict, e.g. ConfigDict.to_dict()) and the other sections'
+        fields. A section written before records/tfds/latents existed gets their empty defaults."""
+        d = _tuples(dict(data))
+        own = {f.name for f in dataclasses.fields(cls)} - {
+            "patch",
+            "compression",
+            "channels",
+            "text_max_len",
+        }
+        for key in d:
+            if key not in own:
+                raise ValueError(f"data.{key}: not a data field; remove it from the config")
+        return cls(
+            **{
+                **d,
+                "synthetic": _section(SyntheticConfig, "synthetic", d["synthetic"], seed=d["seed"]),
+                "records": _section(RecordsConfig, "records", d.get("records", {})),
+                "tfds": _section(TfdsConfig, "tfds", d.get("tfds", {})),
+                "latents": _section(LatentsConfig, "latents", d.get("latents", {})),
+                "token_drop": _section(TokenDrop, "token_drop", d["token_drop"]),
+                "tasks": tuple((k, float(v)) for k, v in d["tasks"].items()),
+            },
+            patch=tuple(patch),
+            compression=tuple(compression),
+            channels=channels,
+            text_max_len=text_max_len,
+        )
+
+    @property
+    def size(self) -> SizePolicy:
+        return _view(SizePolicy, self)
+
+    @property
+    def packing(self) -> PackingConfig:
+        return _view(PackingConfig, self)
+
+
+def _tuples(x: Any) -> Any:
+    """Lists (as config overrides may give) -> tuples, through nested dicts."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def _section(cls, name: str, values: Mapping[str, Any], **extra: Any):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields or key in extra:
+            raise ValueError(f"data.{name}.{key}: not a field of data.{name}; remove it")
+    return cls(**values, **extra)
+
+
+def _view(cls, cfg: PipelineConfig):
+    """The dataclass `cls` built from the fields of `cfg` of the same names."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every check on the data settings; ValueError naming the field."""
+    if cfg.max_tokens_per_sample > cfg.row_len:
+        raise ValueError(
+            f"data.max_tokens_per_sample={cfg.max_tokens_per_sample} exceeds "
+            f"data.row_len={cfg.row_len}"
+        )
+    if cfg.text_max_len > cfg.text_len:
+        raise ValueError(
+            f"model.text.max_len={cfg.text_max_len} exceeds data.text_len={cfg.text_len}"
+        )
+    for name, weight in cfg.tasks:
+        if name not in tasks.TASKS:
+            raise ValueError(f"data.tasks.{name}: unknown task; choose from {tasks.TASKS}")
+        if weight < 0:
+            raise ValueError(f"data.tasks.{name}: weight {weight} is negative")
+    cfg.token_drop.validate()
+    if cfg.time_fit not in TIME_FITS:
+        raise ValueError(f"data.time_fit={cfg.time_fit!r}: choose 'resample' or 'trim'")
+    if cfg.frame_stride < 1:
+        raise ValueError(f"data.frame_stride={cfg.frame_stride} must be >= 1")
+    if cfg.max_fps < 0:
+        raise ValueError(f"data.max_fps={cfg.max_fps} must be >= 0 (0 = off)")
+    if cfg.source not in sources.SOURCES:
+        raise ValueError(f"data.source={cfg.source!r}: choose from {sources.SOURCES}")
+    if cfg.source == "records" and not cfg.records.path:
+        raise ValueError(
+            "data.records.path: required with data.source='records' (a folder of "
+            "shards written by `vdit prepare`, or a glob of them)"
+        )
+    if cfg.source == "latents" and not cfg.latents.path:
+        raise ValueError(
+            "data.latents.path: required with data.source='latents' (a folder "
+            "written by `vdit encode`)"
+        )
+    if (cfg.source == "latents") != (cfg.compression != (1, 1, 1) or cfg.channels != 3):
+        raise ValueError(
+            f"data.source={cfg.source!r} with autoencoder compression "
+            f"{cfg.compression} and {cfg.channels} channels: latents "
+            "(autoencoder.kind='latent') train from data.source='latents', pixels "
+            "(autoencoder.kind='identity') from the other sources"
+        )
+    if cfg.source == "tfds":
+        for field in ("name", "split", "video_key"):
+            if not getattr(cfg.tfds, field):
+                raise ValueError(f"data.tfds.{field}: required with data.source='tfds'")
+        if cfg.tfds.fps < 0:
+            raise ValueError(f"data.tfds.fps={cfg.tfds.fps} must be >= 0 (0 = unknown)")
+    if not 0 <= cfg.caption_dropout < 1:
+        raise ValueError(f"data.caption_dropout: {cfg.caption_dropout} is not in [0, 1)")
+    unit = (cfg.patch[1] * cfg.compression[1], cfg.patch[2] * cfg.compression[2])
+    for hw in cfg.synthetic.size_choices if cfg.source == "synthetic" else ():
+        if hw[0] < unit[0] or hw[1] < unit[1]:
+            raise ValueError(
+                f"data.synthetic.size_choices: {hw} is smaller than one patch {unit} in pixels"
+            )

@@ -1,0 +1,81 @@
+"""The sources of `data.source`: random-access datasets (grain MapDataset sources) of source elements.
+
+An element is {"video" uint8 (T, H, W, 3), "caption", "index"[, "fps"]} for the pixel sources, the
+latent record of `vdit encode` for "latents", or {"decode_error": message, ...} for one that could
+not be read or decoded (the pipeline counts it as rejected and goes on).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vdit.data import latents, records
+from vdit.data.synthetic import SyntheticVideos
+from vdit.data.tfds_source import TfdsVideos
+
+if TYPE_CHECKING:
+    from vdit.data.config import PipelineConfig
+
+SOURCES = ("synthetic", "records", "tfds", "latents")
+
+
+def open_records(path: str) -> records.RecordsSource:
+    """The prepared records at `path` (data.records.path: a folder of shards or a glob), opened;
+    ValueError naming the field when there are none or they cannot be opened."""
+    shards = records.find_shards(path)
+    if not shards:
+        raise ValueError(
+            f"data.records.path={path!r}: no shards (*{records.SHARD_SUFFIX}) found; write "
+            "them with `vdit prepare`"
+        )
+    try:
+        source = records.RecordsSource(shards)
+    except Exception as e:  # a shard without its footer (an interrupted write), not a shard
+        raise ValueError(
+            f"data.records.path={path!r}: cannot open the {len(shards)} shards "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    if len(source) == 0:
+        raise ValueError(f"data.records.path={path!r}: the {len(shards)} shards hold no records")
+    return source
+
+
+def make_source(cfg: PipelineConfig):
+    """The random-access source of `data.source`."""
+    if cfg.source == "records":
+        return open_records(cfg.records.path)
+    if cfg.source == "latents":
+        source = latents.LatentsSource(cfg.latents.path)
+        if len(source) == 0:
+            raise ValueError(f"data.latents.path={cfg.latents.path!r}: the shards hold no records")
+        return source
+    if cfg.source == "tfds":
+        source = TfdsVideos(cfg.tfds)
+        if len(source) == 0:
+            raise ValueError(f"data.tfds.split={cfg.tfds.split!r} of {cfg.tfds.name!r} is empty")
+        return source
+    if cfg.source != "synthetic":
+        raise ValueError(f"data.source={cfg.source!r}: choose from {SOURCES}")
+    return SyntheticVideos(cfg.synthetic)
+
+
+def latent_statistics(
+    manifest: dict[str, Any], cfg: PipelineConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's per-channel (mean, std), after checking that the latents are of the
+    autoencoder the config names."""
+    v = manifest["vae"]
+    if tuple(v["compression"]) != tuple(cfg.compression):
+        raise ValueError(
+            f"autoencoder.compression={tuple(cfg.compression)}, but the latents "
+            f"at data.latents.path={cfg.latents.path!r} were encoded with "
+            f"{tuple(v['compression'])}"
+        )
+    if v["latent_channels"] != cfg.channels:
+        raise ValueError(
+            f"autoencoder.channels={cfg.channels}, but the latents at "
+            f"data.latents.path={cfg.latents.path!r} have {v['latent_channels']}"
+        )
+    return np.asarray(v["latent_mean"], np.float32), np.asarray(v["latent_std"], np.float32)
