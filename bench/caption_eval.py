@@ -19,7 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 from vdit.diffusion.evaluate import evaluate  # noqa: E402
-from vdit.train.checkpoint import restore_for_inference  # noqa: E402
+from vdit.train.dit_task import DiTTask  # noqa: E402
+from vdit.train.load import load  # noqa: E402
 from vdit.train.samples import eval_setup  # noqa: E402
 
 
@@ -31,21 +32,23 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/caption_eval.json")
     args = ap.parse_args()
 
-    config, trainer, state = restore_for_inference(args.workdir)
+    ema, raw = load(args.workdir), load(args.workdir, ema=False)
+    config = ema.config
+    init = DiTTask(config, jax.local_devices()[:1], data=False).state.init()["params"]
     setup = eval_setup(config)
     shape = tuple(config.sample.grid_shape)
     rows = []
     t0 = time.perf_counter()
     for name, params in (
-        ("trained (EMA)", state["ema"]),
-        ("trained (raw)", state["params"]),
-        ("initialisation", trainer.init_state()["params"]),
+        ("trained (EMA)", ema.params),
+        ("trained (raw)", raw.params),
+        ("initialisation", init),
     ):
-        s = evaluate(trainer.graphdef, params, setup, n=args.num, shape=shape, seed=args.seed)
+        s = evaluate(ema.graphdef, params, setup, n=args.num, shape=shape, seed=args.seed)
         rows.append({"model": name, **s})
     elapsed = time.perf_counter() - t0
     print(
-        f"step {int(jax.device_get(state['step']))}, {args.num} prompts at {shape} (frames, H, W), "
+        f"step {ema.step}, {args.num} prompts at {shape} (frames, H, W), "
         f"{setup.steps} Euler steps, CFG {setup.cfg_scale}; {elapsed:.0f} s"
     )
     print("| model | colour accuracy | motion accuracy |")
@@ -55,7 +58,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['color_accuracy']:.3f} | {r['motion_accuracy']:.3f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"step": int(jax.device_get(state["step"])), "rows": rows}, f, indent=1)
+        json.dump({"step": ema.step, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ except ImportError:  # running from a checkout without the package installed
 
 from vdit import configlib, flops  # noqa: E402
 from vdit.data import pipeline  # noqa: E402
-from vdit.train import step as step_lib  # noqa: E402
+from vdit.train.dit_task import DiTTask  # noqa: E402
 
 # (config spec, overrides) measured by default.
 DEFAULT_RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -151,9 +151,9 @@ def run_config(spec: str, overrides: list[str], args: argparse.Namespace) -> dic
     apply_overrides(c, overrides)
     c = configlib.load(c, 1)
     devices = jax.devices()[:1]
-    trainer = step_lib.make_trainer(c, devices)
+    trainer = DiTTask(c, devices, data=False)
     cfg = trainer.model_cfg
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    n_params = trainer.state.num_params()
     log(f"{spec} {' '.join(overrides)}: {n_params / 1e6:.1f}M params, building batches")
 
     data = iter(pipeline.build(configlib.pipeline_config(c)))
@@ -161,7 +161,7 @@ def run_config(spec: str, overrides: list[str], args: argparse.Namespace) -> dic
     batches = [next(data) for _ in range(args.warmup + args.steps)]
     host_s = (time.perf_counter() - t0) / len(batches)
 
-    state = trainer.init_state()
+    state = trainer.state.init()
     shardings = trainer.batch_shardings({k: np.ndim(batches[0][k]) for k in pipeline.DEVICE_KEYS})
     t0 = time.perf_counter()
     step = (

@@ -41,8 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vdit import configlib  # noqa: E402
+from vdit.data import vae_data  # noqa: E402
 from vdit.models import vae  # noqa: E402
-from vdit.train import vae_train  # noqa: E402
+from vdit.ops.quality import psnr, ssim  # noqa: E402
+from vdit.train.load import load  # noqa: E402
+from vdit.train.loop import train_and_evaluate  # noqa: E402
+from vdit.train.vae_task import reconstruct, vae_data_config  # noqa: E402
 
 
 def load_config(path: str):
@@ -81,8 +85,8 @@ def pool_baseline(video: np.ndarray, comp: tuple[int, int, int], mode: str) -> n
 
 
 def scores(recons, videos) -> tuple[float, float]:
-    p = [float(vae_train.psnr(r, v[:, : r.shape[1]])) for r, v in zip(recons, videos, strict=True)]
-    s = [float(vae_train.ssim(r, v[:, : r.shape[1]])) for r, v in zip(recons, videos, strict=True)]
+    p = [float(psnr(r, v[:, : r.shape[1]])) for r, v in zip(recons, videos, strict=True)]
+    s = [float(ssim(r, v[:, : r.shape[1]])) for r, v in zip(recons, videos, strict=True)]
     return float(np.mean(p)), float(np.mean(s))
 
 
@@ -114,22 +118,22 @@ def main() -> None:
     c.data.source = args.source
     workdir = args.workdir or tempfile.mkdtemp(prefix="vae-bench-")
     t0 = time.perf_counter()
-    last = vae_train.train_vae(c, workdir)
+    last = train_and_evaluate(c, workdir)
     train_s = time.perf_counter() - t0
 
     c = configlib.load(c)
-    dcfg = dataclasses.replace(vae_train.data_config(c), source="pan")
-    sets = vae_train.heldout_sets(dcfg, args.samples, c.data.eval_seed + 7)
-    _, trained = vae_train.load_vae(workdir)
+    dcfg = dataclasses.replace(vae_data_config(c), source="pan")
+    sets = vae_data.heldout_sets(dcfg, args.samples, c.data.eval_seed + 7)
+    trained = load(workdir).model()
     untrained = vae.CausalVAE3D(configlib.vae_config(c), rngs=nnx.Rngs(c.seed))
     comp = trained.cfg.compression
     rows = []
     for name, fn in [
         (
             "vae (trained, EMA)",
-            lambda v: np.asarray(vae_train.reconstruct(trained, jnp.asarray(v))),
+            lambda v: np.asarray(reconstruct(trained, jnp.asarray(v))),
         ),
-        ("vae (untrained)", lambda v: np.asarray(vae_train.reconstruct(untrained, jnp.asarray(v)))),
+        ("vae (untrained)", lambda v: np.asarray(reconstruct(untrained, jnp.asarray(v)))),
         ("pool + nearest", lambda v: pool_baseline(trained.check_video(v), comp, "nearest")),
         ("pool + trilinear", lambda v: pool_baseline(trained.check_video(v), comp, "trilinear")),
     ]:

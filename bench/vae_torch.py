@@ -16,7 +16,7 @@ keeps the channels; Wan adds 1x1 quant / post-quant convs.
 
 - train step: encode, posterior sample, decode, L1 reconstruction + 1e-4 KL, backward, global-norm
   clip 1.0, AdamW (lr 1e-3, betas 0.9 / 0.99, no weight decay) and a 0.99 EMA of the parameters.
-  vdit: `VAETrainer.jit_train_step` (configs/vae.py with the widths above; also skips NaN steps).
+  vdit: `VAETask.jit_train_step` (configs/vae.py with the widths above; also skips NaN steps).
   Wan: the same loss on `encode(x).latent_dist.sample()` -> `decode(z).sample` in eager mode (its
   encode / decode run their own causal chunk loops, 4 frames / 1 latent frame at a time),
   `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW(foreach=True)`, `torch._foreach_lerp_` EMA.
@@ -57,7 +57,7 @@ from flax import nnx  # noqa: E402
 
 from vdit import configlib  # noqa: E402
 from vdit.models import vae  # noqa: E402
-from vdit.train import vae_train  # noqa: E402
+from vdit.train.vae_task import VAETask  # noqa: E402
 
 KL_WEIGHT = 1e-4
 
@@ -149,7 +149,7 @@ def bench_shape(args, frames: int, trainer, step_fn, enc_fn, enc_state, wan, tst
     xj = jax.device_put(jnp.asarray(video), trainer.batch_sharding(video.shape))
     xt = torch.from_numpy(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3)))  # (B, C, T, H, W)
 
-    holder = {"state": trainer.init_state()}  # the step donates its state
+    holder = {"state": trainer.state.init()}  # the step donates its state
 
     def vdit_step():
         holder["state"], metrics = step_fn(holder["state"], xj)
@@ -207,14 +207,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     c = vdit_config(args)
-    trainer = vae_train.make_trainer(c, jax.devices()[:1])
+    trainer = VAETask(c, jax.devices()[:1])
     step_fn = trainer.jit_train_step()
     graphdef, enc_state = nnx.split(vae.CausalVAE3D(trainer.model_cfg, rngs=nnx.Rngs(c.seed)))
     enc_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
-    leaves = jax.tree.leaves(trainer.abstract_state["params"])
+    leaves = jax.tree.leaves(trainer.state.abstract["params"])
     n_vdit = sum(int(np.prod(x.shape)) for x in leaves)
     n_vdit_enc = sum(
-        int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]["encoder"])
+        int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state.abstract["params"]["encoder"])
     )
     wan = wan_model(args)
     n_wan = count(wan)

@@ -4,7 +4,7 @@
     vdit train --config=configs/vae.py --workdir=runs/vae
     vdit train --config=configs/vae.py --config.train.steps=50 --workdir=runs/vae-quick
 
-`kind = "vae"` sends `vdit train` to the VAE path (vdit/train/vae_train.py). Every field below can be
+`kind = "vae"` makes `vdit train` train the VAE task (vdit/train/vae_task.py) in the one training loop. Every field below can be
 overridden with --config.FIELD=VALUE. The defaults are a small network that trains in minutes on two
 CPU cores; the architecture is the usual 4x8x8 compression to 16 channels, so larger widths
 (`vae.base_channels=128`, `vae.blocks_per_level=2`) are a config change.

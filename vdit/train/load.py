@@ -71,6 +71,8 @@ def load(
     c = configlib.load(ml_collections.ConfigDict(read_config(directory, step)))
     devices = list(devices or jax.local_devices()[:1])
     mesh = _replicated_mesh(devices)
+    with c.unlocked():  # the config of the model as loaded: replicated over `devices`
+        c.mesh = ml_collections.ConfigDict({a: int(mesh.shape[a]) for a in MESH_AXES})
     rules = tuple(tuple(r) for r in c.sharding.rules)
     fn, buffers = model_fn(c)
     graphdef, abstract_params, abstract_buffers = split_model(
