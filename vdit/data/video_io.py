@@ -1,12 +1,22 @@
-"""Writing videos a person can open: MP4 (ffmpeg via imageio), GIF, or PNG for one frame."""
+"""Writing videos a person can open: MP4 (H.264 through PyAV), GIF, or PNG for one frame.
+
+Everything is encoded and decoded in this process (PyAV binds FFmpeg's libraries; GIF and PNG go
+through Pillow): no ffmpeg subprocess is forked, which a multithreaded JAX process warns about and
+may deadlock on.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 
+import av
 import imageio.v3 as iio
 import numpy as np
+
+MP4_CRF = 25  # H.264 constant rate factor (imageio's default quality 5 of 10 maps to 25)
+IMAGE_EXTS = (".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -38,7 +48,7 @@ def tile(videos: Sequence[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
     return out
 
 
-def write_video(path: str | os.PathLike, video: np.ndarray, fps: int = 8) -> str:
+def write_video(path: str | os.PathLike, video: np.ndarray, fps: float = 8) -> str:
     """Write uint8 or [-1, 1] float (T, H, W, 3) to .mp4, .gif or .png (one frame). Returns the path."""
     path = os.fspath(path)
     video = to_uint8(video)
@@ -50,21 +60,39 @@ def write_video(path: str | os.PathLike, video: np.ndarray, fps: int = 8) -> str
         # H.264 in yuv420p needs even sizes: replicate the last row/column rather than resample.
         h, w = video.shape[1:3]
         video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        iio.imwrite(path, video, plugin="FFMPEG", fps=fps, macro_block_size=1)
+        _write_mp4(path, video, fps)
     elif ext == ".gif":
-        iio.imwrite(path, video, extension=".gif", duration=1000 / fps, loop=0)
+        iio.imwrite(path, video, plugin="pillow", duration=1000 / fps, loop=0)
     elif ext == ".png":
         if video.shape[0] != 1:
             raise ValueError(f"a .png holds one frame; this video has {video.shape[0]}")
-        iio.imwrite(path, video[0])
+        iio.imwrite(path, video[0], plugin="pillow")
     else:
         raise ValueError(f"unsupported video extension {ext!r}; use .mp4, .gif or .png")
     return path
 
 
+def _write_mp4(path: str, video: np.ndarray, fps: float) -> None:
+    """uint8 (T, H, W, 3), even H and W -> H.264 (yuv420p) MP4."""
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = video.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(MP4_CRF)}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """Decode a video or image file to uint8 (T, H, W, 3)."""
-    arr = iio.imread(os.fspath(path), index=None)
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTS:
+        arr = iio.imread(path, index=None, plugin="pillow", mode="RGB")
+    else:
+        with av.open(path) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        arr = np.stack(frames)
     if arr.ndim == 3:
         arr = arr[None]
     return arr[..., :3]
