@@ -1,0 +1,210 @@
+"""`vdit train`, `vdit sample`, `vdit eval`: train a model from a config, and use a trained one.
+
+The calls into vdit/train sit in one small function each (`_train_and_evaluate`, `_load_model`,
+`_eval_setup`), the only places this file reaches into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from absl import flags
+
+from vdit.cli.base import Command, UsageError, define_config
+
+_TRAINED = "the work directory of a `vdit train` run, e.g. --workdir=runs/default"
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer, behind three small functions
+# ----------------------------------------------------------------------------------------------
+def _train_and_evaluate(config, workdir: str) -> dict:
+    from vdit.train.loop import train_and_evaluate
+
+    return train_and_evaluate(config, workdir)
+
+
+def _load_model(workdir: str):
+    """(config, graphdef, params) of the latest checkpoint of `workdir`: EMA parameters when the
+    config's sample.use_ema, else the raw ones. FileNotFoundError when there is none."""
+    from vdit.train.checkpoint import read_config
+    from vdit.train.load import load
+
+    use_ema = read_config(os.path.join(workdir, "checkpoints"))["sample"]["use_ema"]
+    loaded = load(workdir, ema=use_ema)
+    return loaded.config, loaded.graphdef, loaded.params
+
+
+def _eval_setup(config):
+    from vdit.train.samples import eval_setup
+
+    return eval_setup(config)
+
+
+def _load(workdir: str):
+    try:
+        return _load_model(workdir)
+    except FileNotFoundError as e:
+        raise UsageError(
+            f"--workdir={workdir}: {e}; give the work directory of a `vdit train` run that "
+            "saved a checkpoint"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# vdit train
+# ----------------------------------------------------------------------------------------------
+def _train_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    define_config(
+        fv,
+        argv,
+        "Config file: configs/*.py[:VARIANT], the DiT's or (kind='vae') the VAE's.",
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Work directory: checkpoints, metrics.jsonl, tensorboard/, samples/.",
+        flag_values=fv,
+    )
+
+
+def _train(fv: flags.FlagValues) -> None:
+    metrics = _train_and_evaluate(fv.config, fv.workdir)
+    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+TRAIN = Command(
+    name="train",
+    summary="train the model a config describes (the DiT, or the VAE), resuming in --workdir",
+    usage="--config=FILE[:VARIANT] --workdir=DIR [--config.FIELD=VALUE ...]",
+    example="vdit train --config=configs/default.py --workdir=runs/default",
+    define=_train_flags,
+    run=_train,
+    required=(
+        ("config", "a config file, e.g. --config=configs/default.py"),
+        ("workdir", "where checkpoints and metrics go, e.g. --workdir=runs/default"),
+    ),
+    distributed=True,
+    notes="Resumes from the latest checkpoint in --workdir by itself. In a multi-process run every "
+    "process reads its share of the data and process 0 writes metrics and samples.",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# vdit sample
+# ----------------------------------------------------------------------------------------------
+def _guidance_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "workdir", None, "The work directory of a `vdit train` run.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "steps", None, "Sampling steps (default: the config's sample.steps).", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "cfg_scale",
+        None,
+        "Guidance scale (default: the config's sample.cfg_scale).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+
+
+def _sample_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    _guidance_flags(fv)
+    flags.DEFINE_string("prompt", "a red square moves right", "Caption to sample.", flag_values=fv)
+    flags.DEFINE_integer("frames", 8, "Frames to sample (1 = an image).", flag_values=fv)
+    flags.DEFINE_integer("height", 32, "Height in pixels.", flag_values=fv)
+    flags.DEFINE_integer("width", 32, "Width in pixels.", flag_values=fv)
+    flags.DEFINE_string(
+        "out", "sample.mp4", "Output file: .mp4, .gif, or .png for one frame.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "upscale", 1, "Nearest-neighbour enlargement of the written video.", flag_values=fv
+    )
+
+
+def _sample(fv: flags.FlagValues) -> None:
+    import dataclasses
+
+    import jax
+
+    from vdit import configlib
+    from vdit.data.video_io import upscale, write_video
+    from vdit.diffusion.evaluate import generate
+
+    config, graphdef, params = _load(fv.workdir)
+    shape = (fv.frames, fv.height, fv.width)
+    try:
+        tokens = configlib.tokens_per_sample(config, *shape)
+    except ValueError as e:
+        raise UsageError(f"--frames/--height/--width: {e}") from None
+    setup = _eval_setup(config)
+    setup = dataclasses.replace(
+        setup,
+        steps=fv.steps or setup.steps,
+        cfg_scale=setup.cfg_scale if fv.cfg_scale is None else fv.cfg_scale,
+    )
+    (video,) = generate(graphdef, params, [fv.prompt], shape, setup, seed=fv.seed)
+    path = fv.out
+    if jax.process_index() == 0:  # every process computes the same sample; one writes it
+        path = write_video(path, upscale(video, fv.upscale), fps=config.sample.fps)
+    print(json.dumps({"out": path, "shape": list(video.shape), "tokens": tokens}))
+
+
+SAMPLE = Command(
+    name="sample",
+    summary="sample one video (or image) from a trained model for a caption, written to --out",
+    usage="--workdir=DIR [--prompt=TEXT] [--frames=N --height=N --width=N] [--out=FILE]",
+    example='vdit sample --workdir=runs/default --prompt="a red square moves left" --frames=8 \\\n'
+    "    --height=32 --width=32 --seed=0 --out=red.mp4 --upscale=4",
+    define=_sample_flags,
+    run=_sample,
+    required=(("workdir", _TRAINED),),
+    distributed=True,
+    notes="The frame count and size must make whole patches of the model's latent grid. In a "
+    "multi-process run every process computes the same sample and process 0 writes the file.",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# vdit eval
+# ----------------------------------------------------------------------------------------------
+def _eval_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    _guidance_flags(fv)
+    flags.DEFINE_integer("num", 48, "Prompts to evaluate.", flag_values=fv)
+
+
+def _eval(fv: flags.FlagValues) -> None:
+    import dataclasses
+
+    from vdit.diffusion.evaluate import evaluate
+
+    config, graphdef, params = _load(fv.workdir)
+    setup = _eval_setup(config)
+    setup = dataclasses.replace(
+        setup,
+        steps=fv.steps or setup.steps,
+        cfg_scale=setup.cfg_scale if fv.cfg_scale is None else fv.cfg_scale,
+    )
+    scores = evaluate(
+        graphdef, params, setup, n=fv.num, shape=tuple(config.sample.grid_shape), seed=fv.seed
+    )
+    print(json.dumps(scores))
+
+
+EVAL = Command(
+    name="eval",
+    summary="colour / motion accuracy of a trained model's samples against their prompts",
+    usage="--workdir=DIR [--num=48] [--seed=0]",
+    example="vdit eval --workdir=runs/default --num=48",
+    define=_eval_flags,
+    run=_eval,
+    required=(("workdir", _TRAINED),),
+    distributed=True,
+    notes="Samples --num procedural captions at the config's sample.grid_shape and scores each "
+    "sample's colour and motion with the procedural data's detector.",
+)
+
+COMMANDS = (TRAIN, SAMPLE, EVAL)
