@@ -6,12 +6,17 @@ import os
 
 import numpy as np
 import pytest
+from tiny import ROOT, load_config_module
 
 pytest.importorskip("skimage")
 
 from vdit.data import pan, records, vae_data  # noqa: E402
 
-BASE = vae_data.VAEDataConfig(
+# configs/vae.py's data section, smaller
+BASE = dataclasses.replace(
+    vae_data.VAEDataConfig.from_section(
+        load_config_module(os.path.join(ROOT, "configs", "vae.py")).get_config().data.to_dict()
+    ),
     frame_choices=(5, 9),
     image_fraction=0.3,
     size_choices=((16, 16), (16, 32), (24, 40)),
@@ -19,6 +24,10 @@ BASE = vae_data.VAEDataConfig(
     max_pixels=3 * 9 * 24 * 40,
     eval_samples=2,
 )
+
+
+def _records(path: str) -> records.RecordsConfig:
+    return records.RecordsConfig(path=path)
 
 
 def write_shards(directory, videos, corrupt=()):
@@ -102,7 +111,7 @@ def test_records_batches_skip_and_count_bad_records(tmp_path, caplog):
     videos[3] = flat_video(35, frames=2)
     videos[4] = flat_video(45, height=8, width=8)
     path = write_shards(tmp_path / "shards", videos, corrupt={2})
-    cfg = dataclasses.replace(BASE, source="records", records_path=path)
+    cfg = dataclasses.replace(BASE, source="records", records=_records(path))
     with caplog.at_level(logging.WARNING, logger="vdit.data.vae_data"):
         check_stream(cfg, steps=10)
         total = sum(vae_data.sample_batch(cfg, k)[1] for k in range(10))
@@ -136,11 +145,11 @@ def test_records_clip_is_a_window_of_the_video(tmp_path):
 
 def test_records_errors_name_the_path(tmp_path):
     path = write_shards(tmp_path / "bad", [flat_video(1)] * 4, corrupt={0, 1})
-    cfg = dataclasses.replace(BASE, source="records", records_path=path)
+    cfg = dataclasses.replace(BASE, source="records", records=_records(path))
     with pytest.raises(ValueError, match="data.records.path"):
         vae_data.batch_at(cfg, 0)
     few = write_shards(tmp_path / "few", [flat_video(1)] * 2)
     with pytest.raises(ValueError, match="data.records.path.*eval_samples"):
-        vae_data.batch_at(dataclasses.replace(cfg, records_path=few), 0)
-    with pytest.raises(ValueError, match="data.records.path: no"):
-        vae_data.batch_at(dataclasses.replace(cfg, records_path=str(tmp_path / "none")), 0)
+        vae_data.batch_at(dataclasses.replace(cfg, records=_records(few)), 0)
+    with pytest.raises(ValueError, match="data.records.path=.*: no shards"):
+        vae_data.batch_at(dataclasses.replace(cfg, records=_records(str(tmp_path / "none"))), 0)

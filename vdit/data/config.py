@@ -66,7 +66,7 @@ class PipelineConfig:
     ) -> PipelineConfig:
         """From the `data` section (a dict, e.g. ConfigDict.to_dict()) and the other sections'
         fields. A section written before records/tfds/latents existed gets their empty defaults."""
-        d = _tuples(dict(data))
+        d = as_tuples(dict(data))
         own = {f.name for f in dataclasses.fields(cls)} - {
             "patch",
             "compression",
@@ -79,11 +79,11 @@ class PipelineConfig:
         return cls(
             **{
                 **d,
-                "synthetic": _section(SyntheticConfig, "synthetic", d["synthetic"], seed=d["seed"]),
-                "records": _section(RecordsConfig, "records", d.get("records", {})),
-                "tfds": _section(TfdsConfig, "tfds", d.get("tfds", {})),
-                "latents": _section(LatentsConfig, "latents", d.get("latents", {})),
-                "token_drop": _section(TokenDrop, "token_drop", d["token_drop"]),
+                "synthetic": section(SyntheticConfig, "synthetic", d["synthetic"], seed=d["seed"]),
+                "records": section(RecordsConfig, "records", d.get("records", {})),
+                "tfds": section(TfdsConfig, "tfds", d.get("tfds", {})),
+                "latents": section(LatentsConfig, "latents", d.get("latents", {})),
+                "token_drop": section(TokenDrop, "token_drop", d["token_drop"]),
                 "tasks": tuple((k, float(v)) for k, v in d["tasks"].items()),
             },
             patch=tuple(patch),
@@ -101,16 +101,18 @@ class PipelineConfig:
         return _view(PackingConfig, self)
 
 
-def _tuples(x: Any) -> Any:
+def as_tuples(x: Any) -> Any:
     """Lists (as config overrides may give) -> tuples, through nested dicts."""
     if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
+        return {k: as_tuples(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return tuple(_tuples(v) for v in x)
+        return tuple(as_tuples(v) for v in x)
     return x
 
 
-def _section(cls, name: str, values: Mapping[str, Any], **extra: Any):
+def section(cls, name: str, values: Mapping[str, Any], **extra: Any):
+    """`cls(**values, **extra)` for the config section data.`name`; ValueError naming a key that is
+    not one of its fields."""
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields or key in extra:

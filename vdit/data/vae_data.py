@@ -7,12 +7,14 @@ samples of it, from `source`:
     "synthetic"  procedural videos (vdit/data/synthetic.py)
     "pan"        camera pans across the TRAIN photos (vdit/data/pan.py)
     "mixed"      each sample a pan with probability `pan_fraction`, else synthetic
-    "records"    real videos from shards written by `vdit prepare` (`records_path`); the last
+    "records"    real videos from shards written by `vdit prepare` (`records.path`), opened as the
+                 DiT's "records" source is (`vdit.data.sources.open_records`); the last
                  `eval_samples` records are held out for evaluation and never trained on
 
 Records are brought to the step's shape by one rule: a random window of the step's duration in
 time, and in space the largest window of the step's aspect ratio at a random position, area-
-resized (PIL box filter, float box) to (H, W). Records that fail to decode, are shorter than the
+resized (`vdit.data.size.resize_video` of that window) to (H, W). Unlike the DiT's size policy
+(which keeps every sample's own size), every sample of a VAE step has the step's shape. Records that fail to decode, are shorter than the
 step's duration or whose window is smaller than (H, W) (no upsampling) are skipped and counted
 (`sample_batch` returns the count; the first skip of each record logs a warning). A step that
 cannot be filled within `MAX_TRIES_PER_SAMPLE` draws per sample raises an error naming
@@ -24,11 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from vdit.data import pan, synthetic
+from vdit.data import pan, sources, synthetic
+from vdit.data.config import as_tuples, section
+from vdit.data.records import RecordsConfig
+from vdit.data.size import resize_video
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +44,29 @@ MAX_TRIES_PER_SAMPLE = 10
 
 @dataclasses.dataclass(frozen=True)
 class VAEDataConfig:
-    seed: int = 0
-    frame_choices: tuple[int, ...] = (5, 9, 17)
-    image_fraction: float = 0.3
-    size_choices: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (32, 16), (32, 32))
-    batch_size: int = 4
-    max_pixels: int = 4 * 17 * 32 * 32
-    source: str = "synthetic"  # one of SOURCES
-    pan_fraction: float = 0.5  # "mixed": share of pan samples
-    records_path: str = ""  # "records": a folder of shards or a glob
-    eval_samples: int = 8  # "records": the last eval_samples records are held out
+    """The fields of configs/vae.py's `data` section, by the same names (see the comments there)."""
+
+    seed: int  # the training stream: batch k is a function of (seed, k)
+    source: str  # one of SOURCES
+    pan_fraction: float  # "mixed": share of pan samples
+    records: RecordsConfig  # "records": a folder of shards or a glob
+    frame_choices: tuple[int, ...]  # video durations
+    image_fraction: float  # share of steps that are images
+    size_choices: tuple[tuple[int, int], ...]  # (H, W) of a step
+    batch_size: int  # samples per step
+    max_pixels: int  # cap on batch * frames * H * W
+    eval_seed: int  # the held-out stream
+    eval_samples: int  # held-out samples per set ("records": the last eval_samples records)
+
+    @classmethod
+    def from_section(cls, data: Mapping[str, Any]) -> VAEDataConfig:
+        """From the `data` section (a dict, e.g. ConfigDict.to_dict())."""
+        d = as_tuples(dict(data))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in fields:
+                raise ValueError(f"data.{key}: not a data field of the VAE; remove it")
+        return cls(**{**d, "records": section(RecordsConfig, "records", d["records"])})
 
 
 def _step_shape(cfg: VAEDataConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -75,16 +94,11 @@ def _pan(rng: np.random.Generator, names: tuple[str, ...], frames: int, h: int, 
 
 
 class _Records:
-    """A RecordsSource and the indices already warned about (one warning per bad record)."""
+    """The records source and the indices already warned about (one warning per bad record)."""
 
     def __init__(self, path: str):
-        from vdit.data.records import RecordsSource, find_shards
-
-        shards = find_shards(path)
-        if not shards:
-            raise ValueError(f"data.records.path: no *.array_record shards at {path!r}")
         self.path = path
-        self.source = RecordsSource(shards)
+        self.source = sources.open_records(path)
         self.warned: set[int] = set()
 
     def skip(self, index: int, why: str) -> None:
@@ -100,11 +114,11 @@ def _records(path: str) -> _Records:
 
 def records_split(cfg: VAEDataConfig) -> tuple[_Records, int]:
     """(records, number of training records): the last cfg.eval_samples are held out."""
-    r = _records(cfg.records_path)
+    r = _records(cfg.records.path)
     n_train = len(r.source) - cfg.eval_samples
     if n_train < 1:
         raise ValueError(
-            f"data.records.path: {len(r.source)} records at {cfg.records_path!r}; "
+            f"data.records.path: {len(r.source)} records at {cfg.records.path!r}; "
             f"need more than data.eval_samples={cfg.eval_samples} (held out)"
         )
     return r, n_train
@@ -130,11 +144,7 @@ def record_clip(
     t0 = int(rng.integers(t - frames + 1))
     x0, y0 = rng.uniform(0, vw - ww), rng.uniform(0, vh - wh)
     box = (x0, y0, min(x0 + ww, vw), min(y0 + wh, vh))
-    clip = [
-        np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BOX, box=box))
-        for f in video[t0 : t0 + frames]
-    ]
-    return np.stack(clip), ""
+    return resize_video(video[t0 : t0 + frames], h, w, box=box), ""
 
 
 def _record_samples(
@@ -145,7 +155,7 @@ def _record_samples(
     while len(videos) < n:
         if tries >= MAX_TRIES_PER_SAMPLE * n:
             raise ValueError(
-                f"data.records.path: {tries} draws from {cfg.records_path!r} gave {len(videos)} "
+                f"data.records.path: {tries} draws from {cfg.records.path!r} gave {len(videos)} "
                 f"of the {n} usable samples a {frames}x{h}x{w} step needs ({skipped} skipped: "
                 "decode errors, too few frames, or smaller than the step's size; lower "
                 "data.frame_choices / data.size_choices or use larger records)"
@@ -227,7 +237,7 @@ def heldout_sets(cfg: VAEDataConfig, n: int, seed: int) -> dict[str, list[np.nda
         if not videos:
             raise ValueError(
                 f"data.records.path: none of the {cfg.eval_samples} held-out records "
-                f"of {cfg.records_path!r} is usable for evaluation (see the warnings)"
+                f"of {cfg.records.path!r} is usable for evaluation (see the warnings)"
             )
         sets["records"] = videos
     return sets

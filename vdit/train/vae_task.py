@@ -309,19 +309,7 @@ class VAETask(loop.Task):
 
 
 def vae_data_config(c: ml_collections.ConfigDict) -> vae_data.VAEDataConfig:
-    d = c.data
-    return vae_data.VAEDataConfig(
-        seed=d.seed,
-        frame_choices=tuple(d.frame_choices),
-        image_fraction=d.image_fraction,
-        size_choices=tuple(tuple(s) for s in d.size_choices),
-        batch_size=d.batch_size,
-        max_pixels=d.max_pixels,
-        source=d.source,
-        pan_fraction=d.pan_fraction,
-        records_path=d.records.path,
-        eval_samples=d.eval_samples,
-    )
+    return vae_data.VAEDataConfig.from_section(c.data.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------
