@@ -9,7 +9,8 @@ runs a ``lax.fori_loop`` with data-dependent bounds (a while loop). The loop is 
 vmapped (that would turn it into a max-trip-count masked loop). Heads are processed
 together inside a block. The backward pass (FlashAttention-2 style) recomputes the scores
 per block pair: a ``dq`` pass over query blocks (key-block ranges as in forward) and a
-``dk, dv`` pass over key blocks using the symmetric ranges of query blocks.
+``dk, dv`` pass over key blocks using the symmetric ranges of query blocks. All three passes
+read their blocks and block ranges from one :class:`~vdit.ops.attention.blocks.BlockedView`.
 
 Notes:
 * Calling it under ``jax.vmap`` would batch the dynamic loops and lose the skipping; fold extra
