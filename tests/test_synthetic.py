@@ -1,8 +1,12 @@
 """Procedural captioned videos and the colour/motion detector that scores generated videos."""
 
+import dataclasses
+
 import numpy as np
 import pytest
+from tiny import load_config_module
 
+from vdit import configlib
 from vdit.data.detector import Detection, detect, score
 from vdit.data.synthetic import (
     BACKGROUND,
@@ -18,7 +22,16 @@ from vdit.data.synthetic import (
 )
 
 N = 200
-MIXED = SyntheticConfig(
+
+
+def _cfg(**fields) -> SyntheticConfig:
+    """configs/default.py's data.synthetic, with `fields` replaced."""
+    c = configlib.load(load_config_module().get_config())
+    default = configlib.pipeline_config(c).synthetic
+    return dataclasses.replace(default, **fields)
+
+
+MIXED = _cfg(
     num_samples=N,
     seed=3,
     frame_choices=(1, 2, 4, 8, 16),
@@ -50,16 +63,16 @@ def _blur(video: np.ndarray) -> np.ndarray:
 
 
 def test_determinism_and_seeds():
-    ds = SyntheticVideos(SyntheticConfig(num_samples=50, seed=0))
+    ds = SyntheticVideos(_cfg(num_samples=50, seed=0))
     later = ds[17]
     for i in (3, 40, 17):  # order must not matter
         ds[i]
-    again = SyntheticVideos(SyntheticConfig(num_samples=50, seed=0))[17]
+    again = SyntheticVideos(_cfg(num_samples=50, seed=0))[17]
     assert later["caption"] == again["caption"] == ds[17]["caption"]
     assert later["video"].tobytes() == again["video"].tobytes() == ds[17]["video"].tobytes()
     assert ds.spec(17) == ds.spec(np.int64(17))
 
-    other = SyntheticVideos(SyntheticConfig(num_samples=50, seed=1))
+    other = SyntheticVideos(_cfg(num_samples=50, seed=1))
     same = [
         ds[i]["caption"] == other[i]["caption"]
         and np.array_equal(ds[i]["video"], other[i]["video"])
@@ -70,7 +83,7 @@ def test_determinism_and_seeds():
 
 
 def test_index_out_of_range():
-    ds = SyntheticVideos(SyntheticConfig(num_samples=10))
+    ds = SyntheticVideos(_cfg(num_samples=10))
     assert len(ds) == 10
     for bad in (-1, 10, 10**9):
         with pytest.raises(IndexError):

@@ -128,19 +128,14 @@ class SyntheticConfig:
     none, every sample is an image). Sizes are ``(H, W)`` pairs drawn uniformly.
     """
 
-    num_samples: int = 10_000
-    seed: int = 0
-    frame_choices: tuple[int, ...] = (1, 4, 8, 16)
-    image_fraction: float = 0.3
-    size_choices: tuple[tuple[int, int], ...] = (
-        (16, 16),
-        (16, 32),
-        (32, 16),
-        (24, 32),
-        (32, 24),
-        (32, 32),
-    )
-    fps: float = 8.0  # nominal frame rate reported with each sample
+    # The data.synthetic section of configs/default.py (seed: data.seed), where the defaults are.
+    num_samples: int  # the index space
+    seed: int
+    frame_choices: tuple[int, ...]  # durations in frames (1: an image)
+    image_fraction: float  # share of one-frame samples
+    size_choices: tuple[tuple[int, int], ...]  # (H, W)
+    fps: float  # nominal frame rate reported with each sample
+    # Not in the config: the caption vocabulary drawn from.
     colors: tuple[str, ...] = tuple(COLORS)
     shapes: tuple[str, ...] = SHAPES
     directions: tuple[str, ...] = DIRECTIONS
