@@ -4,17 +4,19 @@ The three steps, each resumable:
 
     vdit train   --config=configs/vae.py --workdir=runs/vae                  # 1. the VAE
     vdit prepare --input=VIDEOS --out=data/records                           # 2a. videos -> records
-    vdit encode  --vae=runs/vae --input=data/records --out=data/latents \\
-                 --latent_patch=1,2,2 --max_tokens=1024                      # 2b. records -> latents
+    vdit encode  --config=configs/latent.py --vae=runs/vae \\
+                 --input=data/records --out=data/latents                    # 2b. records -> latents
     vdit train   --config=configs/latent.py --workdir=runs/latent \\
                  --config.data.latents.path=data/latents --config.autoencoder.vae=runs/vae
     vdit sample  --workdir=runs/latent --frames=17 --height=64 --width=64    # decoded by the VAE
 
 Everything else is configs/default.py (the argument after ':' is the variant, here with patch 2 on
-the 8x-compressed latent). `--latent_patch` and `--max_tokens` of `vdit encode` should be this
-config's patch (model.patch_t, p, p) and data.max_tokens_per_sample: then every latent is a whole
-number of patches under the cap as encoded. Latents of another patch lose the remainder (counted as
-`data_snapped`); latents over the cap are rejected (counted as `data_rejected_over_cap`).
+the 8x-compressed latent). `vdit encode` reads this config too: the patch (model.patch_t and the
+variant's p), data.max_tokens_per_sample, data.time_fit, data.frame_stride and data.max_fps decide
+the size of every latent, so each is a whole number of patches under the cap as encoded. Give both
+commands the same config (and the same --config.FIELD overrides of those fields): latents of another
+patch lose the remainder (counted as `data_snapped`), latents over the cap are rejected (counted as
+`data_rejected_over_cap`).
 """
 
 import importlib.util

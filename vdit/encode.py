@@ -1,13 +1,15 @@
 """`vdit encode`: prepared video records -> latent records of a trained VAE, for DiT training.
 
-    vdit encode --vae=VAE_WORKDIR --input=RECORDS --out=LATENTS [--latent_patch=1,2,2]
-                [--max_tokens=N] [--chunk_frames=16] [--tile=0 --tile_overlap=4] [--store=moments]
+    vdit encode --config=configs/latent.py --vae=VAE_WORKDIR --input=RECORDS --out=LATENTS
+                [--chunk_frames=16] [--tile=0 --tile_overlap=4] [--store=moments]
 
-Each input record (written by `vdit prepare`) goes through the same size policy as pixel-space
-training (`size.fit_video`): frame-rate subsampling, then aspect-kept resizing to whole DiT patches
-of the latent grid (`--latent_patch`, in latent units) under `--max_tokens` tokens, with the frame
-count brought to 1 + k * ct so every pixel frame is seen by a latent frame. So a latent grid is always
-a whole number of patches and the DiT trains on it as is. The video is then encoded in temporal chunks
+The sizes come from the DiT config that trains on the latents (`options_from_config`): each input
+record (written by `vdit prepare`) goes through the size policy that config applies to pixels
+(`size.fit_video`): frame-rate subsampling (data.frame_stride, data.max_fps), then aspect-kept
+resizing to whole DiT patches of the latent grid (model.patch_t and the variant's p, in latent units)
+under data.max_tokens_per_sample tokens, with the frame count brought to 1 + k * ct (data.time_fit)
+so every pixel frame is seen by a latent frame. So a latent grid is always a whole number of patches
+and the DiT trains on it as is. The video is then encoded in temporal chunks
 (`--chunk_frames`, exact: the causal convolution caches are carried) and, with `--tile`, in
 overlapping spatial tiles, so memory is bounded for any length and size.
 
@@ -31,9 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from vdit import configlib
 from vdit.data import latents, records, size
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.vae_train import load_vae
@@ -43,11 +47,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:
-    latent_patch: tuple[int, int, int] = (1, 2, 2)  # the DiT's (pt, ph, pw) in latent units
-    max_tokens: int = 0  # DiT tokens per sample at most (0: no cap)
+    """How to encode. The size fields are the DiT config's, by the names of `size.SizePolicy`
+    (`options_from_config` takes them from the config); the rest are `vdit encode`'s own flags."""
+
+    patch: tuple[int, int, int] = (1, 2, 2)  # the DiT's (model.patch_t, p, p), in latent units
+    max_tokens_per_sample: int = 0  # DiT tokens per sample at most (0: no cap)
     time_fit: str = "resample"  # frames short of a whole latent patch: "resample" | "trim"
     frame_stride: int = 1  # keep every k-th source frame
     max_fps: float = 0.0  # > 0: sources with a higher fps are strided down to at most this
+    # The config's autoencoder.compression and .channels, checked against the VAE's (None: not)
+    compression: tuple[int, int, int] | None = None
+    channels: int | None = None
     chunk_frames: int = 16  # pixel frames per encoder call after the first (0: the whole video)
     tile: int = 0  # spatial tiles of this many latent pixels (0: no tiling)
     tile_overlap: int = 4  # latent pixels shared by neighbouring tiles
@@ -56,15 +66,18 @@ class EncodeOptions:
     seed: int = 0  # posterior samples of store="sample"
 
     def __post_init__(self):
-        if len(self.latent_patch) != 3 or min(self.latent_patch) < 1:
-            raise ValueError(f"--latent_patch={self.latent_patch}: three positive integers")
-        if self.max_tokens < 0:
-            raise ValueError(f"--max_tokens={self.max_tokens} must be >= 0 (0: no cap)")
-        if self.time_fit not in ("resample", "trim"):
-            raise ValueError(f"--time_fit={self.time_fit!r}: choose 'resample' or 'trim'")
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"patch={self.patch}: three positive integers")
+        if self.max_tokens_per_sample < 0:
+            raise ValueError(
+                f"data.max_tokens_per_sample={self.max_tokens_per_sample} must be >= 0 (0: no cap)"
+            )
+        if self.time_fit not in size.TIME_FITS:
+            raise ValueError(f"data.time_fit={self.time_fit!r}: choose from {size.TIME_FITS}")
         if self.frame_stride < 1 or self.max_fps < 0:
             raise ValueError(
-                f"--frame_stride={self.frame_stride} must be >= 1 and --max_fps={self.max_fps} >= 0"
+                f"data.frame_stride={self.frame_stride} must be >= 1 and "
+                f"data.max_fps={self.max_fps} >= 0"
             )
         if self.chunk_frames < 0 or self.tile < 0 or not 0 <= self.tile_overlap:
             raise ValueError("--chunk_frames, --tile and --tile_overlap must be >= 0")
@@ -76,15 +89,53 @@ class EncodeOptions:
             raise ValueError(f"--shard_size={self.shard_size} must be >= 1")
 
 
+def options_from_config(config: ml_collections.ConfigDict, **encode: Any) -> EncodeOptions:
+    """The options of `vdit encode --config=CONFIG`: the size settings of the DiT config that will
+    train on the latents (its patch, data.max_tokens_per_sample, data.time_fit, data.frame_stride,
+    data.max_fps; autoencoder.compression and .channels to check the VAE against), and `encode`,
+    the encode-only settings (chunk_frames, tile, tile_overlap, store, shard_size, seed)."""
+    c = configlib.load(config, plan_only=True)  # the latents folder is what encode writes
+    if c.autoencoder.kind != "latent":
+        raise ValueError(
+            f"autoencoder.kind={c.autoencoder.kind!r}: vdit encode writes latents for a config "
+            "that trains on them (autoencoder.kind='latent', e.g. configs/latent.py)"
+        )
+    policy = configlib.pipeline_config(c).size
+    return EncodeOptions(
+        patch=policy.patch,
+        max_tokens_per_sample=policy.max_tokens_per_sample,
+        time_fit=policy.time_fit,
+        frame_stride=policy.frame_stride,
+        max_fps=policy.max_fps,
+        compression=policy.compression,
+        channels=c.autoencoder.channels,
+        **encode,
+    )
+
+
 def size_policy(options: EncodeOptions, compression: tuple[int, int, int]) -> size.SizePolicy:
     return size.SizePolicy(
-        patch=tuple(options.latent_patch),
+        patch=tuple(options.patch),
         compression=tuple(compression),
-        max_tokens_per_sample=options.max_tokens or 2**62,
+        max_tokens_per_sample=options.max_tokens_per_sample or 2**62,
         time_fit=options.time_fit,
         frame_stride=options.frame_stride,
         max_fps=options.max_fps,
     )
+
+
+def check_vae(options: EncodeOptions, compression: tuple[int, int, int], channels: int) -> None:
+    """The VAE must be the autoencoder the config trains with; ValueError naming the field."""
+    if options.compression is not None and tuple(options.compression) != tuple(compression):
+        raise ValueError(
+            f"autoencoder.compression={tuple(options.compression)} of --config, but the VAE "
+            f"compresses by {tuple(compression)}: set it to the VAE's"
+        )
+    if options.channels is not None and options.channels != channels:
+        raise ValueError(
+            f"autoencoder.channels={options.channels} of --config, but the VAE has {channels} "
+            "latent channels: set it to the VAE's"
+        )
 
 
 def encode_video(model, video: np.ndarray, options: EncodeOptions) -> tuple[jax.Array, jax.Array]:
@@ -158,6 +209,7 @@ def encode_dataset(
         with Checkpointer(os.path.join(vae_workdir, "checkpoints"), save_every=1, keep=None) as c:
             vae_step = c.latest_step()
     vae_config, model = load_vae(vae_workdir, step=vae_step)
+    check_vae(options, model.cfg.compression, model.cfg.latent_channels)
     source = records.RecordsSource(shards)
     policy = size_policy(options, model.cfg.compression)
     devices = list(devices or jax.local_devices())
@@ -190,9 +242,7 @@ def encode_dataset(
             )
             writer.write(record)
             written += 1
-            tokens += int(
-                np.prod([g // p for g, p in zip(lat[:3], options.latent_patch, strict=True)])
-            )
+            tokens += int(np.prod([g // p for g, p in zip(lat[:3], options.patch, strict=True)]))
             if progress:
                 progress(
                     f"ok   record {index}: {tuple(element['video'].shape[:3])} -> "
