@@ -29,6 +29,28 @@ BATCH_KEYS: dict[str, str] = {
 }
 
 
+def batch_shapes(
+    rows: int, row_len: int, text_len: int, max_samples: int, patch_dim: int, text_dim: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every key of BATCH_KEYS for B=`rows`, L=`row_len`, C=`text_len`,
+    S=`max_samples`, P=`patch_dim`; text is int32 token ids when `text_dim` is 0, else float32
+    embeddings of E=`text_dim` (what abstract batches for compiling are made of)."""
+    b, n, t, s = rows, row_len, text_len, max_samples
+    text = ((b, t), np.int32) if text_dim == 0 else ((b, t, text_dim), np.float32)
+    shapes = {
+        "patches": ((b, n, patch_dim), np.float32),
+        "segment_ids": ((b, n), np.int32),
+        "positions": ((b, n, 3), np.int32),
+        "text": text,
+        "text_segment_ids": ((b, t), np.int32),
+        "text_positions": ((b, t), np.int32),
+        "cond_mask": ((b, n), np.bool_),
+        "loss_mask": ((b, n), np.bool_),
+        "grid": ((b, s, 3), np.int32),
+    }
+    return {k: (shape, np.dtype(dt)) for k, (shape, dt) in shapes.items()}
+
+
 def patchify(latent: np.ndarray, patch: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(T, H, W, C) -> patches (N, P) and positions (N, 3)."""
     pt, ph, pw = patch
