@@ -349,3 +349,27 @@ def test_tokenizer_round_trip_and_empty_caption():
     assert TextEncoderConfig().vocab_size == tokenizer.VOCAB_SIZE
     c = configlib.model_config(configlib.load(tiny_config()))
     assert c.text.vocab_size == tokenizer.VOCAB_SIZE
+
+
+def test_the_data_settings_are_the_data_section():
+    """PipelineConfig is built from the data section by name: every field of the section is the
+    config's value; a key that names no field is refused by its name."""
+    c = configlib.load(tiny_config())
+    cfg = configlib.pipeline_config(c)
+    for key, value in c.data.to_dict().items():
+        if not isinstance(value, dict):
+            assert getattr(cfg, key) == value, key
+    assert cfg.token_drop == dataclasses.replace(cfg.token_drop, **c.data.token_drop.to_dict())
+    assert dict(cfg.tasks) == c.data.tasks.to_dict()
+    assert (cfg.size.max_tokens_per_sample, cfg.packing.packing_bins) == (
+        c.data.max_tokens_per_sample,
+        c.data.packing_bins,
+    )
+    for section, key in ((None, "batch_size"), ("token_drop", "ratio")):
+        c = tiny_config()
+        target = c.data if section is None else c.data[section]
+        with target.unlocked():
+            target[key] = 1
+        name = f"data.{key}" if section is None else f"data.{section}.{key}"
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            configlib.load(c)
