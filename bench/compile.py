@@ -2,9 +2,9 @@
 
 The blocks run under `nnx.scan` (``model.scan_layers=True``), so the compiled program holds one
 block whatever the depth and compile time should barely grow with it. For each depth (same config
-otherwise) the step is built from a fresh Trainer and lowered + compiled ``--runs`` times; the table
-gives the medians and the ratio to the first depth. ``--topology`` compiles for a TPU slice
-(compile-only devices, needs libtpu) instead of this process's devices.
+otherwise) the step is built from a fresh train state (`vdit.aot.build`) and lowered + compiled
+``--runs`` times; the table gives the medians and the ratio to the first depth. ``--topology``
+compiles for a TPU slice (compile-only devices, needs libtpu) instead of this process's devices.
 
 Prints a markdown table and writes JSON (``--out``).
 
@@ -37,17 +37,14 @@ except ImportError:  # running from a checkout without the package installed
 from throughput import apply_overrides, load_config  # noqa: E402
 
 from vdit import aot, configlib  # noqa: E402
-from vdit.train.step import make_trainer  # noqa: E402
+from vdit.parallel import topology  # noqa: E402
 
 
 def time_compile(c, devices) -> dict[str, float]:
     """Seconds to trace + lower and to compile the train step of the loaded config `c`."""
-    trainer = make_trainer(c, devices)
-    state = trainer.abstract_sharded_state()
-    batch = aot.abstract_batch(c, trainer)
-    step = trainer.jit_train_step({k: v.sharding for k, v in batch.items()})
+    built = aot.build(c, devices)  # a fresh train state and step: nothing cached between runs
     t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
+    lowered = built.step.lower(built.state, built.batch)
     t1 = time.perf_counter()
     lowered.compile()
     return {"lower": t1 - t0, "compile": time.perf_counter() - t1}
@@ -75,7 +72,7 @@ def main() -> None:
     if args.topology == "local":
         devices = jax.devices()[:1]
     else:
-        devices = aot.topology_devices(aot.parse_topology(args.topology))
+        devices = topology.topology_devices(topology.parse_topology(args.topology))
     rows = []
     for depth in args.depths:
         c = load_config(args.config)

@@ -14,9 +14,9 @@ import pytest
 from test_cli import _vdit
 from tiny import DEFAULT_CONFIG, tiny_config
 
-from vdit import aot, configlib
-from vdit.data import pipeline
-from vdit.train.step import make_trainer
+from vdit import aot, configlib, plan
+from vdit.data import packing, pipeline
+from vdit.parallel import topology
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -41,7 +41,7 @@ needs_libtpu = pytest.mark.skipif(
     ],
 )
 def test_parse_topology(name, chip, shape):
-    t = aot.parse_topology(name)
+    t = topology.parse_topology(name)
     assert (t.chip.name, t.shape) == (chip, shape)
     assert t.name == f"{chip}:{'x'.join(map(str, shape))}"
 
@@ -59,15 +59,16 @@ def test_parse_topology(name, chip, shape):
 )
 def test_unknown_or_malformed_topology_is_a_clear_error(name, words):
     with pytest.raises(ValueError, match=words) as e:
-        aot.parse_topology(name)
+        topology.parse_topology(name)
     assert name in str(e.value)
 
 
 def test_chip_table():
-    assert aot.chip_for_device_kind("TPU v5 lite") is aot.CHIPS["v5e"]
-    assert aot.chip_for_device_kind("TPU v6 lite") is aot.CHIPS["v6e"]
-    assert aot.peak_flops_per_device(jax.devices()[0]) is None  # cpu: not logged as mfu
-    assert aot.CHIPS["v5p"].peak_flops == 459e12 and aot.CHIPS["v5p"].hbm_bytes == 95 * aot.GiB
+    chips = topology.CHIPS
+    assert topology.chip_for_device_kind("TPU v5 lite") is chips["v5e"]
+    assert topology.chip_for_device_kind("TPU v6 lite") is chips["v6e"]
+    assert topology.peak_flops_per_device(jax.devices()[0]) is None  # cpu: not logged as mfu
+    assert chips["v5p"].peak_flops == 459e12 and chips["v5p"].hbm_bytes == 95 * topology.GiB
 
 
 def test_out_of_memory_message_is_parsed():
@@ -76,8 +77,8 @@ def test_out_of_memory_message_is_parsed():
         "temporaries (131.96G) exceeds available HBM (95.74G)."
     )
     m = aot._OOM.search(msg)
-    assert aot._xla_size(*m.group(1, 2)) == int(131.96 * aot.GiB)
-    assert aot._xla_size(*m.group(3, 4)) == int(95.74 * aot.GiB)
+    assert aot._xla_size(*m.group(1, 2)) == int(131.96 * topology.GiB)
+    assert aot._xla_size(*m.group(3, 4)) == int(95.74 * topology.GiB)
 
 
 def test_abstract_batch_matches_the_pipeline():
@@ -87,6 +88,17 @@ def test_abstract_batch_matches_the_pipeline():
     assert set(shapes) == set(pipeline.DEVICE_KEYS)
     for k, (shape, dtype) in shapes.items():
         assert (np.shape(real[k]), np.asarray(real[k]).dtype) == (shape, dtype), k
+
+
+def test_batch_shapes_cover_the_packed_contract():
+    shapes = packing.batch_shapes(2, 64, 16, 4, patch_dim=12, text_dim=0)
+    assert set(shapes) == set(packing.BATCH_KEYS)
+    assert shapes["patches"] == ((2, 64, 12), np.float32) and shapes["grid"] == (
+        (2, 4, 3),
+        np.int32,
+    )
+    assert shapes["text"] == ((2, 16), np.int32)  # token ids
+    assert packing.batch_shapes(2, 64, 16, 4, 12, text_dim=8)["text"] == ((2, 16, 8), np.float32)
 
 
 def test_full_rows_layout():
@@ -139,18 +151,18 @@ def test_fsdp8_state_bytes_per_device_from_compiled_memory_analysis():
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
-def test_compile_for_tpu_topology(topology):
+@pytest.mark.parametrize("name", ["v5p:2x2x1", "v6e:2x2"])
+def test_compile_for_tpu_topology(name):
     c = _small(tiny_config())
     c.model.depth = 2  # scanned (the default): XLA counts the block once
-    r = aot.compile_report(c, topology)
-    chip = aot.parse_topology(topology).chip
+    r = aot.compile_report(c, name)
+    chip = topology.parse_topology(name).chip
     assert r["devices"] == 4 and r["mesh"]["fsdp"] == 4 and r["chip"]["name"] == chip.name
     assert r["chip"]["hbm_per_device"] == chip.hbm_bytes and r["fits"]
 
     # state bytes per device: shapes and PartitionSpecs, recomputed here from the specs
-    devices = aot.topology_devices(aot.parse_topology(topology))
-    state = make_trainer(configlib.load(c, 4), devices).abstract_sharded_state()
+    devices = topology.topology_devices(topology.parse_topology(name))
+    state = aot.build(configlib.load(c, 4), devices).state
     b = r["bytes_per_device"]
     for k in ("params", "opt_state", "ema"):
         assert b[k] == sum(_expected_shard_bytes(x, r["mesh"]) for x in jax.tree.leaves(state[k]))
@@ -172,14 +184,14 @@ def test_compile_for_tpu_topology(topology):
 
 def test_flops_report_on_pipeline_batches_and_full_rows():
     c = configlib.load(tiny_config(), plan_only=True)
-    packed = aot.flops_report(c, batches=2)
-    full = aot.flops_report(c, batches=0)
+    packed = plan.flops_report(c, batches=2)
+    full = plan.flops_report(c, batches=0)
     assert "pipeline" in packed["layout"] and "max_tokens" in full["layout"]
     assert 0 < packed["fill"] <= 1 and full["fill"] == 1  # 256-token samples fill 256-token rows
     f = packed["flops"]
     assert f["total_useful"] == pytest.approx(f["matmul_useful"] + f["attention_useful"])
     assert 0 < f["text"] < f["matmul"] and f["recompute"] == 0
-    text = aot.format_flops(packed)
+    text = plan.format_flops(packed)
     for part in (
         "matmul",
         "attention (useful",
@@ -214,7 +226,7 @@ def test_multi_slice_mesh_puts_slices_outermost_on_data():
     """Two v5p:2x2x1 slices: `data` spans the slices (DCN), each slice holds fsdp x tensor (ICI)."""
     from vdit.parallel.mesh import make_mesh
 
-    devices = aot.topology_devices(aot.parse_topology("v5p:2x2x1"), num_slices=2)
+    devices = topology.topology_devices(topology.parse_topology("v5p:2x2x1"), num_slices=2)
     assert sorted({d.slice_index for d in devices}) == [0, 1]
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices, dcn_data=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}

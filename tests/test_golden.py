@@ -15,7 +15,7 @@ import jax
 import pytest
 from tiny import ROOT, load_config_module
 
-from vdit import aot, configlib
+from vdit import configlib, plan
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 # variant -> (fsdp, tensor)
@@ -32,7 +32,7 @@ def test_param_shardings_match_golden(variant):
     fsdp, tensor = VARIANTS[variant]
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, fsdp, tensor, 1
     c.data.batch_rows = 8  # rows split over fsdp (the table does not depend on it)
-    table = aot.param_table(configlib.load(c, 8), jax.devices()[:8]) + "\n"
+    table = plan.param_table(configlib.load(c, 8), jax.devices()[:8]) + "\n"
     assert table.startswith(
         f"mesh {{'data': 1, 'fsdp': {fsdp}, 'tensor': {tensor}, 'sequence': 1}}"
     )
