@@ -232,3 +232,49 @@ def test_multi_slice_mesh_puts_slices_outermost_on_data():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
     for i in range(2):
         assert {d.slice_index for d in mesh.devices[i].ravel()} == {i}
+
+
+@pytest.mark.parametrize(
+    "rows, mesh, devices, scaled, split",
+    [
+        (2, {"data": -1}, 4, 4, "4 x 1"),  # the BUILD.md example: XL/2's 2 rows on v5p-8
+        (6, {"data": -1}, 4, 8, "4 x 1"),  # the smallest multiple that is not smaller
+        (4, {"data": -1, "fsdp": 2}, 8, 8, "4 x 2"),
+        (2, {"data": -1, "fsdp": 2, "dcn_data": 2}, 8, 8, "4 x 2"),  # data spans the slices
+    ],
+)
+def test_batch_rows_are_scaled_to_split_over_the_slice(rows, mesh, devices, scaled, split):
+    c = tiny_config()
+    c.data.batch_rows = rows
+    c.mesh.update(mesh)
+    fitted, notes = aot.fit_batch_rows(c, devices)
+    assert fitted.data.batch_rows == scaled and c.data.batch_rows == rows  # the caller's is kept
+    assert notes == [
+        f"data.batch_rows={rows} -> {scaled}: rows split over mesh data x fsdp = {split}"
+    ]
+    configlib.load(fitted, devices, plan_only=True)  # now valid
+
+
+def test_batch_rows_that_split_and_impossible_meshes_are_left_alone():
+    c = tiny_config()  # 8 rows over 8 devices
+    assert aot.fit_batch_rows(c, 8) == (c, [])
+    c.mesh.fsdp = 3  # 8 devices do not split into data x 3: the config's own error, one line
+    fitted, notes = aot.fit_batch_rows(c, 8)
+    assert fitted is c and notes == []
+    with pytest.raises(ValueError, match="mesh") as e:
+        configlib.load(fitted, 8, plan_only=True)
+    assert "\n" not in str(e.value)
+
+
+@needs_libtpu
+@pytest.mark.slow  # one compile of the mu model for v5p-8: ~30 s on two shared cores
+def test_compile_cli_scales_batch_rows_and_says_so():
+    proc = _vdit(
+        "compile",
+        f"--config={DEFAULT_CONFIG}:mu/4",
+        "--topology=v5p-8",
+        "--config.data.batch_rows=2",
+    )
+    lines = proc.stdout.splitlines()
+    assert "note: data.batch_rows=2 -> 4: rows split over mesh data x fsdp = 4 x 1" in lines
+    assert lines[-1].startswith("fits: ")

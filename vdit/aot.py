@@ -6,8 +6,9 @@ With libtpu installed, `jax.experimental.topologies` describes the devices of a 
 (``v5p:2x2x1``, vdit/parallel/topology.py) without any TPU attached. The mesh and the train state
 are built over those devices exactly as for training (:func:`build`, the one call into vdit/train),
 and the jitted train step is lowered and compiled on abstract inputs: the abstract sharded state and
-a batch of the packed contract's shapes at the config's sizes. Nothing is allocated. The
-report gives, per device:
+a batch of the packed contract's shapes at the config's sizes. Nothing is allocated. A
+`data.batch_rows` that does not split over the slice's data x fsdp rows is scaled up to the next
+multiple, and the report says so. The report gives, per device:
 
 * the bytes of parameters, optimizer state and EMA from their shapes and shardings;
 * XLA's `memory_analysis()`: arguments, outputs, aliased (donated) bytes, temporaries, generated
@@ -41,6 +42,7 @@ from jax.sharding import Mesh
 from vdit import configlib, flops
 from vdit.data import packing, pipeline
 from vdit.models.dit import DiTConfig
+from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.topology import Chip, GiB, chip_for_device_kind, parse_topology, topology_devices
 
 
@@ -290,6 +292,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"topology {r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
         f"{r['parameters']:,} parameters, {r['tokens_per_step']:,} tokens/step, "
         f"{'refused' if 'compile_error' in r else 'compiled'} in {r['compile_seconds']:.1f} s",
+        *(f"note: {n}" for n in r.get("notes", ())),
         "",
         "| per device | bytes | source |",
         "|---|---:|---|",
@@ -362,8 +365,38 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fit_batch_rows(
+    config: ml_collections.ConfigDict, num_devices: int
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """The config with `data.batch_rows` scaled up to the smallest multiple of the mesh's data x
+    fsdp rows over `num_devices` when it does not split over them, and a note saying so.
+
+    What a slice decides is fixed here rather than refused; any other mismatch is left for
+    `configlib.load` to name."""
+    if config.get("kind", "dit") != "dit":
+        return config, []
+    rows, dcn = int(config.data.batch_rows), int(config.mesh.get("dcn_data", 1))
+    if rows < 1 or dcn < 1 or num_devices % dcn:
+        return config, []
+    try:
+        mesh = resolve_mesh_shape(dict(config.mesh), num_devices // dcn)
+    except ValueError:
+        return config, []
+    data, fsdp = mesh["data"] * dcn, mesh["fsdp"]
+    if rows % (data * fsdp) == 0:
+        return config, []
+    scaled = -(-rows // (data * fsdp)) * data * fsdp
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.batch_rows = scaled
+    note = f"data.batch_rows={rows} -> {scaled}: rows split over mesh data x fsdp = {data} x {fsdp}"
+    return config, [note]
+
+
 def compile_report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
-    """`vdit compile`: the report for a TPU topology name, or "local" for this process's devices."""
+    """`vdit compile`: the report for a TPU topology name, or "local" for this process's devices.
+
+    `data.batch_rows` is scaled to the slice when it does not split over it (``r["notes"]`` says
+    so); any other config error is a one-line ValueError naming the field."""
     if topology == "local":
         devices, chip = jax.devices(), chip_for_device_kind(jax.devices()[0].device_kind)
     else:
@@ -372,5 +405,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str) -> dict[str
         devices, chip = topology_devices(topo, slices), topo.chip
         topology = f"{topology} ({topo.name})" if topology != topo.name else topology
         topology += f" x {slices} slices" if slices > 1 else ""
+    config, notes = fit_batch_rows(config, len(devices))
     c = configlib.load(config, len(devices), plan_only=True)
-    return report(c, devices, chip=chip, topology=topology)
+    r = report(c, devices, chip=chip, topology=topology)
+    if notes:
+        r["notes"] = notes
+    return r
