@@ -7,13 +7,17 @@ The TPU tests compile for compile-only devices from `jax.experimental.topologies
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from test_cli import _vdit
-from tiny import DEFAULT_CONFIG, tiny_config
+from tiny import DEFAULT_CONFIG, ROOT, tiny_config
 
+import vdit
 from vdit import aot, configlib, plan
 from vdit.data import packing, pipeline
 from vdit.parallel import topology
@@ -278,3 +282,90 @@ def test_compile_cli_scales_batch_rows_and_says_so():
     lines = proc.stdout.splitlines()
     assert "note: data.batch_rows=2 -> 4: rows split over mesh data x fsdp = 4 x 1" in lines
     assert lines[-1].startswith("fits: ")
+
+
+# ---------------------------------------------------------------------------------------------------
+# libtpu's lock file: a JAX process started without JAX_PLATFORMS=cpu takes it (even with no TPU
+# attached) and holds it for its life; a compile for a TPU topology in another process needs libtpu.
+# ---------------------------------------------------------------------------------------------------
+needs_no_tpu = pytest.mark.skipif(
+    vdit.tpu_attached(), reason="a TPU is attached: the lock file guards the chips here"
+)
+
+
+def _env_without_platforms() -> dict[str, str]:
+    """This environment as a user's shell has it: no JAX_PLATFORMS, no lock override."""
+    drop = ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@pytest.fixture(scope="module")
+def libtpu_lock_holder():
+    """A plain JAX process (no vdit) that started its backends without JAX_PLATFORMS: it holds
+    libtpu's lock until its stdin closes."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, jax; jax.devices(); print('ready', flush=True); sys.stdin.read()",
+        ],
+        env=_env_without_platforms(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env_without_platforms(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@needs_libtpu
+@needs_no_tpu
+def test_topology_devices_while_another_process_holds_the_libtpu_lock(libtpu_lock_holder):
+    get = "topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1')"
+    # the failure: a compile-only process that is not vdit cannot start libtpu
+    plain = _python(f"from jax.experimental import topologies; {get}")
+    assert plain.returncode != 0 and "lockfile" in plain.stderr, plain.stderr[-2000:]
+    # vdit lifts the lock where no TPU is attached
+    ok = _python(
+        "from vdit.parallel import topology as t; "
+        "print(len(t.topology_devices(t.parse_topology('v5p:2x2x1'))))"
+    )
+    assert ok.returncode == 0 and ok.stdout.split() == ["4"], ok.stderr[-2000:]
+
+
+@needs_libtpu
+@needs_no_tpu
+@pytest.mark.slow  # one compile of the mu model for v5p-8: ~30 s on two shared cores
+def test_compile_cli_while_another_process_holds_the_libtpu_lock(libtpu_lock_holder):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vdit.cli", "compile", f"--config={DEFAULT_CONFIG}:mu/4"]
+        + ["--topology=v5p-8", "--config.data.batch_rows=2", "--json"],
+        cwd=ROOT,
+        env=_env_without_platforms(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout)
+    assert r["notes"] == ["data.batch_rows=2 -> 4: rows split over mesh data x fsdp = 4 x 1"]
+    assert r["fits"] and r["mesh"]["data"] == 4
