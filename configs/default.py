@@ -148,7 +148,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
     c.train.progress = True  # progress bar
     # peak FLOP/s of one device for the logged `mfu`; 0 = look up jax's device kind in
-    # vdit.aot.CHIPS (TPU v4/v5e/v5p/v6e, bf16 peak); an unknown kind (e.g. CPU) logs no `mfu`
+    # vdit.parallel.topology.CHIPS (TPU v4/v5e/v5p/v6e, bf16 peak); an unknown kind (e.g. CPU)
+    # logs no `mfu`
     c.train.peak_flops_per_device = 0.0
 
     # --- Sampling (Euler ODE with classifier-free guidance).
