@@ -1,7 +1,9 @@
 """Config validation names the field that is wrong."""
 
+import os
+
 import pytest
-from tiny import tiny_config
+from tiny import ROOT, load_config_module, tiny_config
 
 from vdit import configlib
 
@@ -65,3 +67,39 @@ def test_multi_slice_mesh():
     assert configlib.load(c, 8).mesh.dcn_data == 2
     with pytest.raises(ValueError, match="dcn_data"):
         make_mesh({"data": -1}, jax.devices()[:6], dcn_data=4)
+
+
+def test_config_files_and_dataclasses_agree_on_every_default():
+    """A default lives in the config file; the dataclass a section builds may keep one for direct
+    use (tests, notebooks), but then it must be the same value, field by field."""
+    import dataclasses
+
+    from vdit.diffusion.flow import FlowConfig
+    from vdit.models.discriminator import DiscConfig
+    from vdit.models.dit import DiTConfig
+    from vdit.models.text import TextEncoderConfig
+    from vdit.models.vae import VAEConfig
+    from vdit.train.state import OptimConfig
+
+    dit = load_config_module().get_config()
+    vae_cfg = load_config_module(os.path.join(ROOT, "configs", "vae.py")).get_config()
+    pairs = [
+        (DiTConfig, dit.model, {"width", "depth", "heads"}),  # 0 in the file: from the variant
+        (TextEncoderConfig, dit.model.text, set()),
+        (FlowConfig, dit.flow, set()),
+        (VAEConfig, vae_cfg.vae, set()),
+        (DiscConfig, vae_cfg.disc, set()),
+        (OptimConfig, dit.optim, set()),
+    ]
+    checked = 0
+    for cls, section, resolved in pairs:
+        for f in dataclasses.fields(cls):
+            if f.name in resolved or f.name not in section:
+                continue
+            if f.default is dataclasses.MISSING:  # no second default: nothing can disagree
+                continue
+            value = section[f.name]
+            value = tuple(value) if isinstance(value, list | tuple) else value
+            assert value == f.default, f"{cls.__name__}.{f.name}={f.default!r}, config {value!r}"
+            checked += 1
+    assert checked >= 20

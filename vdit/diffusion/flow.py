@@ -21,7 +21,7 @@ class FlowConfig:
     logit_std: float = 1.0  # logit-normal scale
     shift_ref_tokens: int = 256  # a sample of this many tokens gets shift_at_ref
     shift_at_ref: float = 1.0  # time shift at the reference size
-    shift_max: float = 8.0  # cap on the shift (very long videos)
+    shift_max: float = 4.0  # cap on the shift (very long videos)
 
 
 def time_shift(t: jax.Array, num_tokens: jax.Array, cfg: FlowConfig) -> jax.Array:

@@ -43,8 +43,8 @@ class DiTConfig:
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     qk_norm: bool = True
     rope_theta: float = 10_000.0
-    attn_impl: str = "xla"
-    attn_block: int = 512  # query/key block of the chunked and splash implementations
+    attn_impl: str = "auto"
+    attn_block: int = 128  # query/key block of the chunked and splash implementations
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
     dtype: str = "float32"  # compute dtype

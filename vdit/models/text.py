@@ -23,11 +23,11 @@ from vdit.models import layers
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
     kind: str = "bytes"  # "bytes" | "precomputed"
-    max_len: int = 64  # text tokens per caption (longer captions are truncated)
+    max_len: int = 48  # text tokens per caption (longer captions are truncated)
     width: int = 128  # E for "bytes"; the embedding size for "precomputed"
     depth: int = 2
     heads: int = 4
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
     vocab_size: int = 258  # "bytes": embedding rows (vdit.data.tokenizer.VOCAB_SIZE)
 
     @property

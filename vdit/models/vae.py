@@ -42,12 +42,12 @@ PAD_MODES = ("replicate", "zeros")
 class VAEConfig:
     in_channels: int = 3  # pixel channels
     latent_channels: int = 16  # z channels
-    base_channels: int = 64  # channels of the first level
+    base_channels: int = 16  # channels of the first level
     channel_mults: tuple[int, ...] = (1, 2, 4, 4)  # per level; len - 1 spatial x2 downsamplings
-    blocks_per_level: int = 2  # ResNet blocks per encoder level (the decoder has one more)
+    blocks_per_level: int = 1  # ResNet blocks per encoder level (the decoder has one more)
     temporal_down: tuple[bool, ...] = (False, True, True)  # which downsamplings also halve time
     norm: str = "rms"  # "rms" (per pixel over channels) | "group" (per frame over H, W, channels)
-    groups: int = 32  # GroupNorm groups (norm="group"); clipped to a divisor of the channels
+    groups: int = 8  # GroupNorm groups (norm="group"); clipped to a divisor of the channels
     mid_attention: bool = False  # per-frame spatial self-attention in the mid blocks
     temporal_kernel: int = 3  # kt of the causal convolutions
     pad_mode: str = "replicate"  # past-side padding of the first chunk: "replicate" | "zeros"
