@@ -1,7 +1,9 @@
-"""The real entry point: `vdit train` for two steps, then `vdit sample` and `vdit params`."""
+"""The real entry point: `vdit train` for two steps, then `vdit sample` and `vdit params`; each
+command's own flags and help; one-line errors naming the problem."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,3 +122,88 @@ def test_params_prints_every_parameter_and_its_sharding():
 def test_unknown_command_is_a_usage_error():
     proc = _vdit("fly", check=False)
     assert proc.returncode != 0 and "usage: vdit" in proc.stderr
+
+
+# --- one set of flags per command, one-line errors -----------------------------------------------
+DISTRIBUTED = {"train", "sample", "eval", "encode"}  # take the multi-process flags
+
+
+def _run(capsys, *args):
+    """`vdit ARGS` in this process: (exit status, stdout, stderr)."""
+    from vdit import cli
+
+    try:
+        cli.run(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_vdit_help_lists_the_commands(capsys):
+    from vdit import cli
+
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0
+    for name in cli.COMMANDS:
+        assert f"\n  {name} " in out
+    code, _, err = _run(capsys)
+    assert code == 2 and "usage: vdit COMMAND" in err
+
+
+@pytest.mark.parametrize(
+    "name", ["train", "sample", "eval", "params", "flops", "compile", "prepare", "encode"]
+)
+def test_each_command_lists_only_its_own_flags(capsys, name):
+    code, out, _ = _run(capsys, name, "--help")
+    assert code == 0 and out.startswith(f"usage: vdit {name} ") and "\nexample:\n  vdit " in out
+    flags = set(re.findall(r"^  --(\w+)", out, re.M))
+    assert ("coordinator_address" in flags) == (name in DISTRIBUTED)
+    assert ("prompt" in flags) == (name == "sample")
+    assert ("config" in flags) == (name not in ("sample", "eval", "prepare"))
+    if name in ("prepare", "encode"):  # a folder, required: no sample file name as its default
+        assert "sample.mp4" not in out and re.search(r"--out\n.*\(required\)", out)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--workdir=W"], "--config is required"),
+        (["compile", f"--config={DEFAULT_CONFIG}:mu/4"], "--topology is required"),
+        (["train", "--config=configs/nope.py", "--workdir=W"], "no such file 'configs/nope.py'"),
+        (["flops", f"--config={DEFAULT_CONFIG}:mu/4", "--config.data.nope=1"], "no field 'nope'"),
+        (["flops", f"--config={DEFAULT_CONFIG}:ZZ/4"], "model.variant='ZZ/4'"),
+        (["params", f"--config={DEFAULT_CONFIG}:mu/4", "--config.mesh.data=3"], "mesh"),
+        (["prepare", "--input=x", "--out=y", "--prompt=z"], "--prompt is not a flag of"),
+        (["train", f"--config={DEFAULT_CONFIG}", "--workdi=W"], "did you mean --workdir?"),
+        (["sample", "--workdir=W", "extra"], "unexpected argument 'extra'"),
+        (["prepare", "--input=x", "--out=y", "--encoding=gif"], "--encoding=gif"),
+        (["fly"], "unknown command"),
+    ],
+)
+def test_errors_are_one_line_naming_the_problem(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"vdit {args[0]}: error: "), err
+    assert message in err
+
+
+def test_a_workdir_without_checkpoints_says_so(capsys, tmp_path):
+    code, _, err = _run(capsys, "sample", f"--workdir={tmp_path}")
+    assert code == 2 and err.count("\n") == 1
+    assert f"--workdir={tmp_path}" in err and "vdit train" in err
+
+
+def test_a_config_error_of_train_is_one_line_before_any_work(tmp_path):
+    proc = _vdit(
+        "train", *TINY_FLAGS, "--config.data.batch_rows=3", f"--workdir={tmp_path}", check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("vdit train: error: data.batch_rows: 3 rows do not split over mesh")
+    )
+    assert not (tmp_path / "checkpoints").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -41,9 +42,12 @@ def _vae_param_rows(c) -> tuple[dict, list[tuple[str, tuple, object]]]:
 def _params(fv: flags.FlagValues) -> None:
     import jax
 
-    from vdit import configlib, plan
+    from vdit import aot, configlib, plan
 
-    c = configlib.load(fv.config, jax.device_count(), plan_only=True)
+    config, notes = aot.fit_batch_rows(fv.config, jax.device_count())  # shapes do not depend on it
+    for note in notes:
+        print(f"vdit params: note: {note}", file=sys.stderr)
+    c = configlib.load(config, jax.device_count(), plan_only=True)
     if c.get("kind", "dit") != "vae":
         print(plan.param_table(c))
         return
@@ -62,6 +66,8 @@ PARAMS = Command(
     "--config.mesh.fsdp=4",
     define=_params_flags,
     run=_params,
+    notes="A data.batch_rows that does not split over the mesh's data x fsdp rows is scaled up to "
+    "the next multiple (the parameters do not depend on it), and a note says so.",
     required=(("config", _NEED_CONFIG),),
 )
 
@@ -133,8 +139,8 @@ COMPILE = Command(
         ("config", _NEED_CONFIG),
         ("topology", "a TPU slice such as --topology=v5p-8, or local"),
     ),
-    notes="Settings the slice decides (data.batch_rows to split over the mesh) are scaled to fit "
-    "and the report says which value it used.",
+    notes="A data.batch_rows that does not split over the slice's data x fsdp rows is scaled up to "
+    "the next multiple, and the report says which value it used.",
 )
 
 COMMANDS = (PARAMS, FLOPS, COMPILE)
