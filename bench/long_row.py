@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 try:
@@ -27,13 +26,9 @@ try:
 except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vdit.data import pipeline
-from vdit.configlib import default_rules
-from vdit.diffusion.flow import FlowConfig
+from common import dit_task  # noqa: E402
+
 from vdit.flops import executed_attention_flops_chunked, useful_attention_flops
-from vdit.models.dit import DiTConfig
-from vdit.models.text import TextEncoderConfig
-from vdit.parallel.mesh import make_mesh
-from vdit.train import step as step_lib
 
 TEXT = 16
 
@@ -75,32 +70,22 @@ def batch_for(lengths: list[int], length: int, channels: int, seed: int) -> dict
 
 
 def run(args: argparse.Namespace, remat: str) -> dict:
-    text = TextEncoderConfig(
-        kind="bytes", max_len=TEXT, width=64, depth=1, heads=2, attn_impl="chunked"
-    )
-    cfg = DiTConfig(
+    trainer = dit_task(
         width=args.width,
         depth=args.depth,
         heads=args.heads,
-        patch=(1, 2, 2),
+        patch=2,
         channels=4,
-        text=text,
-        attn_impl="chunked",
+        text_len=TEXT,
         attn_block=args.attn_block,
         remat=remat,
     )
-    trainer = step_lib.Trainer(
-        cfg,
-        FlowConfig(),
-        step_lib.OptimConfig(total_steps=100),
-        make_mesh({"data": 1}, jax.devices()[:1]),
-        tuple(tuple(r) for r in default_rules()),
-    )
+    cfg = trainer.model_cfg
     lengths = row_layout(args.row_len, args.layout, args.clip_min, args.clip_max, args.seed)
     batch = batch_for(lengths, args.row_len, cfg.channels, args.seed)
     shardings = trainer.batch_shardings({k: batch[k].ndim for k in pipeline.DEVICE_KEYS})
     gb = pipeline.to_global(batch, shardings)
-    state = trainer.init_state()
+    state = trainer.state.init()
     t0 = time.perf_counter()
     step = trainer.jit_train_step(shardings).lower(state, gb).compile()
     compile_s = time.perf_counter() - t0

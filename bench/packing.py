@@ -16,7 +16,7 @@ Latent space: a causal VAE of (4, 8, 8) compression and 16 channels, 1x2x2 patch
 4 frames of 16x16 pixels). "Pixels kept" is the share of each source's space-time extent that reaches
 the model (cropping, trimming frames and dropping count as lost; resizing does not).
 
-Useful tokens per second come from the real jitted vdit train step (`Trainer.jit_train_step`) of a
+Useful tokens per second come from the real jitted vdit train step (`DiTTask.jit_train_step`) of a
 small DiT on one device: every distinct batch shape a strategy produces is compiled and timed
 (median of `--reps`), and an epoch's time is the sum over its steps. For bucketing the table also
 gives the figure with 8 data-parallel ranks, where each rank draws its own bucket and the slowest
@@ -51,14 +51,11 @@ try:
 except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vdit.data import packing, pipeline, size
+from common import dit_task  # noqa: E402
+
 from vdit import flops
-from vdit.configlib import default_rules
-from vdit.diffusion.flow import FlowConfig
 from vdit.flops import executed_attention_flops_chunked, useful_attention_flops
-from vdit.models.dit import DiTConfig
-from vdit.models.text import TextEncoderConfig
-from vdit.parallel.mesh import make_mesh
-from vdit.train import step as step_lib
+from vdit.train.dit_task import DiTTask
 
 COMPRESSION = (4, 8, 8)
 CHANNELS = 16
@@ -185,24 +182,16 @@ def assign_bucket(s: Source, max_tokens: int):
 # --------------------------------------------------------------------------------------------------
 # The real train step
 # --------------------------------------------------------------------------------------------------
-def make_trainer(args: argparse.Namespace) -> step_lib.Trainer:
-    text = TextEncoderConfig(
-        kind="bytes", max_len=TEXT_TOKENS, width=64, depth=1, heads=2, attn_impl="chunked"
-    )
-    cfg = DiTConfig(
+def make_trainer(args: argparse.Namespace) -> DiTTask:
+    return dit_task(
         width=args.width,
         depth=args.depth,
         heads=args.heads,
-        patch=PATCH,
+        patch=PATCH[1],
         channels=CHANNELS,
-        text=text,
-        attn_impl="chunked",
+        text_len=TEXT_TOKENS,
         attn_block=args.attn_block,
-    )
-    optim = step_lib.OptimConfig(total_steps=10_000)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    return step_lib.Trainer(
-        cfg, FlowConfig(), optim, mesh, tuple(tuple(r) for r in default_rules())
+        steps=10_000,
     )
 
 
@@ -239,9 +228,9 @@ class StepTimer:
     """The real train step, compiled once per batch shape; jobs are timed in interleaved rounds so a
     change of machine load during the run hits every strategy alike (median per job)."""
 
-    def __init__(self, trainer: step_lib.Trainer):
+    def __init__(self, trainer: DiTTask):
         self.trainer = trainer
-        self.state = trainer.init_state()
+        self.state = trainer.state.init()
         self.compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_s: list[float] = []
         self.jobs: list[tuple[Any, Any]] = []
