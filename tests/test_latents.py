@@ -14,7 +14,8 @@ from tiny import ROOT, load_config_module, tiny_config
 from vdit import configlib, encode
 from vdit.data import latents, packing, pipeline, records, size, sources
 from vdit.data.tokenizer import detokenize
-from vdit.train import vae_train
+from vdit.train.load import load
+from vdit.train.loop import train_and_evaluate
 
 PATCH = (1, 2, 2)  # DiT patch in latent units
 
@@ -52,7 +53,7 @@ def setup(tmp_path_factory):
     snapping to whole patches), one image, one corrupt record and one too small for a patch."""
     root = tmp_path_factory.mktemp("latents")
     vae_dir = str(root / "vae")
-    vae_train.train_vae(_tiny_vae_config(), vae_dir, jax.local_devices()[:1])
+    train_and_evaluate(_tiny_vae_config(), vae_dir, jax.local_devices()[:1])
     rng = np.random.default_rng(0)
     rec_dir = root / "records"
     rec_dir.mkdir()
@@ -83,17 +84,17 @@ def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
         setup["vae"],
         setup["records"],
         str(out),
-        encode.EncodeOptions(latent_patch=PATCH, chunk_frames=2),
+        encode.EncodeOptions(patch=PATCH, chunk_frames=2),
         devices=jax.local_devices()[:1],
     )
     assert m["written"] == 4 and m["input_records"] == 6
     assert m["skipped_by_reason"] == {"decode_error": 1, "too_small": 1}
     assert {s["index"] for s in m["skipped"]} == {2, 5}
     assert json.load(open(out / latents.MANIFEST))["written"] == 4
-    _, model = vae_train.load_vae(setup["vae"])
+    model = load(setup["vae"]).model()
     assert m["vae"]["compression"] == [2, 2, 2] and m["vae"]["latent_channels"] == 4
     np.testing.assert_allclose(m["vae"]["latent_std"], np.asarray(model.latent_std[...]))
-    policy = encode.size_policy(encode.EncodeOptions(latent_patch=PATCH), (2, 2, 2))
+    policy = encode.size_policy(encode.EncodeOptions(patch=PATCH), (2, 2, 2))
     got = _read(out)
     assert set(got) == set(setup["good"])
     for caption, video in setup["good"].items():
@@ -113,7 +114,7 @@ def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
 
 
 def test_encode_is_the_same_on_eight_devices_and_over_two_processes(setup, tmp_path):
-    opts = encode.EncodeOptions(latent_patch=PATCH, store="sample", seed=3, chunk_frames=0)
+    opts = encode.EncodeOptions(patch=PATCH, store="sample", seed=3, chunk_frames=0)
     encode.encode_dataset(
         setup["vae"], setup["records"], str(tmp_path / "one"), opts, devices=jax.local_devices()[:1]
     )
@@ -171,7 +172,7 @@ def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
         setup["vae"],
         setup["records"],
         str(out),
-        encode.EncodeOptions(latent_patch=PATCH),
+        encode.EncodeOptions(patch=PATCH),
         devices=jax.local_devices()[:1],
     )
     stored = _read(out)
@@ -188,6 +189,12 @@ def test_latent_pipeline_feeds_normalised_latents(setup, tmp_path):
             )
             seen.add(caption)
     assert seen == set(stored)
+    # In a latent config the frame-rate fields say how the latents were encoded (`vdit encode`
+    # reads them from this config): accepted, and not applied to the latents again.
+    c = _latent_config(out)
+    c.data.frame_stride, c.data.max_fps = 2, 1.0
+    strided = next(iter(pipeline.build(configlib.pipeline_config(configlib.load(c)))))
+    np.testing.assert_array_equal(strided["patches"], batch["patches"])
 
     # A cap under the largest latent rejects it, counted; a different autoencoder is refused.
     c = _latent_config(out)
@@ -212,7 +219,7 @@ def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
         setup["vae"],
         setup["records"],
         str(out),
-        encode.EncodeOptions(latent_patch=PATCH),
+        encode.EncodeOptions(patch=PATCH),
         devices=jax.local_devices()[:1],
     )
     c = _latent_config(out)
@@ -241,8 +248,6 @@ def test_posterior_samples_differ_per_use_and_follow_logvar(setup, tmp_path):
 @pytest.mark.slow
 def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
     from vdit.diffusion.evaluate import generate
-    from vdit.train.checkpoint import restore_for_inference
-    from vdit.train.loop import train_and_evaluate
     from vdit.train.samples import check_vae, eval_setup
 
     out = tmp_path / "lat"
@@ -250,7 +255,7 @@ def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
         setup["vae"],
         setup["records"],
         str(out),
-        encode.EncodeOptions(latent_patch=PATCH),
+        encode.EncodeOptions(patch=PATCH),
         devices=jax.local_devices()[:1],
     )
     c = _latent_config(out, setup["vae"])
@@ -258,14 +263,14 @@ def test_a_dit_trains_on_latents_and_samples_through_the_vae(setup, tmp_path):
     metrics = train_and_evaluate(c, str(tmp_path / "dit"))
     assert np.isfinite(metrics["loss"]) and metrics["data_rejected_decode_error"] == 0
     assert os.path.exists(tmp_path / "dit" / "samples" / "step_0000002.mp4")
-    config, trainer, state = restore_for_inference(tmp_path / "dit")
-    (video,) = generate(trainer.graphdef, state["ema"], ["clip a"], (5, 8, 12), eval_setup(config))
+    dit = load(tmp_path / "dit")
+    (video,) = generate(dit.graphdef, dit.params, ["clip a"], (5, 8, 12), eval_setup(dit.config))
     assert video.shape == (5, 8, 12, 3) and video.dtype == np.uint8  # 3x4x6 latent, decoded
     # a VAE whose statistics are not the encoding one is refused
     manifest = latents.read_manifest(str(out))
     manifest["vae"]["latent_mean"] = [v + 1.0 for v in manifest["vae"]["latent_mean"]]
     with pytest.raises(ValueError, match="autoencoder.vae"):
-        check_vae(config, manifest)
+        check_vae(dit.config, manifest)
 
 
 def test_the_encode_command(setup, tmp_path):
@@ -283,13 +288,18 @@ def test_the_encode_command(setup, tmp_path):
             timeout=600,
         )
 
+    config = [  # the DiT config that trains on these latents: patch 1x2x2, the tiny VAE's
+        f"--config={os.path.join(ROOT, 'configs', 'latent.py')}:mu/2",
+        "--config.autoencoder.compression=(2,2,2)",
+        "--config.autoencoder.channels=4",
+        "--config.data.max_tokens_per_sample=20",
+    ]
     out = tmp_path / "lat"
     proc = run(
+        *config,
         f"--vae={setup['vae']}",
         f"--input={setup['records']}",
         f"--out={out}",
-        "--latent_patch=1,2,2",
-        "--max_tokens=20",
         "--chunk_frames=2",
     )
     assert proc.returncode == 0, proc.stderr
@@ -300,5 +310,7 @@ def test_the_encode_command(setup, tmp_path):
     assert "downscaled" in got["clip b"]["events"]
     assert np.prod(got["clip b"]["mean"].shape[:3]) // 4 <= 20
     assert "skip record 2: decode_error" in proc.stderr
-    proc = run(f"--vae={tmp_path}", f"--input={setup['records']}", f"--out={tmp_path / 'x'}")
+    proc = run(
+        *config, f"--vae={tmp_path}", f"--input={setup['records']}", f"--out={tmp_path / 'x'}"
+    )
     assert proc.returncode != 0 and "no checkpoints folder" in proc.stderr

@@ -39,8 +39,7 @@ from flax import nnx
 
 from vdit import configlib
 from vdit.data import latents, records, size
-from vdit.train.checkpoint import Checkpointer
-from vdit.train.vae_train import load_vae
+from vdit.train.load import load
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +204,8 @@ def encode_dataset(
         raise ValueError(
             f"--out={out_dir!r} already holds {sorted(used)[:3]}; choose an empty folder"
         )
-    if vae_step is None:
-        with Checkpointer(os.path.join(vae_workdir, "checkpoints"), save_every=1, keep=None) as c:
-            vae_step = c.latest_step()
-    vae_config, model = load_vae(vae_workdir, step=vae_step)
+    loaded = load(vae_workdir, step=vae_step)
+    vae_config, model, vae_step = loaded.config, loaded.model(), loaded.step
     check_vae(options, model.cfg.compression, model.cfg.latent_channels)
     source = records.RecordsSource(shards)
     policy = size_policy(options, model.cfg.compression)
