@@ -7,6 +7,7 @@ config: `model_config`, `pipeline_config`, `flow_config` hand each only the fiel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_collections
@@ -50,6 +51,14 @@ def parse_variant(variant: str) -> tuple[str, int]:
 
 def _fail(field: str, msg: str) -> None:
     raise ValueError(f"{field}: {msg}")
+
+
+def build(cls, section: ml_collections.ConfigDict, **extra):
+    """`cls(...)` from the config `section` whose fields it names, plus `extra` (fields that come
+    from other sections): the section's names are the dataclass's, so building is construction."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in section.to_dict().items() if k in names and k not in extra}
+    return cls(**fields, **extra)
 
 
 # "identity": pixels in [-1, 1], what the pixel sources produce. "latent": samples encoded by a VAE of
@@ -186,32 +195,8 @@ def patch_size(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
     m = c.model
-    text = TextEncoderConfig(
-        kind=m.text.kind,
-        max_len=m.text.max_len,
-        width=m.text.width,
-        depth=m.text.depth,
-        heads=m.text.heads,
-        attn_impl=m.attn_impl,
-        vocab_size=tokenizer.VOCAB_SIZE,
-    )
-    return DiTConfig(
-        width=m.width,
-        depth=m.depth,
-        heads=m.heads,
-        mlp_ratio=m.mlp_ratio,
-        patch=patch_size(c),
-        channels=c.autoencoder.channels,
-        text=text,
-        qk_norm=m.qk_norm,
-        rope_theta=m.rope_theta,
-        attn_impl=m.attn_impl,
-        attn_block=m.attn_block,
-        remat=m.remat,
-        scan_layers=m.scan_layers,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-    )
+    text = build(TextEncoderConfig, m.text, attn_impl=m.attn_impl, vocab_size=tokenizer.VOCAB_SIZE)
+    return build(DiTConfig, m, patch=patch_size(c), channels=c.autoencoder.channels, text=text)
 
 
 def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
@@ -225,14 +210,7 @@ def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
 
 
 def flow_config(c: ml_collections.ConfigDict) -> FlowConfig:
-    f = c.flow
-    return FlowConfig(
-        logit_mean=f.logit_mean,
-        logit_std=f.logit_std,
-        shift_ref_tokens=f.shift_ref_tokens,
-        shift_at_ref=f.shift_at_ref,
-        shift_max=f.shift_max,
-    )
+    return build(FlowConfig, c.flow)
 
 
 def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
@@ -365,17 +343,9 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
 
 def vae_config(c: ml_collections.ConfigDict) -> VAEConfig:
     v = c.vae
-    return VAEConfig(
-        latent_channels=v.latent_channels,
-        base_channels=v.base_channels,
+    return build(
+        VAEConfig,
+        v,
         channel_mults=tuple(v.channel_mults),
-        blocks_per_level=v.blocks_per_level,
         temporal_down=tuple(bool(x) for x in v.temporal_down),
-        norm=v.norm,
-        groups=v.groups,
-        mid_attention=v.mid_attention,
-        temporal_kernel=v.temporal_kernel,
-        pad_mode=v.pad_mode,
-        dtype=v.dtype,
-        param_dtype=v.param_dtype,
     )
