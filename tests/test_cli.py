@@ -207,3 +207,25 @@ def test_a_config_error_of_train_is_one_line_before_any_work(tmp_path):
         .startswith("vdit train: error: data.batch_rows: 3 rows do not split over mesh")
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_encode_options_come_from_the_config_the_dit_trains_with():
+    from tiny import load_config_module
+
+    from vdit import encode
+
+    c = load_config_module(os.path.join(ROOT, "configs", "latent.py")).get_config("mu/2")
+    c.model.patch_t, c.sample.grid_shape = 2, (29, 64, 64)  # 8 latent frames: whole patches
+    c.data.max_tokens_per_sample, c.data.time_fit = 512, "trim"
+    c.data.frame_stride, c.data.max_fps = 2, 12.0
+    o = encode.options_from_config(c, chunk_frames=4, store="sample")
+    assert (o.patch, o.max_tokens_per_sample, o.time_fit) == ((2, 2, 2), 512, "trim")
+    assert (o.frame_stride, o.max_fps, o.chunk_frames, o.store) == (2, 12.0, 4, "sample")
+    assert (o.compression, o.channels) == ((4, 8, 8), 16)
+    encode.check_vae(o, (4, 8, 8), 16)
+    with pytest.raises(ValueError, match=r"autoencoder.compression=\(4, 8, 8\)"):
+        encode.check_vae(o, (2, 2, 2), 16)
+    with pytest.raises(ValueError, match="autoencoder.channels=16"):
+        encode.check_vae(o, (4, 8, 8), 4)
+    with pytest.raises(ValueError, match="autoencoder.kind='identity'"):
+        encode.options_from_config(load_config_module().get_config("mu/4"))
