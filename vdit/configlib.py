@@ -16,10 +16,10 @@ from vdit.data import config as data_config
 from vdit.data import tokenizer
 from vdit.data.vae_data import SOURCES as VAE_SOURCES
 from vdit.diffusion.flow import FlowConfig
-from vdit.models.dit import REMAT_POLICIES, DiTConfig
+from vdit.models.discriminator import DiscConfig
+from vdit.models.dit import DiTConfig
 from vdit.models.text import TextEncoderConfig
-from vdit.models.vae import NORMS, PAD_MODES, VAEConfig
-from vdit.ops.attention import IMPL_CHOICES
+from vdit.models.vae import LossConfig, VAEConfig
 from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.sharding import DEFAULT_RULES
 
@@ -53,12 +53,17 @@ def _fail(field: str, msg: str) -> None:
     raise ValueError(f"{field}: {msg}")
 
 
-def build(cls, section: ml_collections.ConfigDict, **extra):
-    """`cls(...)` from the config `section` whose fields it names, plus `extra` (fields that come
-    from other sections): the section's names are the dataclass's, so building is construction."""
+def build(cls, section: ml_collections.ConfigDict, name: str, **extra):
+    """`cls(...)` from the config `section` (called `name`) whose fields it names, plus `extra`
+    (fields that come from other sections): the section's names are the dataclass's, so building is
+    construction. The dataclass checks its own fields; its error is re-raised naming the field in
+    the config ("model.heads: ...")."""
     names = {f.name for f in dataclasses.fields(cls)}
     fields = {k: v for k, v in section.to_dict().items() if k in names and k not in extra}
-    return cls(**fields, **extra)
+    try:
+        return cls(**fields, **extra)
+    except ValueError as e:
+        raise ValueError(f"{name}.{e}") from None
 
 
 # "identity": pixels in [-1, 1], what the pixel sources produce. "latent": samples encoded by a VAE of
@@ -88,16 +93,7 @@ def load(
     c.model.depth = c.model.depth or d
     c.model.heads = c.model.heads or h
     m = c.model
-    if m.width % m.heads:
-        _fail("model.heads", f"{m.heads} heads do not divide model.width={m.width}")
-    if (m.width // m.heads) % 2:
-        _fail("model.heads", f"head dim {m.width // m.heads} must be even for 3D RoPE")
-    if m.remat not in REMAT_POLICIES:
-        _fail("model.remat", f"{m.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    if m.attn_impl not in IMPL_CHOICES:
-        _fail("model.attn_impl", f"{m.attn_impl!r} is not one of {IMPL_CHOICES}")
-    if m.text.kind == "bytes" and m.text.width % m.text.heads:
-        _fail("model.text.heads", f"{m.text.heads} do not divide model.text.width={m.text.width}")
+    model_config(c)  # the model's own checks (vdit/models/dit.py, text.py), naming the field
     ae = c.autoencoder
     if ae.kind not in AUTOENCODER_KINDS:
         _fail("autoencoder.kind", f"{ae.kind!r} is not one of {AUTOENCODER_KINDS}")
@@ -195,8 +191,16 @@ def patch_size(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
     m = c.model
-    text = build(TextEncoderConfig, m.text, attn_impl=m.attn_impl, vocab_size=tokenizer.VOCAB_SIZE)
-    return build(DiTConfig, m, patch=patch_size(c), channels=c.autoencoder.channels, text=text)
+    text = build(
+        TextEncoderConfig,
+        m.text,
+        "model.text",
+        attn_impl=m.attn_impl,
+        vocab_size=tokenizer.VOCAB_SIZE,
+    )
+    return build(
+        DiTConfig, m, "model", patch=patch_size(c), channels=c.autoencoder.channels, text=text
+    )
 
 
 def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
@@ -210,7 +214,7 @@ def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
 
 
 def flow_config(c: ml_collections.ConfigDict) -> FlowConfig:
-    return build(FlowConfig, c.flow)
+    return build(FlowConfig, c.flow, "flow")
 
 
 def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
@@ -225,25 +229,6 @@ def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, wi
 # ----------------------------------------------------------------------------------------------------
 def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     """Validate a VAE config (configs/vae.py); returns it. Errors name the field."""
-    v = c.vae
-    mults = tuple(v.channel_mults)
-    if not mults or min(mults) < 1:
-        _fail("vae.channel_mults", f"{mults} must be a non-empty tuple of positive integers")
-    if len(tuple(v.temporal_down)) != len(mults) - 1:
-        _fail(
-            "vae.temporal_down",
-            f"{tuple(v.temporal_down)} needs one entry per downsampling, "
-            f"len(vae.channel_mults) - 1 = {len(mults) - 1}",
-        )
-    for field in ("latent_channels", "base_channels", "blocks_per_level", "groups"):
-        if v[field] < 1:
-            _fail(f"vae.{field}", f"{v[field]} must be >= 1")
-    if v.norm not in NORMS:
-        _fail("vae.norm", f"{v.norm!r} is not one of {NORMS}")
-    if v.pad_mode not in PAD_MODES:
-        _fail("vae.pad_mode", f"{v.pad_mode!r} is not one of {PAD_MODES}")
-    if v.temporal_kernel < 2:
-        _fail("vae.temporal_kernel", f"{v.temporal_kernel} must be >= 2")
     # fields added after the first VAE checkpoints: their defaults, so older configs still load
     if "disc_weight" not in c.loss:
         c.loss.disc_weight = 0.0
@@ -263,21 +248,9 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
                 "grad_clip": 1.0,
             }
         )
-    for field in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "disc_start"):
-        if c.loss[field] < 0:
-            _fail(f"loss.{field}", f"{c.loss[field]} must be >= 0")
-    if c.loss.l1_weight == 0 and c.loss.l2_weight == 0:
-        _fail("loss.l1_weight", "l1_weight and l2_weight are both 0: nothing to reconstruct")
-    for field in ("channels", "layers", "temporal_kernel"):
-        if c.disc[field] < 1:
-            _fail(f"disc.{field}", f"{c.disc[field]} must be >= 1")
-    if not c.disc.lr > 0:
-        _fail("disc.lr", f"{c.disc.lr} must be > 0")
-    for field in ("b1", "b2"):
-        if not 0 <= c.disc[field] < 1:
-            _fail(f"disc.{field}", f"{c.disc[field]} is not in [0, 1)")
-    if not c.disc.grad_clip > 0:
-        _fail("disc.grad_clip", f"{c.disc.grad_clip} must be > 0")
+    # the network's, the objective's and the discriminator's own checks, naming the field
+    build(LossConfig, c.loss, "loss")
+    disc_config(c)
     vc = vae_config(c)
     _, ch, cw = vc.compression
     d = c.data
@@ -346,6 +319,12 @@ def vae_config(c: ml_collections.ConfigDict) -> VAEConfig:
     return build(
         VAEConfig,
         v,
+        "vae",
         channel_mults=tuple(v.channel_mults),
         temporal_down=tuple(bool(x) for x in v.temporal_down),
     )
+
+
+def disc_config(c: ml_collections.ConfigDict) -> DiscConfig:
+    """The patch discriminator of a VAE config (network and optimizer), in the VAE's dtypes."""
+    return build(DiscConfig, c.disc, "disc", dtype=c.vae.dtype, param_dtype=c.vae.param_dtype)

@@ -22,11 +22,29 @@ from vdit.models.vae import CausalConv3d
 
 @dataclasses.dataclass(frozen=True)
 class DiscConfig:
+    """The config's `disc` section: the network and its optimizer (a constant-rate Adam)."""
+
     channels: int = 32  # channels of the first convolution
     layers: int = 3  # stride-2 convolutions
     temporal_kernel: int = 1  # 1: per frame (2D); > 1: causal 3D convolutions
+    lr: float = 1e-4  # constant learning rate of its Adam
+    b1: float = 0.5
+    b2: float = 0.9
+    grad_clip: float = 1.0  # global-norm clip of its gradients
     dtype: str = "float32"
     param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for field in ("channels", "layers", "temporal_kernel"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}: {getattr(self, field)} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr: {self.lr} must be > 0")
+        for field in ("b1", "b2"):
+            if not 0 <= getattr(self, field) < 1:
+                raise ValueError(f"{field}: {getattr(self, field)} is not in [0, 1)")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip: {self.grad_clip} must be > 0")
 
 
 class PatchDiscriminator(nnx.Module):

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from vdit.models import layers
 from vdit.models.text import TextEncoder, TextEncoderConfig
+from vdit.ops.attention import IMPL_CHOICES
 from vdit.parallel.sharding import constrain
 
 REMAT_POLICIES = {
@@ -49,6 +50,17 @@ class DiTConfig:
     scan_layers: bool = True
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+
+    def __post_init__(self):
+        """Every check on these fields; a message starts with the field it names."""
+        if self.width % self.heads:
+            raise ValueError(f"heads: {self.heads} heads do not divide width={self.width}")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"heads: head dim {self.width // self.heads} must be even for 3D RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attn_impl not in IMPL_CHOICES:
+            raise ValueError(f"attn_impl: {self.attn_impl!r} is not one of {IMPL_CHOICES}")
 
     @property
     def patch_dim(self) -> int:  # P
@@ -89,11 +101,7 @@ class VideoDiT(nnx.Module):
     """Velocity prediction for packed rows of noisy latent patches."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        if cfg.width % cfg.heads:
-            raise ValueError(f"model.width={cfg.width} is not divisible by model.heads={cfg.heads}")
-        if cfg.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={cfg.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        self.cfg = cfg
+        self.cfg = cfg  # checked by DiTConfig itself
         d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         self.patch_embed = layers.dense(cfg.patch_dim, d, ("patch", "embed"), **kw)

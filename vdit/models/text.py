@@ -30,6 +30,12 @@ class TextEncoderConfig:
     attn_impl: str = "auto"
     vocab_size: int = 258  # "bytes": embedding rows (vdit.data.tokenizer.VOCAB_SIZE)
 
+    def __post_init__(self):
+        if self.kind not in ("bytes", "precomputed"):
+            raise ValueError(f"kind: {self.kind!r}; choose 'bytes' or 'precomputed'")
+        if self.kind == "bytes" and self.width % self.heads:
+            raise ValueError(f"heads: {self.heads} do not divide width={self.width}")
+
     @property
     def out_width(self) -> int:
         return self.width
@@ -56,8 +62,6 @@ class TextEncoder(nnx.Module):
     def __init__(
         self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
     ):
-        if cfg.kind not in ("bytes", "precomputed"):
-            raise ValueError(f"model.text.kind={cfg.kind!r}; choose 'bytes' or 'precomputed'")
         self.cfg = cfg
         if cfg.kind == "bytes":
             if cfg.width % cfg.heads:

@@ -57,18 +57,27 @@ class VAEConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if len(self.temporal_down) != len(self.channel_mults) - 1:
+        """Every check on these fields; a message starts with the field it names."""
+        mults = tuple(self.channel_mults)
+        if not mults or min(mults) < 1:
+            raise ValueError(f"channel_mults: {mults} must be a non-empty tuple of positive ints")
+        if len(self.temporal_down) != len(mults) - 1:
             raise ValueError(
-                f"temporal_down has {len(self.temporal_down)} entries, need one per "
-                f"downsampling (len(channel_mults) - 1 = {len(self.channel_mults) - 1})"
+                f"temporal_down: {tuple(self.temporal_down)} has {len(self.temporal_down)} "
+                f"entries, need one per downsampling (len(channel_mults) - 1 = {len(mults) - 1})"
             )
+        for field in ("in_channels", "latent_channels", "base_channels", "blocks_per_level"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}: {getattr(self, field)} must be >= 1")
+        if self.groups < 1:
+            raise ValueError(f"groups: {self.groups} must be >= 1")
         if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
+            raise ValueError(f"norm: {self.norm!r} is not one of {NORMS}")
         if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
+            raise ValueError(f"pad_mode: {self.pad_mode!r} is not one of {PAD_MODES}")
         if self.temporal_kernel < 2:
             raise ValueError(
-                f"temporal_kernel={self.temporal_kernel} must be >= 2 (a strided time "
+                f"temporal_kernel: {self.temporal_kernel} must be >= 2 (a strided time "
                 "downsampling needs a kernel of at least its stride)"
             )
 
@@ -408,6 +417,29 @@ class CausalVAE3D(nnx.Module):
 
 def sample_posterior(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The training objective of the VAE (the config's `loss` section): l1 * |x - x'| + l2 *
+    (x - x')^2 + kl * KL, each a mean over elements, and the optional adversarial term."""
+
+    l1_weight: float
+    l2_weight: float
+    kl_weight: float
+    sample_posterior: bool  # decode a posterior sample (False: the mean, an autoencoder)
+    disc_weight: float  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
+    disc_start: int  # step from which the adversarial term applies and the discriminator trains
+    disc_adaptive: bool  # scale disc_weight by |grad rec| / |grad adv| at the last layer
+
+    def __post_init__(self):
+        for field in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "disc_start"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field}: {getattr(self, field)} must be >= 0")
+        if self.l1_weight == 0 and self.l2_weight == 0:
+            raise ValueError(
+                "l1_weight: l1_weight and l2_weight are both 0: nothing to reconstruct"
+            )
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

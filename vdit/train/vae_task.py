@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 
@@ -39,32 +38,11 @@ from vdit.train import loop
 from vdit.train.state import Aux, OptimConfig, ShardedState, State, guarded_update, make_optimizer
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The config's `loss` section."""
-
-    l1_weight: float
-    l2_weight: float
-    kl_weight: float
-    sample_posterior: bool
-    disc_weight: float  # > 0: adversarial term -disc_weight * mean D(recon); 0: no discriminator
-    disc_start: int  # step from which the adversarial term applies and the discriminator trains
-    disc_adaptive: bool  # scale disc_weight by |grad rec| / |grad adv| at the last layer
-
-
-@dataclasses.dataclass(frozen=True)
-class DiscOptimConfig:
-    """The optimizer fields of the config's `disc` section (a constant-rate Adam)."""
-
-    lr: float
-    b1: float
-    b2: float
-    grad_clip: float  # global-norm clip
-
-    def make(self) -> optax.GradientTransformation:
-        return optax.chain(
-            optax.clip_by_global_norm(self.grad_clip), optax.adam(self.lr, b1=self.b1, b2=self.b2)
-        )
+def disc_optimizer(cfg: discriminator.DiscConfig) -> optax.GradientTransformation:
+    """The discriminator's constant-rate Adam with global-norm clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
+    )
 
 
 class VAETask(loop.Task):
@@ -76,12 +54,10 @@ class VAETask(loop.Task):
         """`config` is loaded (configlib.load)."""
         self.config = c = config
         self.model_cfg = configlib.vae_config(c)
-        self.loss_cfg = configlib.build(LossConfig, c.loss)
+        self.loss_cfg = configlib.build(vae.LossConfig, c.loss, "loss")
         self.optim_cfg = OptimConfig.from_config(c)
-        self.disc_cfg = configlib.build(
-            discriminator.DiscConfig, c.disc, dtype=c.vae.dtype, param_dtype=c.vae.param_dtype
-        )
-        self.disc_tx = configlib.build(DiscOptimConfig, c.disc).make()
+        self.disc_cfg = configlib.disc_config(c)
+        self.disc_tx = disc_optimizer(self.disc_cfg)
         self.data_cfg = vae_data_config(c)
         self.seed = c.seed
         self.mesh = mesh_from_config(c.mesh, devices)
