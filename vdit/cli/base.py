@@ -128,7 +128,7 @@ def parse(command: Command, args: Sequence[str]) -> flags.FlagValues:
     problem and the fix."""
     argv = [f"vdit {command.name}", *args]
     fv = command_flags(command, argv)
-    config_arg = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    config_arg = _config_value(args)
     if "config" in fv and config_arg is not None:
         _check_config_file(config_arg)
     try:
@@ -146,10 +146,8 @@ def parse(command: Command, args: Sequence[str]) -> flags.FlagValues:
         ) from None
     except flags.Error as e:  # a bad value, or a config file that raised while loading
         raise UsageError(_last_line(str(e))) from None
-    except (AttributeError, KeyError):  # --config.FIELD of a field the config lacks
-        raise UsageError(_bad_override(args)) from None
-    except Exception as e:  # the config file itself raised (a syntax error, ...)
-        raise UsageError(f"--config={config_arg}: does not load: {type(e).__name__}: {e}") from None
+    except Exception as e:  # an override of a field the config lacks, or the file raised
+        raise UsageError(_config_error(args, config_arg, e)) from None
     if len(rest) > 1:
         raise UsageError(
             f"unexpected argument {rest[1]!r}: flags are written --name=value; "
@@ -160,12 +158,38 @@ def parse(command: Command, args: Sequence[str]) -> flags.FlagValues:
             raise UsageError(f"--{name} is required: {what}")
     if "config" in fv and fv["config"].present:
         c = fv.config
+        if type(c).__name__ == "_ErrorConfig":  # ml_collections' stand-in for a failed load
+            try:
+                c.to_dict()  # raises the load error
+            except Exception as e:
+                raise UsageError(f"--config={config_arg}: does not load: {e}") from None
         if not isinstance(c, ml_collections.ConfigDict):
             raise UsageError(
                 f"--config={config_arg}: get_config() returned {type(c).__name__}, not an "
                 "ml_collections.ConfigDict"
             )
     return fv
+
+
+def _config_value(args: Sequence[str]) -> str | None:
+    """The value of --config=VALUE (or --config VALUE) in `args`."""
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _config_error(args: Sequence[str], config_arg: str | None, e: Exception) -> str:
+    if isinstance(e, AttributeError | KeyError) and config_arg is not None:
+        try:
+            found = _bad_override(config_arg, args)
+        except Exception:  # the file itself does not load
+            found = None
+        if found:
+            return found
+    return f"--config={config_arg}: does not load: {type(e).__name__}: {e}"
 
 
 def _check_config_file(value: str) -> None:
@@ -184,12 +208,11 @@ def _last_line(message: str) -> str:
     return f"{lines[0].split(':', 1)[0]}: {lines[-1]}"  # "flag --config=...: ValueError: ..."
 
 
-def _bad_override(args: Sequence[str]) -> str:
+def _bad_override(config_arg: str, args: Sequence[str]) -> str | None:
     """Which --config.A.B=V names a field the config does not have, and what it does have."""
-    config_arg = next(a for a in args if a.startswith("--config="))
     fv = flags.FlagValues()
-    define_config(fv, ["vdit", config_arg], "")
-    fv(["vdit", config_arg])
+    define_config(fv, ["vdit", f"--config={config_arg}"], "")
+    fv(["vdit", f"--config={config_arg}"])
     for arg in args:
         if not arg.startswith("--config."):
             continue
@@ -203,7 +226,7 @@ def _bad_override(args: Sequence[str]) -> str:
                     f" (its fields: {', '.join(have)})" if have else ""
                 )
             node, done = node[part], [*done, part]
-    return f"a --config.FIELD override names no field of {config_arg[len('--config=') :]}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
