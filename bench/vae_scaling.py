@@ -107,7 +107,7 @@ def worker(spec: dict) -> dict:
     from flax import nnx
 
     from vdit import configlib
-    from vdit.models import vae
+    from vdit.models import vae, vae_chunked
 
     c = load_config(spec["config"])
     if spec["base_channels"]:
@@ -124,16 +124,16 @@ def worker(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     if spec["op"] == "encode":
         x = jnp.asarray(rng.uniform(-1, 1, (1, frames, h, w, 3)), jnp.float32)
-        full_fn, step_fn = vae._encode_full, vae._encode_step
+        full_fn, step_fn = vae.encode_full, vae_chunked._encode_step
         chunk = spec["chunk_frames"]
-        run_chunked = lambda v: vae.encode_chunked(model, v, chunk)
+        run_chunked = lambda v: vae_chunked.encode_chunked(model, v, chunk)
     else:
         x = jnp.asarray(
             rng.standard_normal((1, t_lat, h // ch, w // cw, cfg.latent_channels)), jnp.float32
         )
-        full_fn, step_fn = vae._decode_full, vae._decode_step
+        full_fn, step_fn = vae.decode_full, vae_chunked._decode_step
         chunk = spec["chunk_latents"]
-        run_chunked = lambda v: vae.decode_chunked(model, v, chunk)
+        run_chunked = lambda v: vae_chunked.decode_chunked(model, v, chunk)
 
     build_s = time.perf_counter() - t_build
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def worker(spec: dict) -> dict:
     else:
         # the distinct step shapes of the loop: the first frame (no cache), then chunks with caches
         n = x.shape[1]
-        bounds = vae._chunks(n, chunk)
+        bounds = vae_chunked._chunks(n, chunk)
         step_peaks, prev, seen = [], None, {}
         for start, stop in bounds:
             key = (stop - start, prev is None)

@@ -13,7 +13,7 @@ from tiny import ROOT, load_config_module
 
 from vdit import configlib
 from vdit.data import vae_data
-from vdit.models import vae
+from vdit.models import vae, vae_chunked
 from vdit.ops.quality import psnr, ssim
 from vdit.train.load import load
 from vdit.train.vae_task import VAETask, vae_data_config
@@ -40,29 +40,29 @@ def _video(key, shape):
 
 def test_encoder_and_decoder_are_causal(model):
     x = _video(1, (1, 13, 8, 8, 3))  # latent frame i sees pixel frames <= 4 i
-    mean, _ = vae._encode_full(model, x)
+    mean, _ = vae.encode_full(model, x)
     assert mean.shape == (1, 4, 2, 2, 4)
     k = 5  # first seen by latent frame 2 (pixel frames 5..8)
-    changed, _ = vae._encode_full(model, x.at[:, k].set(0.9))
+    changed, _ = vae.encode_full(model, x.at[:, k].set(0.9))
     np.testing.assert_array_equal(np.asarray(changed[:, :2]), np.asarray(mean[:, :2]))
     assert np.abs(np.asarray(changed[:, 2:] - mean[:, 2:])).max() > 1e-4
 
-    y = vae._decode_full(model, mean)
+    y = vae.decode_full(model, mean)
     assert y.shape == (1, 13, 8, 8, 3)
     # latent frame 2 first shapes pixel frames 5..8: frames 0..4 stay
-    y2 = vae._decode_full(model, mean.at[:, 2].add(1.0))
+    y2 = vae.decode_full(model, mean.at[:, 2].add(1.0))
     np.testing.assert_array_equal(np.asarray(y2[:, :5]), np.asarray(y[:, :5]))
     assert np.abs(np.asarray(y2[:, 5:] - y[:, 5:])).max() > 1e-4
 
 
 def test_image_is_a_one_frame_video(model):
     x = _video(2, (2, 1, 8, 12, 3))
-    mean, logvar = vae._encode_full(model, x)
+    mean, logvar = vae.encode_full(model, x)
     assert mean.shape == logvar.shape == (2, 1, 2, 3, 4)
-    assert vae._decode_full(model, mean).shape == (2, 1, 8, 12, 3)
+    assert vae.decode_full(model, mean).shape == (2, 1, 8, 12, 3)
     # an image encodes as the first frame of any video starting with it
     video = jnp.concatenate([x, _video(3, (2, 4, 8, 12, 3))], axis=1)
-    first, _ = vae._encode_full(model, video)
+    first, _ = vae.encode_full(model, video)
     np.testing.assert_allclose(np.asarray(first[:, :1]), np.asarray(mean), atol=1e-6)
 
 
@@ -94,16 +94,16 @@ def test_sizes_not_a_multiple_of_the_compression_are_refused(model):
 
 def test_chunked_equals_full(model):
     x = _video(4, (1, 18, 8, 8, 3))  # 18 frames: the last one is seen by no latent frame
-    mean, logvar = vae._encode_full(model, x)
+    mean, logvar = vae.encode_full(model, x)
     assert mean.shape[1] == 5
-    m, lv = vae.encode_chunked(model, x, 4)  # chunks of 1, 4, 4, 4, 4 frames
+    m, lv = vae_chunked.encode_chunked(model, x, 4)  # chunks of 1, 4, 4, 4, 4 frames
     np.testing.assert_allclose(np.asarray(m), np.asarray(mean), atol=2e-5)
     np.testing.assert_allclose(np.asarray(lv), np.asarray(logvar), atol=2e-5)
-    y = vae._decode_full(model, mean)
-    yc = vae.decode_chunked(model, mean, 2)  # 1, 2, 2 latent frames
+    y = vae.decode_full(model, mean)
+    yc = vae_chunked.decode_chunked(model, mean, 2)  # 1, 2, 2 latent frames
     np.testing.assert_allclose(np.asarray(yc), np.asarray(y), atol=2e-5)
     with pytest.raises(ValueError, match="multiple of ct"):
-        vae.encode_chunked(model, x, 6)
+        vae_chunked.encode_chunked(model, x, 6)
 
 
 def test_groupnorm_and_attention_stay_causal_and_chunkable():
@@ -121,12 +121,12 @@ def test_groupnorm_and_attention_stay_causal_and_chunkable():
     )
     m = vae.CausalVAE3D(cfg, rngs=nnx.Rngs(1))
     x = _video(7, (1, 7, 8, 8, 3))  # ct = 2: 4 latent frames
-    mean, _ = vae._encode_full(m, x)
-    changed, _ = vae._encode_full(m, x.at[:, 3].set(0.5))  # first seen by latent frame 2
+    mean, _ = vae.encode_full(m, x)
+    changed, _ = vae.encode_full(m, x.at[:, 3].set(0.5))  # first seen by latent frame 2
     np.testing.assert_array_equal(np.asarray(changed[:, :2]), np.asarray(mean[:, :2]))
     assert np.abs(np.asarray(changed[:, 2:] - mean[:, 2:])).max() > 1e-4
     np.testing.assert_allclose(
-        np.asarray(vae.encode_chunked(m, x, 2)[0]), np.asarray(mean), atol=2e-5
+        np.asarray(vae_chunked.encode_chunked(m, x, 2)[0]), np.asarray(mean), atol=2e-5
     )
 
 
@@ -138,14 +138,14 @@ def test_tiled_is_exact_when_the_overlap_margin_covers_the_receptive_field():
     )
     m = vae.CausalVAE3D(cfg, rngs=nnx.Rngs(0))
     x = _video(5, (1, 2, 56, 56, 3))
-    mean, _ = vae._encode_full(m, x)
-    y = vae._decode_full(m, mean)
-    mt, _ = vae.encode_tiled(m, x, (40, 40), (32, 32))  # margin 8: 4 tiles
+    mean, _ = vae.encode_full(m, x)
+    y = vae.decode_full(m, mean)
+    mt, _ = vae_chunked.encode_tiled(m, x, (40, 40), (32, 32))  # margin 8: 4 tiles
     np.testing.assert_allclose(np.asarray(mt), np.asarray(mean), atol=1e-5)
-    yt = vae.decode_tiled(m, mean, (48, 48), (40, 40))  # margin 10
+    yt = vae_chunked.decode_tiled(m, mean, (48, 48), (40, 40))  # margin 10
     np.testing.assert_allclose(np.asarray(yt), np.asarray(y), atol=1e-5)
     # a margin under the receptive field is only approximate
-    yt_small = vae.decode_tiled(m, mean, (48, 48), (36, 36))
+    yt_small = vae_chunked.decode_tiled(m, mean, (48, 48), (36, 36))
     assert np.abs(np.asarray(yt_small - y)).max() > 1e-5
 
 
@@ -155,25 +155,26 @@ def test_tiled_and_chunked_together_approximate_full(model):
     network the largest deviation measured is 0.15 (encoder, vs |mean| up to 1.3) and 1.1 (decoder,
     vs |video| up to 2.2); the bound checks it stays there and improves with the overlap."""
     x = _video(6, (1, 5, 64, 64, 3))
-    mean, _ = vae._encode_full(model, x)
-    y = vae._decode_full(model, mean)
-    mt, _ = vae.encode_tiled(model, x, (12, 12), (8, 8), chunk_frames=4)
-    yt = vae.decode_tiled(model, mean, (12, 12), (8, 8), chunk_latents=1)
+    mean, _ = vae.encode_full(model, x)
+    y = vae.decode_full(model, mean)
+    mt, _ = vae_chunked.encode_tiled(model, x, (12, 12), (8, 8), chunk_frames=4)
+    yt = vae_chunked.decode_tiled(model, mean, (12, 12), (8, 8), chunk_latents=1)
     enc_err = float(jnp.abs(mt - mean).max())
     dec_err = float(jnp.abs(yt - y).max())
     assert enc_err < 0.2 * float(jnp.abs(mean).max())
     assert dec_err < 0.6 * float(jnp.abs(y).max())
     # a smaller overlap is worse
-    mt_wide, _ = vae.encode_tiled(model, x, (8, 8), (4, 4))
+    mt_wide, _ = vae_chunked.encode_tiled(model, x, (8, 8), (4, 4))
     assert float(jnp.abs(mt_wide - mean).max()) > enc_err
 
 
 def test_blend_weights():
-    w = vae.blend_ramp(12, 8, left=True, right=False)
+    w = vae_chunked.blend_ramp(12, 8, left=True, right=False)
     np.testing.assert_array_equal(w[:2], 0.0)  # outer quarter of the overlap
     assert np.all(np.diff(w[:8]) >= 0) and np.all(w[8:] == 1.0)
     both = (
-        vae.blend_ramp(12, 8, left=False, right=True)[4:] + vae.blend_ramp(12, 8, True, False)[:8]
+        vae_chunked.blend_ramp(12, 8, left=False, right=True)[4:]
+        + vae_chunked.blend_ramp(12, 8, True, False)[:8]
     )
     np.testing.assert_allclose(both, 1.0, atol=1e-6)  # the two sides of an overlap cross-fade
 
@@ -183,7 +184,7 @@ def test_latent_statistics_normalise_latents(model):
     mean, std = vae.latent_statistics(model, videos)
     m = vae.CausalVAE3D(TINY, rngs=nnx.Rngs(0))
     vae.set_latent_statistics(m, mean, std)
-    z = jnp.concatenate([vae._encode_full(m, jnp.asarray(v))[0].reshape(-1, 4) for v in videos])
+    z = jnp.concatenate([vae.encode_full(m, jnp.asarray(v))[0].reshape(-1, 4) for v in videos])
     zn = m.normalize(z)
     np.testing.assert_allclose(np.asarray(zn.mean(0)), 0.0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(zn.std(0)), 1.0, atol=1e-3)

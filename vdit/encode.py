@@ -140,7 +140,7 @@ def check_vae(options: EncodeOptions, compression: tuple[int, int, int], channel
 def encode_video(model, video: np.ndarray, options: EncodeOptions) -> tuple[jax.Array, jax.Array]:
     """uint8 (T, H, W, 3) -> (mean, logvar) (t, h, w, Z), on the device of the model's parameters
     (asynchronously: the results are jax arrays)."""
-    from vdit.models import vae
+    from vdit.models import vae, vae_chunked
 
     device = jax.tree.leaves(nnx.state(model))[0].devices().pop()
     x = jax.device_put(video.astype(np.float32)[None] / 127.5 - 1.0, device)
@@ -148,11 +148,11 @@ def encode_video(model, video: np.ndarray, options: EncodeOptions) -> tuple[jax.
     chunk = -(-options.chunk_frames // ct) * ct if options.chunk_frames else 0
     if options.tile:
         tile, overlap = (options.tile,) * 2, (options.tile_overlap,) * 2
-        mean, logvar = vae.encode_tiled(model, x, tile, overlap, chunk or None)
+        mean, logvar = vae_chunked.encode_tiled(model, x, tile, overlap, chunk or None)
     elif chunk:
-        mean, logvar = vae.encode_chunked(model, x, chunk)
+        mean, logvar = vae_chunked.encode_chunked(model, x, chunk)
     else:
-        mean, logvar = vae._encode_full(model, x)
+        mean, logvar = vae.encode_full(model, x)
     return mean[0], logvar[0]
 
 

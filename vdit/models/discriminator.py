@@ -6,7 +6,7 @@ logits (B, T, ceil(H / 2**layers), ceil(W / 2**layers)). Time is never strided. 
 `temporal_kernel=1` every frame is judged on its own (a 2D PatchGAN per frame); with a larger one
 the convolutions are the VAE's causal 3D ones, so a patch's logit also sees the preceding frames
 (motion). No normalisation layers: the logits of a sample depend on that sample alone. The
-convolutions reuse `vae.CausalConv3d` (host-drawn init, `vae_in` / `vae_out` sharding names).
+convolutions reuse `vae_layers.CausalConv3d` (host-drawn init, `vae_in` / `vae_out` sharding names).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdit.models.vae import CausalConv3d
+from vdit.models.vae_layers import CausalConv3d
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from vdit import configlib
 from vdit.data import detector
 from vdit.data.video_io import tile, upscale, write_video
 from vdit.diffusion.evaluate import EvalSetup, generate
-from vdit.models import vae
+from vdit.models import vae_chunked
 from vdit.train import load
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def latent_decoder(workdir: str, step: int | None = None, chunk_latents: int = 4
 
     def decode(latent: np.ndarray) -> np.ndarray:
         z = model.denormalize(jnp.asarray(latent, jnp.float32))[None]
-        return np.asarray(vae.decode_chunked(model, z, chunk_latents)[0])
+        return np.asarray(vae_chunked.decode_chunked(model, z, chunk_latents)[0])
 
     decode.model = model
     return decode
