@@ -14,7 +14,7 @@ import ml_collections
 
 from vdit.data import config as data_config
 from vdit.data import tokenizer
-from vdit.data.vae_data import SOURCES as VAE_SOURCES
+from vdit.data.vae_data import VAEDataConfig
 from vdit.diffusion.flow import FlowConfig
 from vdit.models.discriminator import DiscConfig
 from vdit.models.dit import DiTConfig
@@ -252,7 +252,6 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
     build(LossConfig, c.loss, "loss")
     disc_config(c)
     vc = vae_config(c)
-    _, ch, cw = vc.compression
     d = c.data
     # fields added after the first VAE checkpoints: their defaults, so older configs still load
     if "source" not in d:
@@ -261,43 +260,7 @@ def load_vae(c: ml_collections.ConfigDict, num_devices: int | None = None):
         d.pan_fraction = 0.5
     if "records" not in d:
         d.records = ml_collections.ConfigDict({"path": ""})
-    if d.source not in VAE_SOURCES:
-        _fail("data.source", f"{d.source!r} is not one of {VAE_SOURCES}")
-    if not 0 <= d.pan_fraction <= 1:
-        _fail("data.pan_fraction", f"{d.pan_fraction} is not in [0, 1]")
-    if d.source == "records" and not d.records.path:
-        _fail(
-            "data.records.path",
-            "is empty; data.source='records' reads shards written by "
-            "`vdit prepare` (a folder or a glob)",
-        )
-    if not d.size_choices:
-        _fail("data.size_choices", "is empty")
-    for hw in d.size_choices:
-        if hw[0] < ch or hw[1] < cw or hw[0] % ch or hw[1] % cw:
-            _fail(
-                "data.size_choices",
-                f"{tuple(hw)} is not a positive multiple of the spatial compression {ch}x{cw}",
-            )
-    if not d.frame_choices or min(d.frame_choices) < 2:
-        _fail(
-            "data.frame_choices",
-            f"{tuple(d.frame_choices)}: video durations must be >= 2 "
-            "(images come from data.image_fraction)",
-        )
-    if not 0 <= d.image_fraction <= 1:
-        _fail("data.image_fraction", f"{d.image_fraction} is not in [0, 1]")
-    if d.batch_size < 1:
-        _fail("data.batch_size", f"{d.batch_size} must be >= 1")
-    largest = max(d.frame_choices) * max(h * w for h, w in d.size_choices)
-    if d.max_pixels < largest:
-        _fail(
-            "data.max_pixels",
-            f"{d.max_pixels} is under one sample of the largest shape "
-            f"({max(d.frame_choices)} frames of {max(h * w for h, w in d.size_choices)} pixels)",
-        )
-    if d.eval_samples < 1:
-        _fail("data.eval_samples", f"{d.eval_samples} must be >= 1")
+    VAEDataConfig.from_section(d.to_dict()).validate(vc.compression)  # every data.* check
     if num_devices is not None:
         try:
             resolve_mesh_shape(dict(c.mesh), num_devices // max(c.mesh.get("dcn_data", 1), 1))

@@ -68,6 +68,52 @@ class VAEDataConfig:
                 raise ValueError(f"data.{key}: not a data field of the VAE; remove it")
         return cls(**{**d, "records": section(RecordsConfig, "records", d["records"])})
 
+    def validate(self, compression: tuple[int, int, int]) -> None:
+        """Every check on the VAE's data section, for a VAE of `compression` (time, height,
+        width); a message starts with the config field it names."""
+
+        def fail(field: str, msg: str) -> None:
+            raise ValueError(f"data.{field}: {msg}")
+
+        _, ch, cw = compression
+        if self.source not in SOURCES:
+            fail("source", f"{self.source!r} is not one of {SOURCES}")
+        if not 0 <= self.pan_fraction <= 1:
+            fail("pan_fraction", f"{self.pan_fraction} is not in [0, 1]")
+        if self.source == "records" and not self.records.path:
+            fail(
+                "records.path",
+                "is empty; data.source='records' reads shards written by `vdit prepare` "
+                "(a folder or a glob)",
+            )
+        if not self.size_choices:
+            fail("size_choices", "is empty")
+        for hw in self.size_choices:
+            if hw[0] < ch or hw[1] < cw or hw[0] % ch or hw[1] % cw:
+                fail(
+                    "size_choices",
+                    f"{tuple(hw)} is not a positive multiple of the spatial compression {ch}x{cw}",
+                )
+        if not self.frame_choices or min(self.frame_choices) < 2:
+            fail(
+                "frame_choices",
+                f"{tuple(self.frame_choices)}: video durations must be >= 2 (images come from "
+                "data.image_fraction)",
+            )
+        if not 0 <= self.image_fraction <= 1:
+            fail("image_fraction", f"{self.image_fraction} is not in [0, 1]")
+        if self.batch_size < 1:
+            fail("batch_size", f"{self.batch_size} must be >= 1")
+        pixels = max(h * w for h, w in self.size_choices)
+        if self.max_pixels < max(self.frame_choices) * pixels:
+            fail(
+                "max_pixels",
+                f"{self.max_pixels} is under one sample of the largest shape "
+                f"({max(self.frame_choices)} frames of {pixels} pixels)",
+            )
+        if self.eval_samples < 1:
+            fail("eval_samples", f"{self.eval_samples} must be >= 1")
+
 
 def _step_shape(cfg: VAEDataConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(frames, H, W, samples) of one step."""
