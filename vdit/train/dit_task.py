@@ -28,14 +28,15 @@ from vdit.parallel import distributed
 from vdit.parallel.mesh import mesh_from_config
 from vdit.parallel.sharding import activation_sharding, logical_to_spec
 from vdit.parallel.topology import peak_flops_per_device
-from vdit.train import loop, samples
+from vdit.train import samples
 from vdit.train.state import OptimConfig, ShardedState, State, guarded_update, make_optimizer
+from vdit.train.task import Task
 
 # Keys split over the mesh's `sequence` axis along their second (token) dimension.
 _SEQUENCE_KEYS = frozenset({"patches", "segment_ids", "positions", "cond_mask", "loss_mask"})
 
 
-class DiTTask(loop.Task):
+class DiTTask(Task):
     """The DiT's state, step and batches over a mesh."""
 
     logged = ("loss", "grad_norm")

@@ -3,7 +3,7 @@
     task (the model's state, step, batches, evaluation) -> restore or init
     -> for each step: batch -> jitted step -> metrics / evaluation / checkpoint -> progress
 
-What differs between models is a `Task` (vdit/train/dit_task.py, vdit/train/vae_task.py); the loop
+What differs between models is a `Task` (vdit/train/task.py; the DiT and the VAE are two); the loop
 owns what they share. A run resumes from the latest checkpoint in WORKDIR/checkpoints by itself (with
 the data iterator where it stopped, for a task that has one), so a restarted job continues as if it
 had never stopped. The mesh of the resumed run may differ from the one that saved (the state is
@@ -27,48 +27,13 @@ import ml_collections
 import numpy as np
 
 from vdit.train.checkpoint import Checkpointer
+from vdit.train.dit_task import DiTTask
 from vdit.train.metrics import MetricsWriter, progress_bar
-from vdit.train.state import OptimConfig, ShardedState, State, learning_rate
+from vdit.train.state import learning_rate
+from vdit.train.task import Task
+from vdit.train.vae_task import VAETask
 
 log = logging.getLogger(__name__)
-
-
-class Task:
-    """What the loop needs from one model. Subclasses set `config`, `state`, `optim_cfg`."""
-
-    config: ml_collections.ConfigDict  # the loaded (validated) config
-    state: ShardedState  # the train state's layout and init
-    optim_cfg: OptimConfig
-    data_iter: Any = None  # a checkpointable data iterator saved with the state, or None
-    logged: tuple[str, ...] | None = None  # step metrics averaged into the log (None: all)
-    postfix: tuple[str, ...] = ("loss",)  # logged metrics shown on the progress bar
-
-    def describe(self) -> str:
-        """One log line about the run."""
-        return f"mesh {dict(self.state.mesh.shape)}, {self.state.num_params():,} parameters"
-
-    def batch(self, step: int) -> tuple[Any, dict[str, Any]]:
-        """(the step's device batch, host-side counts summed over a log interval)."""
-        raise NotImplementedError
-
-    def step(self, state: State, batch: Any) -> tuple[State, dict[str, jax.Array]]:
-        """The jitted train step (donates `state`)."""
-        raise NotImplementedError
-
-    def summarize(self, counts: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """Metrics of a log interval from its summed host counts."""
-        return {}
-
-    def finish(self, state: State, writer: MetricsWriter) -> tuple[State, dict[str, Any]]:
-        """The last step's state before its evaluation and checkpoint, and metrics about it."""
-        return state, {}
-
-    def eval_due(self, done: int) -> bool:
-        return done == self.config.train.steps
-
-    def evaluate(self, state: State, done: int, workdir: str, writer: MetricsWriter) -> dict:
-        """Evaluation metrics at step `done` (files it writes go under `workdir`)."""
-        return {}
 
 
 def train_and_evaluate(
@@ -87,10 +52,7 @@ def train_and_evaluate(
             f"the mesh devices include none of processes {sorted(missing)}: a "
             "multi-process run needs a mesh over the devices of every process"
         )
-    if config.get("kind", "dit") == "vae":
-        from vdit.train.vae_task import VAETask as task_type
-    else:
-        from vdit.train.dit_task import DiTTask as task_type
+    task_type = VAETask if config.get("kind", "dit") == "vae" else DiTTask
     return run(task_type.from_config(config, devices), workdir)
 
 

@@ -34,8 +34,8 @@ from vdit.models import discriminator, vae
 from vdit.ops.quality import psnr, ssim
 from vdit.parallel.mesh import mesh_from_config
 from vdit.parallel.sharding import activation_sharding, logical_to_spec
-from vdit.train import loop
 from vdit.train.state import Aux, OptimConfig, ShardedState, State, guarded_update, make_optimizer
+from vdit.train.task import Task
 
 
 def disc_optimizer(cfg: discriminator.DiscConfig) -> optax.GradientTransformation:
@@ -45,7 +45,7 @@ def disc_optimizer(cfg: discriminator.DiscConfig) -> optax.GradientTransformatio
     )
 
 
-class VAETask(loop.Task):
+class VAETask(Task):
     """The VAE's state (and its discriminator's), step, batches and evaluation over a mesh."""
 
     postfix = ("loss", "psnr")
