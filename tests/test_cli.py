@@ -112,6 +112,13 @@ def test_sample_rejects_a_size_the_patch_cannot_tile(trained, tmp_path):
     assert proc.returncode != 0 and "patch" in proc.stderr
 
 
+def test_eval_scores_the_samples_of_the_trained_model(trained):
+    workdir, _ = trained
+    proc = _vdit("eval", f"--workdir={workdir}", "--num=2", "--steps=1")
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 2 and 0 <= scores["color_accuracy"] <= 1
+
+
 def test_params_prints_every_parameter_and_its_sharding():
     proc = _vdit("params", *TINY_FLAGS, "--config.mesh.data=2", "--config.mesh.fsdp=4")
     assert "mesh {'data': 2, 'fsdp': 4" in proc.stdout
