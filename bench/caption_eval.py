@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/caption_eval.json")
     args = ap.parse_args()
 
-    ema, raw = load(args.workdir), load(args.workdir, ema=False)
+    ema, raw = load(args.workdir, ema=True), load(args.workdir, ema=False)
     config = ema.config
     init = DiTTask(config, jax.local_devices()[:1], data=False).state.init()["params"]
     setup = eval_setup(config)

@@ -152,3 +152,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     # CPU is not in the chip table and no peak is configured: no `mfu` is logged
     assert all("mfu" not in r for r in rows(straight))
     assert any("model_flops_per_s" in r for r in rows(straight))
+    # The inference loader reads the same parameters back, EMA or raw, without optimizer state.
+    from vdit.train.load import load
+
+    for ema, key in ((True, "ema"), (False, "params")):
+        loaded = load(straight, ema=ema)
+        assert loaded.step == 4 and loaded.buffers is None
+        for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(a[key]), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), y)
+    assert load(straight).config.sample.use_ema  # ema=None: the config's choice (the EMA)
+    assert not any(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a["ema"]), jax.tree.leaves(a["params"]), strict=True)
+        if x.size > 1
+    )

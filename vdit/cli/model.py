@@ -7,7 +7,6 @@ The calls into vdit/train sit in one small function each (`_train_and_evaluate`,
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 from absl import flags
@@ -29,11 +28,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 def _load_model(workdir: str):
     """(config, graphdef, params) of the latest checkpoint of `workdir`: EMA parameters when the
     config's sample.use_ema, else the raw ones. FileNotFoundError when there is none."""
-    from vdit.train.checkpoint import read_config
     from vdit.train.load import load
 
-    use_ema = read_config(os.path.join(workdir, "checkpoints"))["sample"]["use_ema"]
-    loaded = load(workdir, ema=use_ema)
+    loaded = load(workdir)
     return loaded.config, loaded.graphdef, loaded.params
 
 

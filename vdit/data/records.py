@@ -18,7 +18,7 @@ with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
 
 "raw" (the default) is lossless: training reads exactly what `prepare` decoded and never runs a
 video decoder, at the cost of space (zlib only). "mp4" re-encodes multi-frame samples with H.264
-(lossy, imageio's default quality; typically tens of times smaller) and decodes them with ffmpeg
+(lossy, `video_io.MP4_CRF`; typically tens of times smaller) and decodes them in process (PyAV)
 when read; one-frame samples (images) are always stored "raw". `RecordsSource` turns records back
 into the element dict of the training pipeline (`vdit/data/sources.py`); a record that cannot be
 read or decoded becomes an element with a "decode_error" message, which the pipeline counts as a
@@ -34,6 +34,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from vdit.data import video_io
 
 FORMAT = "vdit-video-npz-1"
 ENCODINGS = ("raw", "mp4")
@@ -85,27 +87,12 @@ class ShardWriter:
 
 
 def _encode_mp4(video: np.ndarray, fps: float) -> np.ndarray:
-    import imageio.v3 as iio
-
-    # H.264 in yuv420p needs even sides: replicate the last row/column (cropped again when read).
-    t, h, w, _ = video.shape
-    padded = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    data = iio.imwrite(
-        "<bytes>",
-        padded,
-        extension=".mp4",
-        plugin="FFMPEG",
-        fps=fps if fps > 0 else MP4_DEFAULT_FPS,
-        macro_block_size=1,
-    )
-    return np.frombuffer(data, np.uint8)
+    return np.frombuffer(video_io.encode_mp4(video, fps if fps > 0 else MP4_DEFAULT_FPS), np.uint8)
 
 
 def _decode_mp4(data: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    import imageio.v3 as iio
-
     t, h, w = (int(v) for v in shape)
-    video = np.asarray(iio.imread(data.tobytes(), extension=".mp4", plugin="FFMPEG", index=None))
+    video = video_io.decode_mp4(data.tobytes())
     if video.ndim != 4 or video.shape[0] != t or video.shape[1] < h or video.shape[2] < w:
         raise ValueError(f"the MP4 decodes to {video.shape}, the record says {(t, h, w)}")
     return np.ascontiguousarray(video[:, :h, :w, :3])

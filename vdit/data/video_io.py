@@ -7,6 +7,7 @@ may deadlock on.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from fractions import Fraction
@@ -72,9 +73,10 @@ def write_video(path: str | os.PathLike, video: np.ndarray, fps: float = 8) -> s
     return path
 
 
-def _write_mp4(path: str, video: np.ndarray, fps: float) -> None:
-    """uint8 (T, H, W, 3), even H and W -> H.264 (yuv420p) MP4."""
-    with av.open(path, mode="w") as container:
+def _write_mp4(target, video: np.ndarray, fps: float) -> None:
+    """uint8 (T, H, W, 3), even H and W -> H.264 (yuv420p) MP4 at `target` (a path or a binary
+    file object)."""
+    with av.open(target, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -90,9 +92,31 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     if os.path.splitext(path)[1].lower() in IMAGE_EXTS:
         arr = iio.imread(path, index=None, plugin="pillow", mode="RGB")
     else:
-        with av.open(path) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        arr = np.stack(frames)
+        arr = _read_frames(path)
     if arr.ndim == 3:
         arr = arr[None]
     return arr[..., :3]
+
+
+def _read_frames(source) -> np.ndarray:
+    """All frames of the first video stream of `source` (a path or a binary file object)."""
+    with av.open(source) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("the video has no frames")
+    return np.stack(frames)
+
+
+def encode_mp4(video: np.ndarray, fps: float) -> bytes:
+    """uint8 (T, H, W, 3) -> the bytes of an H.264 MP4, in this process (no encoder subprocess).
+    Odd sides are padded by replicating the last row/column (crop them again after decoding)."""
+    h, w = video.shape[1:3]
+    video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    buf = io.BytesIO()
+    _write_mp4(buf, video, fps)
+    return buf.getvalue()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """The bytes of a video file -> uint8 (T, H, W, 3), in this process."""
+    return _read_frames(io.BytesIO(data))

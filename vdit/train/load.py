@@ -1,6 +1,6 @@
 """One loader for inference: a work directory's checkpoint -> (config, model), nothing else.
 
-    loaded = load(workdir)                  # latest step, EMA parameters, on the first local device
+    loaded = load(workdir)                  # latest step, the config's EMA choice, first local device
     loaded = load(workdir, step=500, ema=False)
     video = generate(loaded.graphdef, loaded.params, ...)   # or loaded.model() for an nnx module
 
@@ -62,13 +62,16 @@ def load(
     workdir: str | os.PathLike,
     step: int | None = None,
     *,
-    ema: bool = True,
+    ema: bool | None = None,
     devices=None,
 ) -> Loaded:
-    """The model of WORKDIR/checkpoints at `step` (default: the latest) with its EMA (or raw)
-    parameters, replicated over `devices` (default: the first local device)."""
+    """The model of WORKDIR/checkpoints at `step` (default: the latest) with its EMA (`ema=True`)
+    or raw parameters, replicated over `devices` (default: the first local device). `ema=None`
+    takes the config's choice (`sample.use_ema` of a DiT; the EMA for the VAE)."""
     directory = os.path.join(os.fspath(workdir), "checkpoints")
     c = configlib.load(ml_collections.ConfigDict(read_config(directory, step)))
+    if ema is None:
+        ema = bool(c.sample.use_ema) if "sample" in c else True
     devices = list(devices or jax.local_devices()[:1])
     mesh = _replicated_mesh(devices)
     with c.unlocked():  # the config of the model as loaded: replicated over `devices`

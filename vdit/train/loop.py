@@ -61,7 +61,15 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
     c = task.config
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
-    log.info("process %d of %d: %s", jax.process_index(), jax.process_count(), task.describe())
+    devices = task.state.mesh.devices.flat
+    log.info(
+        "process %d of %d (%d of %d devices local), %s",
+        jax.process_index(),
+        jax.process_count(),
+        sum(d.process_index == jax.process_index() for d in devices),
+        task.state.mesh.devices.size,
+        task.describe(),
+    )
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=tc.checkpoint_every,
