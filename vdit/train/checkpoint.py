@@ -248,13 +248,19 @@ def _restore_config(
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """Reads the config stored in checkpoint ``directory`` (at ``step``, default latest)."""
+    return read_config_and_step(directory, step)[0]
+
+
+def read_config_and_step(
+    directory: str | os.PathLike, step: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """(the stored config, the step) of checkpoint ``directory`` at ``step`` (default: the latest
+    committed one), read without opening a checkpoint manager (nothing is written or locked)."""
     path = epath.Path(os.path.abspath(os.fspath(directory)))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
-    )
-    with ocp.CheckpointManager(
-        path, options=options, handler_registry=_handler_registry()
-    ) as manager:
-        return _restore_config(manager, path, _pick_step(manager.all_steps(), step, path))
+    step = _pick_step(ocp.utils.checkpoint_steps(path), step, path)
+    if not (path / str(step) / CONFIG).exists():
+        raise FileNotFoundError(f"checkpoint step {step} in {path} has no config")
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(path / str(step) / CONFIG), step

@@ -28,7 +28,7 @@ from vdit.models import vae
 from vdit.models.dit import VideoDiT
 from vdit.parallel.mesh import MESH_AXES, make_mesh
 from vdit.parallel.sharding import param_shardings
-from vdit.train.checkpoint import STATE, Checkpointer, read_config
+from vdit.train.checkpoint import STATE, read_config_and_step
 from vdit.train.state import ModelFn, split_model, with_shardings
 
 
@@ -69,7 +69,8 @@ def load(
     or raw parameters, replicated over `devices` (default: the first local device). `ema=None`
     takes the config's choice (`sample.use_ema` of a DiT; the EMA for the VAE)."""
     directory = os.path.join(os.fspath(workdir), "checkpoints")
-    c = configlib.load(ml_collections.ConfigDict(read_config(directory, step)))
+    stored, step = read_config_and_step(directory, step)
+    c = configlib.load(ml_collections.ConfigDict(stored))
     if ema is None:
         ema = bool(c.sample.use_ema) if "sample" in c else True
     devices = list(devices or jax.local_devices()[:1])
@@ -86,8 +87,6 @@ def load(
     }
     if buffers is not None:
         target["stats"] = _abstract(abstract_buffers, rules, mesh)
-    with Checkpointer(directory, save_every=1, keep=None) as ckpt:
-        step = ckpt.resolve_step(step)
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(os.path.abspath(directory), str(step), STATE),
         args=ocp.args.PyTreeRestore(
