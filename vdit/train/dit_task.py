@@ -80,10 +80,9 @@ class DiTTask(Task):
         if c.data.source == "latents":  # the decoder of the sample grid must be the encoding VAE
             samples.check_vae(c, latents.read_manifest(c.data.latents.path))
         # peak FLOP/s of the run's devices for `mfu`: the config's, else the chip table's; 0 = unknown
-        devices = self.mesh.devices.flat
-        first = next(iter(devices))
         peak = float(c.train.get("peak_flops_per_device", 0.0))
-        self.peak_flops = (peak or peak_flops_per_device(first) or 0.0) * self.mesh.devices.size
+        peak = peak or peak_flops_per_device(self.mesh.devices.flat[0]) or 0.0
+        self.peak_flops = peak * self.mesh.devices.size
 
     # --- shardings and the step ---------------------------------------------------------------
     def batch_shardings(self, batch_keys: dict[str, int]) -> dict[str, NamedSharding]:
