@@ -34,6 +34,10 @@ from vdit import configlib
         (lambda c: setattr(c.mesh, "sequence", 3), "mesh"),
         (lambda c: setattr(c.data.token_drop, "rate", 1.0), "data.token_drop.rate"),
         (lambda c: setattr(c.data, "time_fit", "stretch"), "data.time_fit"),
+        # a misspelt setting in a config file is refused by name, never ignored
+        (lambda c: setattr(c.model, "attn_blok", 64), "model.attn_blok"),
+        (lambda c: setattr(c.model.text, "heds", 2), "model.text.heds"),
+        (lambda c: setattr(c.flow, "shift", 2.0), "flow.shift"),
     ],
 )
 def test_validation_names_the_field(change, field):

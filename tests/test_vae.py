@@ -252,6 +252,8 @@ def vae_tiny_config() -> ml_collections.ConfigDict:
         (lambda c: setattr(c.disc, "b1", 1.0), "disc.b1"),
         (lambda c: setattr(c.mesh, "data", 3), "mesh"),
         (lambda c: setattr(c, "kind", "gan"), "kind"),
+        (lambda c: setattr(c.vae, "base_channel", 8), "vae.base_channel"),
+        (lambda c: setattr(c.disc, "learning_rate", 1e-3), "disc.learning_rate"),
     ],
 )
 def test_validation_names_the_field(change, field):

@@ -53,13 +53,26 @@ def _fail(field: str, msg: str) -> None:
     raise ValueError(f"{field}: {msg}")
 
 
-def build(cls, section: ml_collections.ConfigDict, name: str, **extra):
+def build(
+    cls,
+    section: ml_collections.ConfigDict,
+    name: str,
+    *,
+    config_only: tuple[str, ...] = (),
+    **extra,
+):
     """`cls(...)` from the config `section` (called `name`) whose fields it names, plus `extra`
     (fields that come from other sections): the section's names are the dataclass's, so building is
-    construction. The dataclass checks its own fields; its error is re-raised naming the field in
-    the config ("model.heads: ...")."""
+    construction. A key of the section that is neither a field nor one of `config_only` (settings
+    the config resolves itself, such as model.variant) is refused by name, never ignored. The
+    dataclass checks its own fields; its error is re-raised naming the field in the config
+    ("model.heads: ...")."""
     names = {f.name for f in dataclasses.fields(cls)}
-    fields = {k: v for k, v in section.to_dict().items() if k in names and k not in extra}
+    values = section.to_dict()
+    for key in values:
+        if key not in names and key not in config_only and key not in extra:
+            raise ValueError(f"{name}.{key}: not a setting of {cls.__name__}; remove it")
+    fields = {k: v for k, v in values.items() if k in names and k not in extra}
     try:
         return cls(**fields, **extra)
     except ValueError as e:
@@ -94,6 +107,7 @@ def load(
     c.model.heads = c.model.heads or h
     m = c.model
     model_config(c)  # the model's own checks (vdit/models/dit.py, text.py), naming the field
+    flow_config(c)
     ae = c.autoencoder
     if ae.kind not in AUTOENCODER_KINDS:
         _fail("autoencoder.kind", f"{ae.kind!r} is not one of {AUTOENCODER_KINDS}")
@@ -199,7 +213,13 @@ def model_config(c: ml_collections.ConfigDict) -> DiTConfig:
         vocab_size=tokenizer.VOCAB_SIZE,
     )
     return build(
-        DiTConfig, m, "model", patch=patch_size(c), channels=c.autoencoder.channels, text=text
+        DiTConfig,
+        m,
+        "model",
+        config_only=("variant", "patch_t"),  # resolved into width/depth/heads and the patch
+        patch=patch_size(c),
+        channels=c.autoencoder.channels,
+        text=text,
     )
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vdit import configlib
 from vdit.parallel.sharding import Rules, param_shardings
 
 State = dict[str, Any]
@@ -48,7 +49,7 @@ class OptimConfig:
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> OptimConfig:
-        return cls(**c.optim.to_dict(), total_steps=c.train.steps)
+        return configlib.build(cls, c.optim, "optim", total_steps=c.train.steps)
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
