@@ -43,11 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.patch_t = 1  # temporal patch pt (the spatial patch is the variant's p)
     c.model.qk_norm = True  # RMSNorm on queries and keys
     c.model.rope_theta = 10_000.0  # 3D RoPE base
-    # "auto" (splash on TPU, chunked elsewhere) | "chunked" (block-skipping, O(L) memory) |
-    # "splash" (Pallas TPU kernel; interpreted, slowly, off TPU) | "xla" (dense reference)
+    # "auto" (splash on TPU, gpu on GPU, chunked elsewhere) | "chunked" (block-skipping, O(L)
+    # memory) | "splash" (Pallas TPU kernel; interpreted, slowly, off TPU) | "gpu" (Pallas Triton
+    # flash kernel, block-skipping; interpreted, slowly, off GPU) | "xla" (dense reference)
     c.model.attn_impl = "auto"
-    # query/key block of "chunked" (smaller skips more across segments) and "splash" (rounded up to
-    # a multiple of 128)
+    # query/key block of "chunked" (smaller skips more across segments), "splash" (rounded up to
+    # a multiple of 128) and "gpu" (rounded up to a power of two)
     c.model.attn_block = 128
     c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
     c.model.scan_layers = True  # scan over stacked blocks (compile time independent of depth)

@@ -1,6 +1,7 @@
-"""Tests for vdit.ops.attention: chunked (block-skipping flash) and splash vs dense reference.
+"""Tests for vdit.ops.attention: chunked (block-skipping flash), splash and gpu vs dense reference.
 
-Off TPU the splash kernel runs in Pallas interpret mode (slow): its tests use few, small shapes.
+Off TPU the splash kernel, and off GPU the gpu kernel, run in Pallas interpret mode (slow): their
+tests use few, small shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit.flops import (
     executed_attention_flops_chunked,
+    executed_attention_flops_gpu,
     executed_attention_flops_splash,
     executed_block_pairs_chunked,
     useful_attention_flops,
@@ -26,6 +28,7 @@ from vdit.ops.attention.blocks import (
     block_ranges_np,
     pad_to_blocks,
 )
+from vdit.ops.attention.gpu import attention_gpu, gpu_blocks
 from vdit.ops.attention.splash import splash_blocks
 
 H, D = 2, 16
@@ -269,7 +272,7 @@ def test_splash_blocks_and_executed_flops():
 def test_auto_impl():
     assert resolve_impl("auto", "tpu") == "splash"
     assert resolve_impl("auto", "cpu") == "chunked"
-    assert resolve_impl("auto", "gpu") == "chunked"
+    assert resolve_impl("auto", "gpu") == "gpu"
     assert resolve_impl("xla", "tpu") == "xla"
     with pytest.raises(ValueError, match="auto"):
         resolve_impl("flash")
@@ -282,7 +285,138 @@ def test_auto_impl():
         return jax.jit(f).lower(q, k, v, seg, seg).as_text(debug_info=False)
 
     assert hlo("auto") == hlo("chunked")
-    assert hlo("auto", "gpu") == hlo("chunked")
+    # "auto" for a GPU target is the Triton kernel: test_gpu_kernel_lowers_to_triton.
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (Pallas Triton kernel; interpret mode off GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpu_matches_xla_self_attention():
+    # 200 tokens: blocks 32 x 64 (padded to 224 / 256); tiny segments, padding, all padding.
+    seg = self_layouts(200, seed=11)
+    _compare(seg, seg, 32, 64, seed=11, impl="gpu")
+
+
+def test_gpu_matches_xla_cross_attention():
+    """Video queries over short text keys (Lk 37 -> one block of 64); a segment without text -> 0."""
+    lq, lk = 150, 37
+    q_seg = np.stack(
+        [
+            _row_from_lengths([40, 30, 50, 20], lq),
+            _row_from_lengths([140], lq),
+            _row_from_lengths([60, 60, 30], lq),
+        ]
+    )
+    kv_seg = cross_layouts(q_seg, lk, seed=3, max_text=7)
+    kv_seg[0] = _row_from_lengths([5, 0, 7, 3], lk)  # segment 2 has no text tokens
+    out, _ = _compare(q_seg, kv_seg, 32, 16, seed=3, impl="gpu")
+    assert np.all(np.asarray(out)[0][q_seg[0] == 2] == 0)
+    assert np.all(np.asarray(out)[0][q_seg[0] == 3] != 0)
+
+
+def test_gpu_head_dim_not_a_power_of_two_and_bf16():
+    """Head dim 24 (zero-padded to 32 inside) == dense, values and gradients; bf16 inputs too."""
+    seg = jnp.asarray(self_layouts(72, seed=4))
+    keys = jax.random.split(jax.random.PRNGKey(4), 4)
+    q, k, v, cot = (jax.random.normal(key, (*seg.shape, 3, 24)) for key in keys)
+
+    def run(impl, dtype):
+        def loss(q, k, v):
+            out = attention(q, k, v, seg, seg, impl=impl, block_q=16, block_kv=32)
+            return jnp.sum(out.astype(jnp.float32) * cot), out
+
+        args = [x.astype(dtype) for x in (q, k, v)]
+        grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+        return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+    for dtype, tol in ((jnp.float32, GRAD_TOL), (jnp.bfloat16, BF16_TOL)):
+        for name, got, ref in zip(
+            ("out", "dq", "dk", "dv"), run("gpu", dtype), run("xla", dtype), strict=True
+        ):
+            np.testing.assert_allclose(got, ref, atol=tol, rtol=tol, err_msg=f"{name} {dtype}")
+
+
+def test_gpu_kernel_lowers_to_triton():
+    """For a CUDA target the forward and both backward kernels lower through Pallas's Triton
+    lowering (three Triton custom calls, no interpreted loops), and `"auto"` picks them."""
+    seg = jnp.asarray(self_layouts(100, seed=1))
+    q, k, v, cot = _inputs(1, *seg.shape, 100)
+
+    def lowered(impl, platform):
+        def loss(q, k, v):
+            out = attention(
+                q, k, v, seg, seg, impl=impl, block_q=32, block_kv=32, platform=platform
+            )
+            return jnp.sum(out * cot)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text(debug_info=False)
+
+    text = lowered("auto", "gpu")
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert text == lowered("gpu", "gpu")
+    # Off GPU the same call is interpreted: no Triton kernels.
+    f = jax.jit(lambda q, k, v: attention_gpu(q, k, v, seg, seg, 32, 32, interpret=True))
+    assert "triton" not in f.lower(q, k, v).as_text()
+
+
+def test_gpu_blocks_and_executed_flops():
+    assert gpu_blocks(128, 128, 200, 37) == (128, 64)  # clipped to the length's power of two
+    assert gpu_blocks(100, 8, 1000, 1000) == (128, 16)  # powers of two, at least 16
+    # Block skipping: a row of 64 clips of 64 tokens visits the 64 diagonal block pairs of 64.
+    clips = np.repeat(np.arange(1, 65, dtype=np.int32), 64)[None]
+    one = np.ones_like(clips)
+    gpu_clips = executed_attention_flops_gpu(clips, clips, 4, 64, block_q=64, block_kv=64)
+    assert gpu_clips == 4 * 4 * 64 * 64 * 64 * 64
+    assert executed_attention_flops_gpu(one, one, 4, 64, block_q=64, block_kv=64) == 64 * gpu_clips
+    assert gpu_clips == executed_attention_flops_chunked(
+        clips, clips, 4, 64, block_q=64, block_kv=64
+    )
+    # Head dim 24 runs as 32.
+    assert executed_attention_flops_gpu(clips, clips, 4, 24, block_q=64, block_kv=64) == (
+        gpu_clips // 2
+    )
+
+
+def test_gpu_attention_module_sequence_parallel():
+    """`layers.Attention` with impl "gpu" (interpreted) == "xla" on a (data=2, sequence=4) mesh,
+    values and input gradients: self-attention (each device's query quarter against the gathered
+    row) and cross-attention to unsharded text."""
+    from flax import nnx
+
+    from vdit.models import layers
+    from vdit.parallel.mesh import make_mesh
+    from vdit.parallel.sharding import DEFAULT_RULES, activation_sharding
+
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4}, jax.devices())
+    b, length, dim, heads, lt = 2, 128, 32, 2, 12
+    seg = jnp.asarray(
+        np.stack([_row_from_lengths([50, 40, 20], length), np.ones(length, np.int32)])
+    )
+    tseg = jnp.asarray(np.stack([_row_from_lengths([4, 0, 5], lt), _row_from_lengths([9], lt)]))
+    x = jax.random.normal(jax.random.key(0), (b, length, dim))
+    ctx = jax.random.normal(jax.random.key(1), (b, lt, dim))
+
+    def run(impl):
+        self_attn = layers.Attention(dim, heads, impl=impl, block=32, rngs=nnx.Rngs(0))
+        cross = layers.Attention(dim, heads, impl=impl, block=32, rngs=nnx.Rngs(1))
+
+        def loss(x, ctx):
+            with activation_sharding(mesh, DEFAULT_RULES):
+                y = self_attn(x, seg)
+                y = y + cross(y, seg, context=ctx, kv_segment_ids=tseg)
+            return jnp.sum(y * jnp.cos(x)), y
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, ctx)
+
+    (gx, gc), y = run("gpu")
+    (rx, rc), ry = run("xla")
+    assert float(jnp.abs(y).max()) > 0.1
+    np.testing.assert_allclose(y, ry, atol=VAL_TOL, rtol=VAL_TOL)
+    np.testing.assert_allclose(gx, rx, atol=GRAD_TOL, rtol=GRAD_TOL)
+    np.testing.assert_allclose(gc, rc, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,7 +1,8 @@
 """Analytic FLOPs of attention for a layout of segment ids and of one VideoDiT train step; MFU.
 
 All FLOP counting lives here: the attention counters follow the kernels' block rules
-(:mod:`vdit.ops.attention.blocks`, :func:`vdit.ops.attention.splash.splash_blocks`), and
+(:mod:`vdit.ops.attention.blocks`, :func:`vdit.ops.attention.splash.splash_blocks`,
+:func:`vdit.ops.attention.gpu.gpu_blocks`), and
 :func:`step_flops` counts one forward + backward pass of VideoDiT on a packed batch.
 
 Conventions:
@@ -16,18 +17,20 @@ Conventions:
   only the non-padding tokens.
 * Attention forward is ``QK^T + PV`` = ``4 * H * K`` FLOPs per (query, key) pair. Useful pairs are
   those inside one segment (:func:`useful_attention_flops`); executed pairs are
-  all ``Lq * Lk`` of a row for ``"xla"``, the visited block pairs for ``"chunked"`` and every block
+  all ``Lq * Lk`` of a row for ``"xla"``, the visited block pairs for ``"chunked"`` and ``"gpu"``
+  (with its power-of-two blocks and head dimension) and every block
   pair of the block-padded row for ``"splash"`` (it does not skip blocks by segment). ``"auto"`` is
   counted as what it resolves to on JAX's default backend.
 * Attention backward: ``2x`` forward for useful (model) FLOPs and for the dense ``"xla"``
   implementation (dS -> dQ, dK and dP, dV: four matmuls for the forward's two, no recompute). The
   ``"chunked"`` kernel recomputes the scores in both of its backward passes (dq pass: QK^T, dO V^T,
   dS K; dk/dv pass: QK^T, P^T dO, dO V^T, dS^T Q), seven block matmuls, so its executed backward is
-  ``3.5x`` forward; so does ``"splash"`` (separate dq and dk/dv kernels, the same seven).
+  ``3.5x`` forward; so do ``"splash"`` and ``"gpu"`` (separate dq and dk/dv kernels, the same
+  seven).
   (FlashAttention papers count ``2.5x``: one recompute of QK^T.)
 * Rematerialisation re-runs forward work of the blocks in the backward pass: ``"full"`` all of it
   except the cross-attention k, v projections of the text (XLA computes those once);
-  ``"save_dots_no_batch"`` (and ``"save_dots"`` with the chunked or splash kernel) the attention
+  ``"save_dots_no_batch"`` (and ``"save_dots"`` with the chunked, splash or GPU kernel) the attention
   forward;
   ``"save_dots"`` with dense attention only elementwise work. That work is reported
   as ``"recompute"``, included in ``"total_executed"`` and excluded from model FLOPs
@@ -45,6 +48,7 @@ from vdit.models import layers
 from vdit.models.dit import DiTConfig
 from vdit.ops.attention import resolve_impl
 from vdit.ops.attention.blocks import block_ranges_np, effective_block, round_up
+from vdit.ops.attention.gpu import GPU_MIN_BLOCK, gpu_blocks
 from vdit.ops.attention.splash import splash_blocks
 
 # Width of the sinusoidal timestep embedding fed to time_fc1 (fixed in VideoDiT).
@@ -53,7 +57,7 @@ TIME_EMBED_DIM = 256
 TEXT_ATTN_BLOCK: int = inspect.signature(layers.Attention.__init__).parameters["block"].default
 # Backward / forward ratios of attention (see the module docstring).
 ATTN_BWD_USEFUL = 2.0
-ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5, "splash": 3.5}
+ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5, "splash": 3.5, "gpu": 3.5}
 # Parts whose input is not a function of the parameters: backward computes only the weight gradient.
 _NO_INPUT_GRAD = frozenset({"patch_embed", "time_fc1"})
 
@@ -154,6 +158,28 @@ def executed_attention_flops_splash(
     return 4 * num_heads * head_dim * b * round_up(lq, bq) * round_up(lk, bk)
 
 
+def executed_attention_flops_gpu(
+    q_segment_ids: Any,
+    kv_segment_ids: Any,
+    num_heads: int,
+    head_dim: int,
+    *,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> int:
+    """Forward FLOPs the GPU kernel executes: the visited block pairs (the chunked kernel's rule)
+    of its power-of-two blocks (:func:`gpu_blocks`), at the head dimension padded to a power of
+    two (at least 16)."""
+    q_ids = _as_2d_ids(q_segment_ids)
+    kv_ids = _as_2d_ids(kv_segment_ids)
+    if q_ids.shape[1] == 0 or kv_ids.shape[1] == 0:
+        return 0
+    bq, bk = gpu_blocks(block_q, block_kv, q_ids.shape[1], kv_ids.shape[1])
+    lo, hi = block_ranges_np(q_ids, kv_ids, bq, bk)
+    dp = 1 << (max(head_dim, GPU_MIN_BLOCK) - 1).bit_length()
+    return 4 * num_heads * dp * bq * bk * int(np.sum(hi - lo))
+
+
 # ----------------------------------------------------------------------------------------------
 # FLOPs of a train step
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +244,12 @@ def _attention(
     elif impl == "splash":
         executed = float(
             executed_attention_flops_splash(
+                q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block
+            )
+        )
+    elif impl == "gpu":
+        executed = float(
+            executed_attention_flops_gpu(
                 q_seg, kv_seg, heads, head_dim, block_q=block, block_kv=block
             )
         )
@@ -299,9 +331,11 @@ def step_flops(
         # ... except the cross-attention k, v projections of the text context: their inputs are the
         # same in both passes and XLA computes them once (seen in the compiled HLO).
         recompute = video_slots * block_mm + block_attn_x
-    elif remat == "save_dots_no_batch" or (remat == "save_dots" and impl in ("chunked", "splash")):
+    elif remat == "save_dots_no_batch" or (
+        remat == "save_dots" and impl in ("chunked", "splash", "gpu")
+    ):
         # Dense-layer outputs are saved; the attention forward is not (its einsums have batch dims,
-        # and the chunked / splash kernels' outputs come from loops or a kernel call, not dots), so
+        # and the chunked / splash / GPU kernels' outputs come from loops or a kernel call, not dots), so
         # it runs again.
         recompute = block_attn_x
     elif remat not in ("none", "save_dots"):

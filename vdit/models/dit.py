@@ -45,7 +45,7 @@ class DiTConfig:
     qk_norm: bool = True
     rope_theta: float = 10_000.0
     attn_impl: str = "auto"
-    attn_block: int = 128  # query/key block of the chunked and splash implementations
+    attn_block: int = 128  # query/key block of the chunked, splash and gpu implementations
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
     dtype: str = "float32"  # compute dtype

@@ -198,9 +198,10 @@ class Attention(nnx.Module):
         if (bq, hq) != (bk, hk):  # rows or heads split differently: let XLA lay it out
             return fn(q, k, v, q_seg, kv_seg)
         spec_q, spec_k = P(bq, lq, hq, None), P(bk, lk, hk, None)
-        # The splash kernel's pallas_call declares outputs without mesh-axis variance, which
-        # shard_map's variance checking rejects; its per-device semantics are plain, so skip it.
-        check = impl != "splash"
+        # The splash and GPU kernels' pallas_calls declare outputs without mesh-axis variance,
+        # which shard_map's variance checking rejects; their per-device semantics are plain, so
+        # skip it.
+        check = impl not in ("splash", "gpu")
         if q_seg is kv_seg and lk is None:  # self-attention, whole rows: pass the ids once
             one = lambda q, k, v, seg: fn(q, k, v, seg, seg)
             return jax.shard_map(

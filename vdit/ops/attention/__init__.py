@@ -1,4 +1,4 @@
-"""Attention over packed (NaViT-style) sequences with segment ids: one entry point, three kernels.
+"""Attention over packed (NaViT-style) sequences with segment ids: one entry point, four kernels.
 
 Packed rows hold several samples back to back. Every token carries a segment id:
 ``1..S`` for the samples of a row and ``0`` for padding. A query token attends exactly the
@@ -6,7 +6,7 @@ key tokens with the same nonzero segment id; padding never attends and is never 
 A query without any allowed key (padding, or a segment that has no keys, which can happen in
 cross-attention) outputs exactly zero and receives a zero gradient.
 
-Three implementations behind one entry point, :func:`attention`, one module each:
+Four implementations behind one entry point, :func:`attention`, one module each:
 
 * ``"xla"`` (:mod:`.reference`): dense reference, einsum + mask, O(L^2) memory.
 * ``"chunked"`` (:mod:`.chunked`): blockwise (flash-attention style) online softmax in plain JAX
@@ -15,8 +15,12 @@ Three implementations behind one entry point, :func:`attention`, one module each
 * ``"splash"`` (:mod:`.splash`): the Pallas TPU splash-attention kernel with a full (non-causal)
   static mask and the segment ids as its ``SegmentIds``. On other platforms it runs in Pallas
   interpret mode (slow; for tests).
+* ``"gpu"`` (:mod:`.gpu`): a Pallas Triton flash kernel (forward, dq, dk/dv) with the chunked
+  kernel's segment masking and block skipping. Off GPU it runs in Pallas interpret mode (slow;
+  for tests).
 
-``"auto"`` (:func:`resolve_impl`) is ``"splash"`` on TPU and ``"chunked"`` elsewhere. FLOP
+``"auto"`` (:func:`resolve_impl`) is ``"splash"`` on TPU, ``"gpu"`` on GPU and ``"chunked"``
+elsewhere (CPU). FLOP
 counts of each implementation for a layout live in :mod:`vdit.flops`.
 """
 
@@ -26,10 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from vdit.ops.attention.chunked import attention_chunked
+from vdit.ops.attention.gpu import attention_gpu
 from vdit.ops.attention.reference import Precision, attention_xla
 from vdit.ops.attention.splash import attention_splash
 
-IMPLS = ("xla", "chunked", "splash")
+IMPLS = ("xla", "chunked", "splash", "gpu")
+# What "auto" means on each platform (`jax.Device.platform` / `jax.default_backend()`); others: chunked.
+AUTO_IMPL = {"tpu": "splash", "gpu": "gpu"}
 # What a config may ask for: a concrete implementation or "auto" (see `resolve_impl`).
 IMPL_CHOICES = ("auto", *IMPLS)
 
@@ -37,13 +44,14 @@ IMPL_CHOICES = ("auto", *IMPLS)
 def resolve_impl(impl: str, platform: str | None = None) -> str:
     """The concrete implementation for ``impl`` on ``platform`` (default: JAX's default backend).
 
-    ``"auto"`` is ``"splash"`` on TPU and ``"chunked"`` anywhere else; other names pass through.
+    ``"auto"`` is ``"splash"`` on TPU, ``"gpu"`` on GPU and ``"chunked"`` anywhere else
+    (:data:`AUTO_IMPL`); other names pass through.
     """
     if impl not in IMPL_CHOICES:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPL_CHOICES}")
     if impl != "auto":
         return impl
-    return "splash" if (platform or jax.default_backend()) == "tpu" else "chunked"
+    return AUTO_IMPL.get(platform or jax.default_backend(), "chunked")
 
 
 def attention(
@@ -69,14 +77,16 @@ def attention(
         Passing the very same array as ``q_segment_ids`` (self-attention) lets ``"splash"`` skip
         looking for segments without keys.
       impl: one of :data:`IMPL_CHOICES` (``"auto"`` goes through :func:`resolve_impl`).
-      block_q, block_kv: block sizes of ``"chunked"`` and ``"splash"`` (ignored by ``"xla"``).
-        ``"chunked"`` clips them to the sequence length rounded up to a multiple of 8;
+      block_q, block_kv: block sizes of ``"chunked"``, ``"splash"`` and ``"gpu"`` (ignored by
+        ``"xla"``). ``"chunked"`` clips them to the sequence length rounded up to a multiple of 8;
         ``"splash"`` rounds them up to a multiple of 128 and clips them to the sequence length
-        rounded up to 128.
-      precision: matmul precision passed to the einsums (``"splash"`` ignores it).
+        rounded up to 128; ``"gpu"`` rounds them up to a power of two (at least 16) and clips
+        them to the sequence length rounded up to a power of two.
+      precision: matmul precision passed to the einsums (``"splash"`` and ``"gpu"`` ignore it).
       platform: the platform the call is compiled for (``"tpu"``, ``"cpu"``, ...); default
         ``jax.default_backend()``. It decides what ``"auto"`` means and whether ``"splash"`` runs
-        the compiled Mosaic kernel (TPU) or Pallas interpret mode (anywhere else). Pass it when
+        the compiled Mosaic kernel (TPU) and ``"gpu"`` the compiled Triton kernel (GPU), or
+        Pallas interpret mode (anywhere else). Pass it when
         compiling for devices other than the default backend's (e.g. ahead of time for a TPU
         topology from a CPU host).
 
@@ -97,6 +107,9 @@ def attention(
         return attention_splash(
             q, k, v, q_seg, kv_seg, block_q, block_kv, interpret=interpret, same_ids=same_ids
         )
+    if impl == "gpu":
+        interpret = platform != "gpu"
+        return attention_gpu(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret=interpret)
     return attention_chunked(q, k, v, q_seg, kv_seg, block_q, block_kv, precision)
 
 
