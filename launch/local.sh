@@ -28,6 +28,7 @@ WORKDIR="$(vdit_flag workdir)" || die "the vdit command needs --workdir=DIR (log
 note "$N processes x $D CPU devices, coordinator 127.0.0.1:$PORT; logs in $WORKDIR/logs"
 run mkdir -p "$WORKDIR/logs"
 PIDS=()
+declare -A INDEX
 for ((i = 0; i < N; i++)); do
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$D"
     "$PYTHON" -m vdit.cli "${VDIT_ARGS[@]}"
@@ -39,6 +40,7 @@ for ((i = 0; i < N; i++)); do
     echo "+ $(quote "${cmd[@]}") > $(quote "$log") 2>&1 &" >&2
     "${cmd[@]}" >"$log" 2>&1 &
     PIDS+=($!)
+    INDEX[$!]=$i
   fi
 done
 note "process 0's log until it ends"
@@ -66,7 +68,7 @@ while ((${#remaining[@]})); do
       wait "$pid" || rc=$?
       if ((rc != 0 && status == 0)); then
         status=$rc
-        echo "local.sh: process $pid exited with status $rc; stopping the others (see $WORKDIR/logs)" >&2
+        echo "local.sh: process ${INDEX[$pid]} (pid $pid) exited with status $rc; stopping the others (see $WORKDIR/logs/process_${INDEX[$pid]}.log)" >&2
         stop_all
       fi
     fi

@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -172,6 +173,45 @@ def test_dry_run_vdit_commands_parse(name, monkeypatch):
             assert fv.workdir and (name != "local" or fv.num_processes == 2)
 
 
+def _documented_launches() -> list[tuple[str, list[str]]]:
+    """The launcher commands of BUILD.md's and README.md's code blocks, continuations joined."""
+    import re
+
+    found = []
+    for name in ("BUILD.md", "README.md"):
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        for block in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+            logical = block.group(1).replace("\\\n", " ")
+            for line in logical.splitlines():
+                if not line.strip().startswith(("launch/", "bash launch/")):
+                    continue  # prose, other commands, the file tree
+                words = shlex.split(line, comments=True)
+                if words and words[0] == "bash":
+                    words = words[1:]
+                if (
+                    words
+                    and words[0].startswith("launch/")
+                    and words[0].endswith((".sh", ".sbatch"))
+                ):
+                    found.append((name, words))
+    return found
+
+
+def test_documented_launch_commands_dry_run():
+    """Every launcher command in the docs runs as written (with --dry_run added before --)."""
+    documented = _documented_launches()
+    assert {w[0] for _, w in documented} >= {
+        "launch/local.sh",
+        "launch/tpu_vm.sh",
+        "launch/xpk.sh",
+        "launch/slurm.sbatch",
+    }
+    for where, words in documented:
+        split = words.index("--")
+        proc = _launch([*words[:split], "--dry_run", *words[split:]])
+        assert proc.returncode == 0, f"{where}: {shlex.join(words)}: {proc.stderr}"
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -234,6 +274,36 @@ def test_run_that_does_not_fit_is_refused_before_launch(tmp_path):
         "slurm.sbatch", ""
     )
     assert not os.path.exists(tmp_path / "logs")  # nothing after the check ran
+
+
+def test_local_stops_every_process_when_one_fails(tmp_path):
+    """launch/local.sh with a stand-in for python: process 1 fails at once, process 0 would wait
+    on it for minutes (as a JAX peer would); the script stops process 0 and exits with 1's status."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in *--process_id=1*) echo "process 1 failed" >&2; exit 7 ;; esac\n'
+        "echo waiting; exec sleep 313\n"
+    )
+    fake.chmod(0o755)
+    workdir = tmp_path / "run"
+    args = [
+        "launch/local.sh",
+        "--skip_fit_check",
+        "--",
+        "train",
+        "--config=c",
+        f"--workdir={workdir}",
+    ]
+    t0 = time.monotonic()
+    proc = _launch(args, env={"PYTHON": str(fake)}, timeout=120)
+    assert proc.returncode == 7, (proc.stdout, proc.stderr)
+    assert time.monotonic() - t0 < 60
+    assert "exited with status 7; stopping the others" in proc.stderr
+    assert (workdir / "logs" / "process_1.log").read_text() == "process 1 failed\n"
+    assert "waiting" in proc.stdout  # process 0's log was streamed
+    alive = subprocess.run(["pgrep", "-f", "sleep 313"], capture_output=True, text=True).stdout
+    assert not alive.strip(), "process 0 was left running"
 
 
 # ----------------------------------------------------------------------------------------------
