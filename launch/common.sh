@@ -3,7 +3,8 @@
 # Every launcher takes its own flags, then `--`, then the vdit command it runs everywhere:
 #     launch/TARGET.sh [--FLAG=VALUE ...] [--dry_run] -- train --config=FILE[:VARIANT] --workdir=DIR [--config.FIELD=VALUE ...]
 # With --dry_run every command is printed, one per line (shell-quoted, ready to paste), and
-# nothing runs; a line starting with `#` says what the next commands are for.
+# nothing runs; a line starting with `#` says what the next commands are for. Needs bash 4.4 or
+# newer (macOS ships 3.2: `brew install bash`).
 
 set -euo pipefail
 
@@ -61,6 +62,8 @@ note() {
 parse_args() {
   local usage="$1"
   shift
+  local stale
+  for stale in "${!FLAG_@}"; do unset "$stale"; done # none from the caller's environment
   local allowed=()
   while (($#)) && [[ "$1" != "--" ]]; do
     allowed+=("$1")
@@ -131,18 +134,12 @@ vdit_flag() {
   return 1
 }
 
-# The --config and --config.FIELD=VALUE flags of the vdit command (what a compile needs).
-config_args() {
-  local a
-  for a in "${VDIT_ARGS[@]}"; do
-    if [[ "$a" == --config=* || "$a" == --config.* ]]; then echo "$a"; fi
-  done
-}
-
 # `fit_check FIT_FLAGS...`: launch/fit.py with the run's config; a run that will not fit stops here.
 fit_check() {
-  local cfg=()
-  mapfile -t cfg < <(config_args)
+  local cfg=() a
+  for a in "${VDIT_ARGS[@]}"; do
+    if [[ "$a" == --config=* || "$a" == --config.* ]]; then cfg+=("$a"); fi
+  done
   note "will it fit? (refuses the launch, naming the numbers, when it does not)"
   if ((DRY_RUN)); then
     quote "$PYTHON" launch/fit.py "$@" -- "${cfg[@]}"
