@@ -9,9 +9,9 @@ integers per block, read as the bounds of the kernel's loop), and inside a block
 cross-attention) outputs exactly zero and gets a zero gradient.
 
 Why not the kernels that ship with JAX: ``jax.experimental.pallas.ops.gpu.attention.mha`` takes
-one ``segment_ids`` array for both sides (self-attention only), lets padding (id 0) attend
-padding, gives a query without keys a uniform average, visits every key block of the row and
-needs ``Lq`` and ``Lk`` cut into the same number of backward blocks. ``jax.nn.dot_product_attention``
+one ``segment_ids`` array for both sides (self-attention only: no cross-attention to text), lets
+padding (id 0) attend padding, visits every key block of the row and needs ``Lq`` and ``Lk`` cut
+into the same number of backward blocks. ``jax.nn.dot_product_attention``
 with ``implementation="cudnn"`` expresses per-row lengths (``query_seq_lengths``), not several
 segments in a row, and a dense ``mask`` makes it O(L^2) again.
 
