@@ -25,5 +25,5 @@ test: install
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -m "$(MARK)" $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check vdit tests bench configs
-	$(VENV)/bin/ruff format --check vdit tests bench configs
+	$(VENV)/bin/ruff check vdit tests bench configs launch
+	$(VENV)/bin/ruff format --check vdit tests bench configs launch
