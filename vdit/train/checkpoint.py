@@ -13,12 +13,12 @@ A checkpoint step directory holds three composite items:
 
 Faults (BUILD.md, "Preemption and faults"): orbax writes a step into
 ``<step>.orbax-checkpoint-tmp*`` and renames it when committed, so a process killed during a save
-leaves a temporary directory that is never read as a step; opening a Checkpointer logs and removes
-those. Restoring the latest step falls back to the newest step that restores (a file of a
-committed step truncated or deleted), logs the step it skipped and why, and sets the skipped ones
-aside as ``<step>.corrupt`` so the resumed run can write that step again. A save that cannot write
-(a full disk, an unwritable directory) raises `CheckpointWriteError`; the steps already committed
-stay restorable.
+leaves a temporary directory that is never read as a step; the training loop's Checkpointer
+(``remove_uncommitted=True``) logs and removes those when it opens. Restoring the latest step
+falls back to the newest step that restores (a file of a committed step truncated or deleted),
+logs the step it skipped and why, and sets the skipped ones aside as ``<step>.corrupt`` so the
+resumed run can write that step again. A save that cannot write (a full disk, an unwritable
+directory) raises `CheckpointWriteError`; the steps already committed stay restorable.
 """
 
 from __future__ import annotations
@@ -118,13 +118,16 @@ class Checkpointer:
         save_every: int,
         keep: int | None = 3,
         async_save: bool = True,
+        remove_uncommitted: bool = False,
     ) -> None:
-        """Opens (creating if needed) ``directory``; ``keep=None`` keeps every step."""
+        """Opens (creating if needed) ``directory``; ``keep=None`` keeps every step.
+        ``remove_uncommitted``: delete (and log) the temporary directories of saves that never
+        committed, for the run that owns the directory (never while another process saves)."""
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         # orbax needs absolute paths (a relative one fails when the async save commits).
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
-        if jax.process_index() == 0 and self.directory.exists():
+        if remove_uncommitted and jax.process_index() == 0 and self.directory.exists():
             for tmp in sorted(p.name for p in self.directory.iterdir() if TMP_SUFFIX in p.name):
                 log.warning(
                     "removing %s in %s: a save that never committed (the process stopped "
@@ -137,7 +140,7 @@ class Checkpointer:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=remove_uncommitted,
         )
         try:
             self._manager = ocp.CheckpointManager(

@@ -128,6 +128,7 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
         os.path.join(workdir, "checkpoints"),
         save_every=tc.checkpoint_every,
         keep=tc.keep_checkpoints,
+        remove_uncommitted=True,  # this run owns the directory: a killed save is garbage
     )
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(task.state.abstract_sharded(), data_iter=task.data_iter)
