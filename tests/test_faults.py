@@ -26,7 +26,7 @@ from tiny import ROOT
 
 from vdit.data import latents, pipeline, size
 from vdit.train import loop
-from vdit.train.checkpoint import Checkpointer, CheckpointWriteError
+from vdit.train.checkpoint import Checkpointer, CheckpointWriteError, read_config_and_step
 from vdit.train.state import OptimConfig
 from vdit.train.task import Task
 
@@ -234,6 +234,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_good_step(
     assert "resumed from step 2" in text
     names = sorted(p.name for p in ckpts.iterdir())
     assert names == ["1", "2", "4", "4.corrupt", "6.corrupt", "8"]  # 4 written again
+    assert read_config_and_step(ckpts)[1] == 8  # the loader's step lookup ignores the set-aside
     _assert_same_run(reference, workdir, 8)
 
 
@@ -316,7 +317,7 @@ def test_a_source_of_only_rejected_samples_stops_with_counts_by_reason():
     cfg = _pipeline_cfg(max_consecutive_rejections=10)
     empty = {"video": np.zeros((0, 16, 16, 3), np.uint8), "caption": "", "index": 0}
     small = {"video": np.zeros((4, 2, 16, 3), np.uint8), "caption": "", "index": 1}
-    source = grain.MapDataset.source([empty, small, small]).repeat(None)
+    source = grain.MapDataset.source([empty, small, small] * 10)  # 30: unbounded, StopIteration
     with pytest.raises(ValueError, match="11 samples in a row were rejected") as e:
         next(iter(pipeline.prepare_samples(source, cfg)))
     assert "too_small 7, empty 4" in str(e.value)
