@@ -118,6 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tasks.loop = 0.0
     c.data.tasks.interpolate = 0.0
     c.data.workers = 0  # grain worker processes (0 = in the training process)
+    # more rejected samples in a row (each is logged with its reason) stop training with an error
+    # giving the counts by reason: a source none of whose samples fits the config
+    c.data.max_consecutive_rejections = 1000
 
     # --- Rectified flow.
     c.flow = ml_collections.ConfigDict()

@@ -110,7 +110,7 @@ def test_encode_writes_the_vae_latents_of_the_planned_videos(setup, tmp_path):
     assert got["still"]["mean"].shape[0] == 1 and "fps" not in got["still"]
     # the output folder is never overwritten
     with pytest.raises(ValueError, match="already holds"):
-        encode.encode_dataset(setup["vae"], setup["records"], str(out))
+        encode.encode_dataset(setup["vae"], setup["records"], str(out), encode.EncodeOptions())
 
 
 def test_encode_is_the_same_on_eight_devices_and_over_two_processes(setup, tmp_path):

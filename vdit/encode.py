@@ -165,7 +165,7 @@ def encode_dataset(
     vae_workdir: str,
     input_path: str,
     out_dir: str,
-    options: EncodeOptions = EncodeOptions(),
+    options: EncodeOptions,
     *,
     vae_step: int | None = None,
     devices=None,
@@ -175,7 +175,8 @@ def encode_dataset(
 ) -> dict[str, Any]:
     """Encode this process's share of the records at `input_path` into `out_dir`; returns the
     manifest (written as out_dir/manifest.json by a single process; by several, each writes its part
-    and `merge_manifests` joins them)."""
+    and `merge_manifests` joins them). `options` has no default: its sizes must be those of the
+    config that trains on the output (`options_from_config`), or every latent may be rejected."""
     shards = records.find_shards(input_path)
     if not shards:
         raise ValueError(

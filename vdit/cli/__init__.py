@@ -60,7 +60,7 @@ def run(args: Sequence[str]) -> None:
         command.run(fv)
     except base.UsageError as e:
         base.fail(name, str(e))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, an unwritable checkpoint
         if not base.raised_by_vdit(e):
             raise  # a library's error: a bug to report, with its traceback
         base.fail(name, str(e))

@@ -6,9 +6,9 @@ function that runs it. `--config` is ml_collections' config file flag on that `F
 
 Errors a user can fix print as one line, `vdit COMMAND: error: ...`, and exit with status 2: a flag
 that is not the command's, a missing required flag, a config file that does not exist or load, an
-override of a field the config lacks, and the ValueError / FileNotFoundError that vdit raises on
-purpose (a config field, a mesh, a work directory without checkpoints). Any other exception is a
-bug and keeps its traceback.
+override of a field the config lacks, and the ValueError / OSError that vdit raises on
+purpose (a config field, a mesh, a work directory without checkpoints, a checkpoint that cannot be
+written). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ class PipelineConfig:
     caption_dropout: float  # empty caption rate (classifier-free guidance)
     tasks: tuple[tuple[str, float], ...]  # (task, weight) of data.tasks, in the config's order
     workers: int  # grain worker processes (0: in the training process)
+    max_consecutive_rejections: int  # more rejected samples in a row is an error
     # From other sections:
     patch: tuple[int, int, int]  # (model.patch_t, p, p) of model.variant
     compression: tuple[int, int, int]  # autoencoder.compression
@@ -85,6 +86,8 @@ class PipelineConfig:
                 "latents": section(LatentsConfig, "latents", d.get("latents", {})),
                 "token_drop": section(TokenDrop, "token_drop", d["token_drop"]),
                 "tasks": tuple((k, float(v)) for k, v in d["tasks"].items()),
+                # a config saved before the setting existed gets its default
+                "max_consecutive_rejections": d.get("max_consecutive_rejections", 1000),
             },
             patch=tuple(patch),
             compression=tuple(compression),
@@ -142,6 +145,10 @@ def validate(cfg: PipelineConfig) -> None:
         if weight < 0:
             raise ValueError(f"data.tasks.{name}: weight {weight} is negative")
     cfg.token_drop.validate()
+    if cfg.max_consecutive_rejections < 1:
+        raise ValueError(
+            f"data.max_consecutive_rejections={cfg.max_consecutive_rejections} must be >= 1"
+        )
     if cfg.time_fit not in TIME_FITS:
         raise ValueError(f"data.time_fit={cfg.time_fit!r}: choose 'resample' or 'trim'")
     if cfg.frame_stride < 1:

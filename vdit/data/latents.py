@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 from typing import Any
 
@@ -122,6 +123,30 @@ def decode_record(data: bytes) -> dict[str, Any]:
         "source": str(m["source"]),
         "index": int(m["index"]),
     }
+
+
+def check_encoded_for(manifest: dict[str, Any], patch, max_tokens_per_sample: int) -> list[str]:
+    """Where the latents of `manifest` were encoded for another patch or token cap than the config
+    that trains on them: one warning per difference (logged; returned). Latents over the cap are
+    rejected as `over_cap`; latents of another patch lose their remainder (`snapped`)."""
+    options = manifest.get("options", {})
+    fix = "re-encode with `vdit encode --config=` this config"
+    notes = []
+    cap = options.get("max_tokens_per_sample")
+    if cap is not None and (cap == 0 or cap > max_tokens_per_sample):
+        notes.append(
+            f"the latents were encoded with max_tokens_per_sample={cap}"
+            f"{' (no cap)' if cap == 0 else ''}, this config caps data.max_tokens_per_sample="
+            f"{max_tokens_per_sample}: larger latents will be rejected as over_cap; {fix}"
+        )
+    if options.get("patch") is not None and tuple(options["patch"]) != tuple(patch):
+        notes.append(
+            f"the latents were encoded for patch {tuple(options['patch'])}, this config's is "
+            f"{tuple(patch)}: latents are cut to whole patches (or rejected); {fix}"
+        )
+    for note in notes:
+        logging.getLogger(__name__).warning("data.latents.path: %s", note)
+    return notes
 
 
 def read_manifest(path: str) -> dict[str, Any]:

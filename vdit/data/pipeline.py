@@ -20,7 +20,7 @@ import numpy as np
 
 from vdit.data import latents, packing, sources, tasks
 from vdit.data.config import PipelineConfig, validate
-from vdit.data.size import Rejected, fit_video, stats
+from vdit.data.size import STATS, Rejected, fit_video, stats
 from vdit.data.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
@@ -128,21 +128,41 @@ def sample_tokens(
 
 
 class _CountRejected(grain.IterDataset):
-    """Skips rejected samples, adding their counts to the next accepted sample's "stats"."""
+    """Skips rejected samples, adding their counts to the next accepted sample's "stats"; more
+    than `limit` rejected in a row (a source none of whose samples fits the config) is an error."""
+
+    def __init__(self, parent: grain.IterDataset, limit: int):
+        super().__init__(parent)
+        self._limit = limit
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _CountRejectedIterator(self._parent.__iter__())
+        return _CountRejectedIterator(self._parent.__iter__(), self._limit)
 
 
 class _CountRejectedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, limit: int):
+        super().__init__(parent)
+        self._limit = limit
+
     def __next__(self) -> dict[str, Any]:
         rejected = np.zeros_like(stats())
-        while True:
+        for _ in range(self._limit + 1):
             element = next(self._parent)
             if "patches" in element:
                 element["stats"] = element["stats"] + rejected
                 return element
             rejected += element["stats"]
+        counts = {
+            name[len("rejected_") :]: int(n)
+            for name, n in zip(STATS, rejected[0], strict=True)
+            if name.startswith("rejected_") and n
+        }
+        by_reason = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+        raise ValueError(
+            f"{self._limit + 1} samples in a row were rejected ({by_reason}): the data cannot "
+            "feed this config (the warnings above give each sample's reason); fix the data or "
+            "the setting a reason names, or raise data.max_consecutive_rejections"
+        )
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -159,10 +179,14 @@ def prepare_samples(
     finite dataset are only logged). Latents (data.source="latents") need their folder's manifest."""
     if cfg.source == "latents":
         manifest = manifest or latents.read_manifest(cfg.latents.path)
+        latents.check_encoded_for(manifest, cfg.patch, cfg.max_tokens_per_sample)
         prepare = _PrepareLatent(cfg, *sources.latent_statistics(manifest, cfg))
     else:
         prepare = _Prepare(cfg)
-    return _CountRejected(ds.random_map(prepare, seed=cfg.seed + 1).to_iter_dataset())
+    return _CountRejected(
+        ds.random_map(prepare, seed=cfg.seed + 1).to_iter_dataset(),
+        cfg.max_consecutive_rejections,
+    )
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:

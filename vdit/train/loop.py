@@ -9,6 +9,13 @@ the data iterator where it stopped, for a task that has one), so a restarted job
 had never stopped. The mesh of the resumed run may differ from the one that saved (the state is
 resharded on restore); the process count may not (each process saves its own data-iterator state).
 
+Preemption: a SIGTERM (what a TPU VM, GKE or SLURM sends before it evicts a job) makes the loop
+save a checkpoint at the step it has reached, wait for the commit and return (`vdit train` exits 0);
+the restarted job continues from that step. A single process catches the signal itself (a flag
+checked between steps); a multi-process run asks JAX's preemption service, which sees the signal on
+any host and names one step at which every process stops (`reached_preemption_sync_point`). A
+process killed outright (SIGKILL, a lost node) resumes from its last committed checkpoint.
+
 Multi-host (after `jax.distributed.initialize`, see vdit/parallel/distributed.py), every process runs
 this same function: the task reads only this process's share of the data; checkpoints are saved and
 restored by all processes together; only process 0 writes metrics, TensorBoard events, samples and
@@ -17,8 +24,11 @@ the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -56,8 +66,52 @@ def train_and_evaluate(
     return run(task_type.from_config(config, devices), workdir)
 
 
+class Preemption:
+    """Whether to stop for a preemption notice (SIGTERM) after a step; all processes agree.
+
+    One process: a SIGTERM handler (installed while the loop runs) sets a flag. Several: JAX's
+    preemption service (`jax_enable_preemption_service`, on by default with jax.distributed)
+    catches SIGTERM on any host and picks the step at which all stop; every process must ask at
+    every step."""
+
+    def __init__(self) -> None:
+        self.signalled: float | None = None  # time.monotonic() of the SIGTERM
+
+    @contextlib.contextmanager
+    def installed(self):
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            yield self  # JAX's service owns SIGTERM; or no handler can be set from this thread
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signalled is None:
+            self.signalled = time.monotonic()
+            log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # the preemption service is disabled
+                return False
+        return self.signalled is not None
+
+
 def run(task: Task, workdir: str) -> dict[str, Any]:
-    """The loop: restore or init, then step, log, evaluate and checkpoint to `train.steps`."""
+    """The loop: restore or init, then step, log, evaluate and checkpoint to `train.steps`;
+    stopped early (a checkpoint saved at the step reached) by a SIGTERM."""
+    with Preemption().installed() as preemption:
+        return _run(task, workdir, preemption)
+
+
+def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
     c = task.config
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
@@ -74,6 +128,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         os.path.join(workdir, "checkpoints"),
         save_every=tc.checkpoint_every,
         keep=tc.keep_checkpoints,
+        remove_uncommitted=True,  # this run owns the directory: a killed save is garbage
     )
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(task.state.abstract_sharded(), data_iter=task.data_iter)
@@ -119,6 +174,22 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                 writer.write(done, scores)
                 last.update(scores)
         ckpt.save(done, state, data_iter=task.data_iter, config=c, force=done == tc.steps)
+        if done < tc.steps and preemption.reached(done):
+            if pending:  # the partial logging interval, so no step's metrics are lost
+                fetched = jax.device_get(pending)
+                keys = task.logged if task.logged is not None else tuple(fetched[0])
+                writer.write(done, {k: float(np.mean([m[k] for m in fetched])) for k in keys})
+            ckpt.save(done, state, data_iter=task.data_iter, config=c, force=True)
+            ckpt.wait()
+            waited = time.monotonic() - preemption.signalled if preemption.signalled else None
+            log.warning(
+                "preempted: checkpoint of step %d committed in %s%s; stopping (rerun to continue)",
+                done,
+                workdir,
+                f" {waited:.1f} s after SIGTERM" if waited is not None else "",
+            )
+            last["preempted_at_step"] = done
+            break
     progress.close()
     ckpt.wait()
     ckpt.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(os.fspath(workdir), exist_ok=True)
+            _drop_partial_line(self.path)
             self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -43,6 +45,20 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_partial_line(path: str) -> None:
+    """A process killed while appending leaves half a line: cut it, so the next row starts on a
+    line of its own and every line stays JSON."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            logging.getLogger(__name__).warning(
+                "%s ended in a partial line (a killed run); removed it", path
+            )
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
