@@ -373,3 +373,30 @@ def test_the_data_settings_are_the_data_section():
         name = f"data.{key}" if section is None else f"data.{section}.{key}"
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             configlib.load(c)
+
+
+def _draws(out) -> list[tuple]:
+    """What a sample's random draws decided: its text (caption dropout), its conditioning mask
+    (task) and the positions it kept (token drop)."""
+    return [(tuple(e["text"]), tuple(e["cond_mask"]), e["positions"].tobytes()) for e in out]
+
+
+def test_hosts_draw_their_own_random_streams():
+    """Two emulated processes of one run: host 1's i-th sample does not repeat host 0's caption
+    dropout, task and token drop (every element the same, so only the draws can differ), and the
+    two hosts' samples interleaved are exactly what one process draws (seeded by the global
+    index: one process's numerics are those of before)."""
+    cfg = dataclasses.replace(
+        _drop_cfg("constant", 0.5),
+        caption_dropout=0.5,
+        tasks=(("t2v", 1.0), ("i2v", 1.0), ("extend_forward", 1.0), ("extend_backward", 1.0)),
+    )
+    video = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), np.uint8)
+    same = [{"video": video, "caption": "a red square moves up", "index": i} for i in range(32)]
+    source = grain.MapDataset.source(same)
+    one = list(pipeline.prepare_samples(source, cfg))
+    hosts = [list(pipeline.prepare_samples(source, cfg, None, k, 2)) for k in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == 16
+    differ = sum(a != b for a, b in zip(_draws(hosts[0]), _draws(hosts[1]), strict=True))
+    assert differ >= 12, differ  # (a pair of samples can draw the same by chance)
+    assert _draws(hosts[0]) == _draws(one[0::2]) and _draws(hosts[1]) == _draws(one[1::2])

@@ -152,17 +152,27 @@ class _CountRejectedIterator(grain.DatasetIterator):
 
 
 def prepare_samples(
-    ds: grain.MapDataset, cfg: PipelineConfig, manifest: dict[str, Any] | None = None
+    ds: grain.MapDataset,
+    cfg: PipelineConfig,
+    manifest: dict[str, Any] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
-    """Source elements -> per-sample packing inputs; rejected samples are logged, skipped, and
-    counted in the next accepted sample's "stats" (so counts after the last accepted sample of a
-    finite dataset are only logged). Latents (data.source="latents") need their folder's manifest."""
+    """Source elements -> per-sample packing inputs of this process (every `process_count`-th);
+    rejected samples are logged, skipped, and counted in the next accepted sample's "stats" (so
+    counts after the last accepted sample of a finite dataset are only logged). Latents
+    (data.source="latents") need their folder's manifest.
+
+    The random draws of a sample (caption dropout, task, token drop, posterior sample) are seeded
+    by its index in the whole index space, before the per-process slice: the hosts of a multi-host
+    run draw independent streams, and one process draws what it always did."""
     if cfg.source == "latents":
         manifest = manifest or latents.read_manifest(cfg.latents.path)
         prepare = _PrepareLatent(cfg, *sources.latent_statistics(manifest, cfg))
     else:
         prepare = _Prepare(cfg)
-    return _CountRejected(ds.random_map(prepare, seed=cfg.seed + 1).to_iter_dataset())
+    ds = ds.random_map(prepare, seed=cfg.seed + 1)[process_index::process_count]
+    return _CountRejected(ds.to_iter_dataset())
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -174,7 +184,8 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
         )
     source = sources.make_source(cfg)
     ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat(None)
-    it = prepare_samples(ds[process_index::process_count], cfg, getattr(source, "manifest", None))
+    manifest = getattr(source, "manifest", None)
+    it = prepare_samples(ds, cfg, manifest, process_index, process_count)
     pack_cfg = dataclasses.replace(cfg.packing, seed=cfg.packing.seed + process_index)
     it = packing.pack(it, pack_cfg, sample_features=("stats",))
     it = it.batch(cfg.batch_rows // process_count, drop_remainder=True)
