@@ -400,3 +400,31 @@ def test_hosts_draw_their_own_random_streams():
     differ = sum(a != b for a, b in zip(_draws(hosts[0]), _draws(hosts[1]), strict=True))
     assert differ >= 12, differ  # (a pair of samples can draw the same by chance)
     assert _draws(hosts[0]) == _draws(one[0::2]) and _draws(hosts[1]) == _draws(one[1::2])
+
+
+def test_every_task_leaves_frames_to_generate():
+    """Each task, on every sample long enough for it, gives some latent frames clean and leaves
+    some to generate; loop and interpolate on two frames are refused (both frames given / i2v),
+    and in the pipeline such a draw trains as t2v, counted as task_fallback."""
+    rng = np.random.default_rng(0)
+    for task in tasks.TASKS:
+        for frames in range(tasks.MIN_FRAMES[task], 9):
+            for _ in range(20):
+                m = tasks.frame_mask(task, frames, rng)
+                assert not m.all() and (m.any() or task == "t2v"), (task, frames, m)
+    assert tasks.frame_mask("loop", 3).tolist() == [True, False, True]
+    for task in ("loop", "interpolate"):
+        with pytest.raises(ValueError, match="needs at least 3 latent frames"):
+            tasks.frame_mask(task, 2)
+        assert tasks.fit_task(task, 2) == "t2v" and tasks.fit_task(task, 3) == task
+    cfg = dataclasses.replace(_cfg(), tasks=(("loop", 1.0), ("interpolate", 1.0)))
+    clips = [
+        {"video": np.full((f, 16, 16, 3), 9 * i, np.uint8), "caption": "c", "index": i}
+        for i, f in enumerate([2, 3, 2, 5, 2, 4])
+    ]
+    out = list(pipeline.prepare_samples(grain.MapDataset.source(clips), cfg))
+    for e, clip in zip(out, clips, strict=True):
+        two = len(clip["video"]) == 2
+        assert (~e["cond_mask"]).any()  # some loss tokens
+        assert e["cond_mask"].any() != two  # the longer clips keep their conditioning task
+        assert _stats(e)["task_fallback"] == two

@@ -108,7 +108,9 @@ def sample_tokens(
 
     pt, ph, pw = cfg.patch
     frames = latent.shape[0] // pt
-    task = tasks.draw_task(dict(cfg.tasks), frames, rng)
+    drawn = tasks.draw_task(dict(cfg.tasks), frames, rng)
+    task = tasks.fit_task(drawn, frames)
+    events = [*events, *(["task_fallback"] if task != drawn else [])]
     per_frame = (latent.shape[1] // ph) * (latent.shape[2] // pw)
     cond = tasks.token_mask(tasks.frame_mask(task, frames, rng), per_frame)
     keep = cfg.token_drop.keep(cond, rng)

@@ -25,6 +25,8 @@ EVENTS: tuple[str, ...] = (
     "frames_resampled",  # frames picked evenly over the whole clip to make whole temporal patches
     "frames_trimmed",  # trailing frames that make no whole temporal patch dropped (< pt * ct frames)
     "fps_subsampled",  # frames strided by data.frame_stride / data.max_fps
+    # (the pipeline's, not the size policy's:)
+    "task_fallback",  # the drawn task needs more latent frames (vdit.data.tasks.MIN_FRAMES): t2v
 )
 REJECTS: tuple[str, ...] = (
     "empty",  # no frames or zero height/width
