@@ -8,6 +8,7 @@ config: `model_config`, `pipeline_config`, `flow_config` hand each only the fiel
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import ml_collections
@@ -22,6 +23,8 @@ from vdit.models.text import TextEncoderConfig
 from vdit.models.vae import LossConfig, VAEConfig
 from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.sharding import DEFAULT_RULES
+
+log = logging.getLogger(__name__)
 
 # (width, depth, heads): DiT paper sizes (S, B, L, XL), DeiT-Ti, and "mu" for tests.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -152,6 +155,8 @@ def load(
                 {"path": "(planning only)", "sample_posterior": True}
             )
     data_config.validate(pipeline_config(c))  # every check on the data section
+    for warning in data_config.warnings(pipeline_config(c)):  # valid, but a class of samples lost
+        log.warning("%s", warning)
 
     if num_devices is not None:
         dcn = c.mesh.get("dcn_data", 1)

@@ -50,6 +50,7 @@ class _Prepare(grain.transforms.RandomMap):
             )
         video, events = fit_video(element, cfg.size)
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
+        latent = one_temporal_patch(latent, cfg.patch[0], events)
         return sample_tokens(latent, element["caption"], events, cfg, rng)
 
 
@@ -76,14 +77,13 @@ class _PrepareLatent(_Prepare):
         events = list(element.get("events", ()))
         pt, ph, pw = cfg.patch
         t, h, w, _ = mean.shape
-        if t < pt:
+        if 1 < t < pt:
             raise Rejected("too_short", f"{t} latent frames make no whole temporal patch of {pt}")
         if h < ph or w < pw:
             raise Rejected("too_small", f"latent {h}x{w} is under one patch {ph}x{pw}")
-        grid = (t // pt * pt, h // ph * ph, w // pw * pw)
+        grid = (t if t == 1 else t // pt * pt, h // ph * ph, w // pw * pw)
         if grid != (t, h, w):  # encoded for another patch: cut the remainder (under one patch)
-            if "snapped" not in events:
-                events.append("snapped")
+            events.append("latent_cut")
         n = math.prod(g // p for g, p in zip(grid, cfg.patch, strict=True))
         if n > cfg.max_tokens_per_sample:
             raise Rejected(
@@ -95,7 +95,18 @@ class _PrepareLatent(_Prepare):
         if cfg.latents.sample_posterior and logvar is not None:
             z = mean + np.exp(0.5 * np.asarray(logvar)) * rng.standard_normal(mean.shape)
         z = (z[: grid[0], : grid[1], : grid[2]] - self.shift) / self.scale
-        return sample_tokens(z.astype(np.float32), element["caption"], events, cfg, rng)
+        z = one_temporal_patch(z.astype(np.float32), pt, events)
+        return sample_tokens(z, element["caption"], events, cfg, rng)
+
+
+def one_temporal_patch(latent: np.ndarray, pt: int, events: list[str]) -> np.ndarray:
+    """An image (one latent frame) under a temporal patch pt > 1: the frame repeated to one whole
+    temporal patch of pt frames (a still clip; the sampler keeps the first frame of an image),
+    counted as `image_repeated` in `events`. Any other latent is returned as it is."""
+    if pt == 1 or latent.shape[0] != 1:
+        return latent
+    events.append("image_repeated")
+    return np.repeat(latent, pt, axis=0)
 
 
 def sample_tokens(
@@ -119,6 +130,8 @@ def sample_tokens(
         patches, positions, cond = patches[keep], positions[keep], cond[keep]
 
     text = caption if rng.random() >= cfg.caption_dropout else ""
+    if len(text.encode("utf-8")) + 1 > cfg.text_max_len:  # BOS + bytes
+        events.append("caption_cut")
     return {
         "patches": patches,
         "positions": positions,
