@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # kept frames evenly over the clip (nothing cut off); "trim" drops the last ones
     c.data.frame_stride = 1  # keep every k-th source frame (frame-rate subsampling)
     c.data.max_fps = 0.0  # > 0: sources with a higher "fps" are strided down to at most this
+    # A sample over the cap keeps its short side at >= min_side pixels (or its own, if smaller) by
+    # keeping only its first frames, rather than shrinking in space (a 1000x256x256 clip: 4 frames
+    # of 64x64 at the default cap and patch, not 1000 frames of 4x4); 0: space first, then time
+    c.data.min_side = 64
     # NaViT token dropping: a share of each sample's generated tokens leaves the row before packing
     # (kept tokens keep their positions; conditioning tokens are never dropped; never at sampling).
     c.data.token_drop = ml_collections.ConfigDict()
@@ -135,7 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3  # peak learning rate
     c.optim.warmup_steps = 50  # linear warmup
     c.optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * lr (cosine)
-    c.optim.weight_decay = 0.01  # decoupled, on matrices only
+    c.optim.weight_decay = (
+        0.01  # decoupled, on weight matrices only (not biases, norms, modulation)
+    )
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
     c.optim.grad_clip = 1.0  # global-norm clip

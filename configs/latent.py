@@ -15,7 +15,7 @@ the 8x-compressed latent). `vdit encode` reads this config too: the patch (model
 variant's p), data.max_tokens_per_sample, data.time_fit, data.frame_stride and data.max_fps decide
 the size of every latent, so each is a whole number of patches under the cap as encoded. Give both
 commands the same config (and the same --config.FIELD overrides of those fields): latents of another
-patch lose the remainder (counted as `data_snapped`), latents over the cap are rejected (counted as
+patch lose the remainder (counted as `data_latent_cut`), latents over the cap are rejected (counted as
 `data_rejected_over_cap`).
 """
 

@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3  # peak learning rate
     c.optim.warmup_steps = 20  # linear warmup
     c.optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * lr (cosine)
-    c.optim.weight_decay = 0.0  # decoupled, on matrices only
+    c.optim.weight_decay = 0.0  # decoupled, on weight matrices only (not biases, norms)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
     c.optim.grad_clip = 1.0  # global-norm clip

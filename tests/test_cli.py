@@ -104,12 +104,45 @@ def test_sample_writes_the_asked_shape(trained, tmp_path, frames, height, width,
     assert read_video(out_file).shape == (frames, height, width, 3)
 
 
-def test_sample_rejects_a_size_the_patch_cannot_tile(trained, tmp_path):
+def _no_model_load(monkeypatch):
+    """Arguments are checked before the model loads: loading it fails the test."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("vdit.cli.model._load_model", load)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--height=18"], "--frames/--height/--width: 18x32 pixels: height and width must be "),
+        (["--width=30"], "multiples of 4 and 4 (the patch 4x4"),
+        (["--frames=0"], "--frames/--height/--width: (0, 32, 32): frames, height and width must"),
+        (["--steps=0"], "--steps=0: sampling takes at least 1 step"),
+        (["--upscale=0"], "--upscale=0: must be >= 1"),
+    ],
+)
+def test_sample_checks_its_arguments_first_in_one_line(
+    trained, tmp_path, capsys, monkeypatch, args, message
+):
     workdir, _ = trained
-    proc = _vdit(
-        "sample", f"--workdir={workdir}", "--height=18", f"--out={tmp_path / 'x.mp4'}", check=False
+    _no_model_load(monkeypatch)
+    code, out, err = _run(
+        capsys, "sample", f"--workdir={workdir}", *args, f"--out={tmp_path}/x.mp4"
     )
-    assert proc.returncode != 0 and "patch" in proc.stderr
+    assert code == 2 and out == "", (code, err)
+    assert err.count("\n") == 1 and err.startswith("vdit sample: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_eval_refuses_zero_steps_and_prompts(trained, capsys, monkeypatch):
+    workdir, _ = trained
+    _no_model_load(monkeypatch)
+    for flag, message in (("--steps=0", "at least 1 step"), ("--num=0", "at least 1 prompt")):
+        code, _, err = _run(capsys, "eval", f"--workdir={workdir}", flag)
+        assert code == 2 and err.count("\n") == 1 and f"{flag}: " in err and message in err, err
 
 
 def test_eval_scores_the_samples_of_the_trained_model(trained):

@@ -90,3 +90,30 @@ def test_sampler_keeps_conditioning_frames_and_is_seeded():
     )
     np.testing.assert_array_equal(again[0], out[1])  # same seed, same sample
     assert np.isfinite(out[2]).all()
+
+
+def test_sampler_gives_an_image_under_a_temporal_patch_above_one():
+    """One frame under patch_t = 2 is sampled as trained (one temporal patch, the image repeated)
+    and comes back as one frame: the first of that patch."""
+    cfg = DiTConfig(
+        width=32,
+        depth=1,
+        heads=2,
+        patch=(2, 2, 2),
+        channels=3,
+        text=TextEncoderConfig(width=16, depth=1, heads=2, max_len=16),
+    )
+    model = nnx.jit(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))()
+    graphdef, params = nnx.split(model)
+    kw = dict(patch=(2, 2, 2), channels=3, flow_cfg=CFG, steps=2, cfg_scale=2.0, text_len=16)
+    image, clip = sampler.sample(
+        graphdef,
+        params,
+        [sampler.SampleRequest("a cat", (1, 4, 6), seed=5), sampler.SampleRequest("a", (4, 4, 4))],
+        **kw,
+    )
+    assert image.shape == (1, 4, 6, 3) and clip.shape == (4, 4, 4, 3)
+    (patch,) = sampler.sample(
+        graphdef, params, [sampler.SampleRequest("a cat", (2, 4, 6), seed=5)], **kw
+    )
+    np.testing.assert_array_equal(image, patch[:1])

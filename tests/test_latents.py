@@ -304,10 +304,11 @@ def test_the_encode_command(setup, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    # clip b (24 tokens at full size) is downscaled under the cap instead of being lost
+    # clip b (24 tokens at full size) fits under the cap instead of being lost: as it is smaller
+    # than data.min_side, by keeping its first frames at full size
     assert summary["written"] == 4 and summary["skipped"] == 2
     got = _read(out)
-    assert "downscaled" in got["clip b"]["events"]
+    assert "frames_cut" in got["clip b"]["events"] and "downscaled" not in got["clip b"]["events"]
     assert np.prod(got["clip b"]["mean"].shape[:3]) // 4 <= 20
     assert "skip record 2: decode_error" in proc.stderr
     proc = run(

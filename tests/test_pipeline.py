@@ -28,10 +28,14 @@ def _default_size() -> size.SizePolicy:
     return _cfg().size
 
 
-def _policy(patch, max_tokens, compression=(1, 1, 1)) -> size.SizePolicy:
+def _policy(patch, max_tokens, compression=(1, 1, 1), **fields) -> size.SizePolicy:
     """The tiny config's size policy with this patch, compression and cap."""
     return dataclasses.replace(
-        _default_size(), patch=patch, compression=compression, max_tokens_per_sample=max_tokens
+        _default_size(),
+        patch=patch,
+        compression=compression,
+        max_tokens_per_sample=max_tokens,
+        **fields,
     )
 
 
@@ -106,14 +110,16 @@ def test_fill_is_high():
     "shape", [(9, 40, 24), (1, 300, 100), (33, 64, 64), (2, 17, 9), (5, 16, 16)]
 )
 def test_size_policy_resizes_never_crops_and_respects_the_cap(shape):
-    policy = _policy((1, 4, 4), 128)
+    policy = _policy((1, 4, 4), 128, min_side=0)  # no floor: space first, then time
     plan = policy.plan(*shape)
     t, H, W = shape
     h, w = plan.height, plan.width
     assert h % 4 == 0 and w % 4 == 0 and h <= H and w <= W
     assert plan.frames * (h // 4) * (w // 4) <= 128
-    # Aspect ratio kept to within one patch of rounding.
-    assert abs(h / w - H / W) <= 4 / min(h, w) + 4 / min(H, W) or (h == 4 or w == 4)
+    # Aspect ratio kept to within one patch of rounding on each side: h = floor(H * s / 4) * 4 and
+    # w likewise, for one scale s (s = 1 when only snapped).
+    s = max(h / H, w / W)
+    assert H * s - 4 < h <= H * s + 1e-9 and W * s - 4 < w <= W * s + 1e-9, (h, w)
     # All frames are kept unless the cap needs temporal subsampling.
     assert plan.frames == len(range(0, t, plan.stride))
     # Every change is named.
@@ -141,9 +147,8 @@ def test_size_policy_on_random_sizes():
             continue
         accepted += 1
         uh, uw = patch[1] * comp[1], patch[2] * comp[2]
-        tokens = (
-            policy.latent_frames(plan.frames) // patch[0] * (plan.height // uh) * (plan.width // uw)
-        )
+        _, nt = policy.temporal_patches(plan.frames)  # an image is one temporal patch
+        tokens = nt * (plan.height // uh) * (plan.width // uw)
         assert 1 <= tokens <= cap
         assert plan.height % uh == 0 and plan.width % uw == 0
         assert plan.height <= h and plan.width <= w
@@ -176,13 +181,13 @@ def test_size_policy_fits_frames_to_whole_latent_patches():
     [
         ((3, 2, 30), "too_small"),
         ((0, 16, 16), "empty"),
-        ((1, 16, 16), "too_short"),
+        ((2, 16, 16), "too_short"),  # 2 frames, no temporal patch of 3 (1 frame: an image)
         ((4, 16, 40_000), "over_cap"),
     ],
 )
 def test_size_policy_rejects_with_a_reason(shape, reason):
     with pytest.raises(size.Rejected, match=reason) as e:
-        _policy((2, 4, 4), 128).plan(*shape)
+        _policy((3, 4, 4), 128).plan(*shape)
     assert e.value.reason == reason
 
 
@@ -373,3 +378,166 @@ def test_the_data_settings_are_the_data_section():
         name = f"data.{key}" if section is None else f"data.{section}.{key}"
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             configlib.load(c)
+
+
+def _draws(out) -> list[tuple]:
+    """What a sample's random draws decided: its text (caption dropout), its conditioning mask
+    (task) and the positions it kept (token drop)."""
+    return [(tuple(e["text"]), tuple(e["cond_mask"]), e["positions"].tobytes()) for e in out]
+
+
+def test_hosts_draw_their_own_random_streams():
+    """Two emulated processes of one run: host 1's i-th sample does not repeat host 0's caption
+    dropout, task and token drop (every element the same, so only the draws can differ), and the
+    two hosts' samples interleaved are exactly what one process draws (seeded by the global
+    index: one process's numerics are those of before)."""
+    cfg = dataclasses.replace(
+        _drop_cfg("constant", 0.5),
+        caption_dropout=0.5,
+        tasks=(("t2v", 1.0), ("i2v", 1.0), ("extend_forward", 1.0), ("extend_backward", 1.0)),
+    )
+    video = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), np.uint8)
+    same = [{"video": video, "caption": "a red square moves up", "index": i} for i in range(32)]
+    source = grain.MapDataset.source(same)
+    one = list(pipeline.prepare_samples(source, cfg))
+    hosts = [list(pipeline.prepare_samples(source, cfg, None, k, 2)) for k in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == 16
+    differ = sum(a != b for a, b in zip(_draws(hosts[0]), _draws(hosts[1]), strict=True))
+    assert differ >= 12, differ  # (a pair of samples can draw the same by chance)
+    assert _draws(hosts[0]) == _draws(one[0::2]) and _draws(hosts[1]) == _draws(one[1::2])
+
+
+def test_every_task_leaves_frames_to_generate():
+    """Each task, on every sample long enough for it, gives some latent frames clean and leaves
+    some to generate; loop and interpolate on two frames are refused (both frames given / i2v),
+    and in the pipeline such a draw trains as t2v, counted as task_fallback."""
+    rng = np.random.default_rng(0)
+    for task in tasks.TASKS:
+        for frames in range(tasks.MIN_FRAMES[task], 9):
+            for _ in range(20):
+                m = tasks.frame_mask(task, frames, rng)
+                assert not m.all() and (m.any() or task == "t2v"), (task, frames, m)
+    assert tasks.frame_mask("loop", 3).tolist() == [True, False, True]
+    for task in ("loop", "interpolate"):
+        with pytest.raises(ValueError, match="needs at least 3 latent frames"):
+            tasks.frame_mask(task, 2)
+        assert tasks.fit_task(task, 2) == "t2v" and tasks.fit_task(task, 3) == task
+    cfg = dataclasses.replace(_cfg(), tasks=(("loop", 1.0), ("interpolate", 1.0)))
+    clips = [
+        {"video": np.full((f, 16, 16, 3), 9 * i, np.uint8), "caption": "c", "index": i}
+        for i, f in enumerate([2, 3, 2, 5, 2, 4])
+    ]
+    out = list(pipeline.prepare_samples(grain.MapDataset.source(clips), cfg))
+    for e, clip in zip(out, clips, strict=True):
+        two = len(clip["video"]) == 2
+        assert (~e["cond_mask"]).any()  # some loss tokens
+        assert e["cond_mask"].any() != two  # the longer clips keep their conditioning task
+        assert _stats(e)["task_fallback"] == two
+
+
+def test_captions_cut_to_the_text_length_are_counted():
+    cfg = dataclasses.replace(_cfg(), caption_dropout=0.0)  # model.text.max_len = 32
+    video = np.zeros((4, 16, 16, 3), np.uint8)
+    long = "a red square moves right across a long caption, past 31 bytes"
+    source = [{"video": video, "caption": c, "index": i} for i, c in enumerate(["short", long])]
+    short_e, long_e = pipeline.prepare_samples(grain.MapDataset.source(source), cfg)
+    assert len(long_e["text"]) == 32 and detokenize(long_e["text"]) == long[:31]
+    assert _stats(long_e)["caption_cut"] == 1 and _stats(short_e)["caption_cut"] == 0
+
+
+def test_images_train_under_a_temporal_patch_above_one():
+    """With model.patch_t = 2 an image is repeated to one temporal patch (counted), not rejected;
+    its two latent frames are the image; a video of 3 frames keeps 2."""
+    c = tiny_config()
+    c.model.patch_t = 2
+    c.data.synthetic.image_fraction = 0.5
+    cfg = configlib.pipeline_config(configlib.load(c))
+    assert cfg.patch == (2, 4, 4)
+    b = next(iter(pipeline.build(cfg)))
+    stats = _stats(b)
+    assert stats["rejected_too_short"] == 0
+    images = 0
+    for r in range(b["segment_ids"].shape[0]):
+        for s, g in zip(packing.unpack_row(b, r, (2, 4, 4)), b["grid"][r], strict=False):
+            assert g[0] in (2, 4)  # an image (2: repeated) or a 4-frame video
+            if g[0] == 2:
+                images += 1
+                np.testing.assert_array_equal(s["latent"][0], s["latent"][1])
+    assert images >= 2 and stats["image_repeated"] == images
+    three = {"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "index": 0}
+    (e,) = pipeline.prepare_samples(grain.MapDataset.source([three]), cfg)
+    assert tuple(e["grid"][0]) == (2, 16, 16)
+
+
+def test_a_latent_image_under_patch_t_2_and_a_latent_cut_to_patches():
+    """A latent of one frame (an encoded image) is repeated to one temporal patch; a latent of
+    another patch loses its remainder, counted as latent_cut (not as a resize)."""
+    from tiny import ROOT, load_config_module
+
+    c = load_config_module(f"{ROOT}/configs/latent.py").get_config("mu/2")
+    c.model.patch_t, c.sample.grid_shape = 2, (5, 32, 32)
+    c.data.latents.path = "(not read)"
+    c.data.latents.sample_posterior = False
+    c.data.caption_dropout = 0.0
+    cfg = configlib.pipeline_config(configlib.load(c))
+    prep = pipeline._PrepareLatent(cfg, np.zeros(16), np.ones(16))
+    mean = np.random.default_rng(0).normal(size=(1, 5, 6, 16)).astype(np.float32)
+    e = prep.random_map({"mean": mean, "caption": "x"}, np.random.default_rng(0))
+    assert tuple(e["grid"][0]) == (2, 4, 6)
+    latent = packing.unpatchify(e["patches"], (2, 4, 6), (2, 2, 2))
+    np.testing.assert_array_equal(latent[0], mean[0, :4])
+    np.testing.assert_array_equal(latent[1], mean[0, :4])
+    counts = _stats(e)
+    assert counts["latent_cut"] == 1 and counts["image_repeated"] == 1
+    assert counts["snapped"] == counts["downscaled"] == 0
+
+
+def test_size_floor_takes_fewer_frames_before_shrinking_space():
+    """The default config's size policy: a 1000x256x256 clip keeps 64x64 (data.min_side) and its
+    first 4 frames under the 1024-token cap, where shrinking space first gave 1000 frames of 4x4; a
+    sample under the floor keeps its own size; a floor one frame cannot meet falls back to
+    shrinking space."""
+    from tiny import load_config_module
+
+    policy = configlib.pipeline_config(configlib.load(load_config_module().get_config())).size
+    assert (policy.min_side, policy.max_tokens_per_sample, policy.patch) == (64, 1024, (1, 4, 4))
+    plan = policy.plan(1000, 256, 256)
+    assert (plan.frames, plan.height, plan.width) == (4, 64, 64)
+    assert plan.frame_indices(1000).tolist() == [0, 1, 2, 3]  # a shorter clip, same frame rate
+    assert set(plan.events) == {"downscaled", "frames_cut"}
+    space_first = dataclasses.replace(policy, min_side=0).plan(1000, 256, 256)
+    assert (space_first.frames, space_first.height, space_first.width) == (1000, 4, 4)
+    small = policy.plan(1000, 32, 48)  # under the floor: its own size, 10 frames of 8x12 patches
+    assert (small.frames, small.height, small.width, small.events) == (10, 32, 48, ("frames_cut",))
+    wide = policy.plan(100, 64, 640)  # 16x160 patches per frame at the floor: over the cap
+    assert wide.frames == 100 and "frames_cut" not in wide.events and wide.height < 64
+    fits = policy.plan(8, 32, 32)  # under the cap: untouched
+    assert (fits.frames, fits.height, fits.width, fits.events) == (8, 32, 32, ())
+    rng = np.random.default_rng(1)
+    for _ in range(300):  # the floor holds wherever one temporal patch at it fits the cap
+        t, h, w = int(rng.integers(2, 400)), int(rng.integers(4, 600)), int(rng.integers(4, 600))
+        p = policy.plan(t, h, w)
+        assert p.frames * (p.height // 4) * (p.width // 4) <= 1024
+        floor = min(64, h, w)
+        if (floor * h // min(h, w) // 4) * (floor * w // min(h, w) // 4) <= 1024:
+            assert min(p.height, p.width) >= floor // 4 * 4, (t, h, w, p)
+
+
+def test_settings_that_lose_a_class_of_samples_warn_at_config_load(caplog):
+    c = tiny_config()
+    with caplog.at_level("WARNING", logger="vdit.configlib"):
+        configlib.load(c)
+    assert caplog.text == ""  # the tiny config loses nothing
+    c.model.patch_t, c.sample.grid_shape = 4, (4, 16, 16)
+    c.data.synthetic.frame_choices = (3, 8)
+    c.data.tasks.loop = 1.0
+    c.data.min_side = 128  # 32x32 patches: over the 256-token cap
+    with caplog.at_level("WARNING", logger="vdit.configlib"):
+        configlib.load(c)
+    lines = caplog.text.splitlines()
+    assert any("model.patch_t=4: videos of 2 to 3 frames" in x for x in lines)
+    assert any(
+        "data.synthetic.frame_choices: videos of [3] frames are all rejected" in x for x in lines
+    )
+    assert any("data.tasks.loop: every video" in x for x in lines)
+    assert any("data.min_side=128" in x for x in lines)

@@ -166,3 +166,68 @@ def test_resume_equals_uninterrupted(tmp_path):
         for x, y in zip(jax.tree.leaves(a["ema"]), jax.tree.leaves(a["params"]), strict=True)
         if x.size > 1
     )
+
+
+def test_scanned_and_unrolled_models_take_the_same_optimizer_step():
+    """Weight decay is decided by logical axes: the stacked block axis of a scanned model does not
+    make its biases, norm scales and modulation tables matrices. The same parameters and gradients,
+    mapped between the two layouts, give the same AdamW updates; only weight matrices decay."""
+    import dataclasses
+
+    from flax import nnx
+
+    from vdit.models.dit import VideoDiT
+    from vdit.train.state import OptimConfig, decay_mask, make_optimizer
+
+    c = configlib.load(tiny_config())
+    cfg = configlib.model_config(c)
+    fns = {
+        scan: (lambda rngs, s=scan: VideoDiT(dataclasses.replace(cfg, scan_layers=s), rngs=rngs))
+        for scan in (True, False)
+    }
+    opt = OptimConfig(
+        lr=1e-2,
+        warmup_steps=1,
+        min_lr_ratio=1.0,
+        weight_decay=0.5,
+        b1=0.9,
+        b2=0.99,
+        grad_clip=1e9,
+        ema_decay=0.9,
+        total_steps=10,
+    )
+    abstract = nnx.eval_shape(lambda: fns[True](nnx.Rngs(0)))
+    scanned = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))  # shapes only
+    rng = np.random.default_rng(0)
+    # every parameter nonzero (biases and modulation tables start at zero), and random gradients
+    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), scanned)
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), scanned)
+    depth = cfg.depth
+
+    def unroll(tree):
+        blocks = {i: jax.tree.map(lambda x, i=i: x[i], tree["blocks"]) for i in range(depth)}
+        return {**tree, "blocks": blocks}
+
+    def stack(tree):
+        blocks = jax.tree.map(lambda *xs: np.stack(xs), *[tree["blocks"][i] for i in range(depth)])
+        return {**tree, "blocks": blocks}
+
+    updates = {}
+    for scan, fn in fns.items():
+        p, g = (params, grads) if scan else (unroll(params), unroll(grads))
+        tx = make_optimizer(opt, fn)
+        state, update = tx.init(p), jax.jit(tx.update)
+        for _ in range(2):  # the first step's learning rate is 0 (warmup)
+            u, state = update(g, state, p)
+        updates[scan] = jax.device_get(u if scan else stack(u))
+    for a, b in zip(jax.tree.leaves(updates[True]), jax.tree.leaves(updates[False]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    mask = decay_mask(fns[True])
+    blocks = mask["blocks"]
+    assert blocks["mlp"]["fc1"]["kernel"] and blocks["self_attn"]["q"]["kernel"]
+    assert not blocks["mlp"]["fc1"]["bias"] and not blocks["norm_cross"]["scale"]
+    assert not blocks["modulation"] and not mask["head_modulation"]
+    assert mask["time_fc1"]["kernel"] and mask["text_encoder"]["embed"]
+    unrolled = decay_mask(fns[False])
+    assert all(unrolled["blocks"][i] == blocks for i in range(depth))
+    assert {**unrolled, "blocks": None} == {**mask, "blocks": None}

@@ -151,18 +151,21 @@ def test_tiled_is_exact_when_the_overlap_margin_covers_the_receptive_field():
 
 @pytest.mark.slow
 def test_tiled_and_chunked_together_approximate_full(model):
-    """Tiles 12 of 16 latent pixels, overlap 8; each tile chunked in time. With this untrained
-    network the largest deviation measured is 0.15 (encoder, vs |mean| up to 1.3) and 1.1 (decoder,
-    vs |video| up to 2.2); the bound checks it stays there and improves with the overlap."""
+    """Tiles 12 of 16 latent pixels, overlap 8; each tile chunked in time. This untrained network
+    sees far past a tile, so tiling is only approximate; measured (fixed seeds): encoder max error
+    0.144 (|mean| up to 1.26), decoder max 0.90 (|video| up to 2.24) and RMS 0.103 (video RMS
+    0.568). The bounds sit ~30% above those; averaging the tiles without the cross-fade
+    (`blend_ramp` all ones) gives 0.47, 1.43 and 0.257 and fails each of them."""
     x = _video(6, (1, 5, 64, 64, 3))
     mean, _ = vae.encode_full(model, x)
     y = vae.decode_full(model, mean)
     mt, _ = vae_chunked.encode_tiled(model, x, (12, 12), (8, 8), chunk_frames=4)
     yt = vae_chunked.decode_tiled(model, mean, (12, 12), (8, 8), chunk_latents=1)
     enc_err = float(jnp.abs(mt - mean).max())
-    dec_err = float(jnp.abs(yt - y).max())
-    assert enc_err < 0.2 * float(jnp.abs(mean).max())
-    assert dec_err < 0.6 * float(jnp.abs(y).max())
+    rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))
+    assert enc_err < 0.15 * float(jnp.abs(mean).max())
+    assert float(jnp.abs(yt - y).max()) < 0.5 * float(jnp.abs(y).max())
+    assert rms(yt - y) < 0.25 * rms(y)
     # a smaller overlap is worse
     mt_wide, _ = vae_chunked.encode_tiled(model, x, (8, 8), (4, 4))
     assert float(jnp.abs(mt_wide - mean).max()) > enc_err

@@ -8,6 +8,7 @@ config: `model_config`, `pipeline_config`, `flow_config` hand each only the fiel
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import ml_collections
@@ -22,6 +23,8 @@ from vdit.models.text import TextEncoderConfig
 from vdit.models.vae import LossConfig, VAEConfig
 from vdit.parallel.mesh import resolve_mesh_shape
 from vdit.parallel.sharding import DEFAULT_RULES
+
+log = logging.getLogger(__name__)
 
 # (width, depth, heads): DiT paper sizes (S, B, L, XL), DeiT-Ti, and "mu" for tests.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -139,20 +142,10 @@ def load(
             f"{c.autoencoder.channels}",
         )
 
-    patch = (m.patch_t, p, p)
-    comp = tuple(c.autoencoder.compression)
-    frames, height, width = c.sample.grid_shape
-    lat = (
-        frames if comp[0] == 1 else 1 + (frames - 1) // comp[0],
-        height // comp[1],
-        width // comp[2],
-    )
-    if height % comp[1] or width % comp[2] or any(g % q for g, q in zip(lat, patch, strict=True)):
-        _fail(
-            "sample.grid_shape",
-            f"{(frames, height, width)} gives latent grid {lat}, not "
-            f"divisible by the patch {patch} (model.patch_t, variant p)",
-        )
+    try:
+        sample_grid(c, tuple(c.sample.grid_shape))
+    except ValueError as e:
+        _fail("sample.grid_shape", str(e))
 
     dc = c.data
     if plan_only and ae.kind == "latent" and not (dc.source == "latents" and dc.latents.path):
@@ -162,6 +155,8 @@ def load(
                 {"path": "(planning only)", "sample_posterior": True}
             )
     data_config.validate(pipeline_config(c))  # every check on the data section
+    for warning in data_config.warnings(pipeline_config(c)):  # valid, but a class of samples lost
+        log.warning("%s", warning)
 
     if num_devices is not None:
         dcn = c.mesh.get("dcn_data", 1)
@@ -237,10 +232,40 @@ def flow_config(c: ml_collections.ConfigDict) -> FlowConfig:
     return build(FlowConfig, c.flow, "flow")
 
 
+def sample_grid(c: ml_collections.ConfigDict, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The latent grid (T, H, W) sampled for a pixel (frames, height, width), checked: ValueError
+    naming what the patch and the autoencoder cannot tile. One latent frame is an image, sampled
+    as one temporal patch of model.patch_t frames (as trained) whatever the patch."""
+    frames, height, width = shape
+    pt, ph, pw = patch_size(c)
+    ct, ch, cw = tuple(c.autoencoder.compression)
+    if min(shape) < 1:
+        raise ValueError(f"{tuple(shape)}: frames, height and width must be >= 1")
+    lt = frames if ct == 1 else 1 + (frames - 1) // ct
+    unit_h, unit_w = ph * ch, pw * cw
+    if height % unit_h or width % unit_w:
+        raise ValueError(
+            f"{height}x{width} pixels: height and width must be multiples of {unit_h} and {unit_w} "
+            f"(the patch {ph}x{pw} times the autoencoder's compression {ch}x{cw})"
+        )
+    if ct > 1 and (frames - 1) % ct:
+        raise ValueError(
+            f"{frames} frames: the causal autoencoder (time compression {ct}) decodes "
+            f"1 + {ct} * k frames; ask for {1 + (frames - 1) // ct * ct}"
+        )
+    if lt > 1 and lt % pt:
+        raise ValueError(
+            f"{frames} frames are {lt} latent frames, not a whole number of temporal patches of "
+            f"model.patch_t={pt} (one frame, an image, is always possible)"
+        )
+    return lt, height // ch, width // cw
+
+
 def tokens_per_sample(c: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
     pt, ph, pw = patch_size(c)
     comp = tuple(c.autoencoder.compression)
     lt = frames if comp[0] == 1 else 1 + (frames - 1) // comp[0]
+    lt = pt if lt == 1 else lt  # an image: one temporal patch
     return math.prod((lt // pt, height // comp[1] // ph, width // comp[2] // pw))
 
 

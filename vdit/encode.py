@@ -54,6 +54,7 @@ class EncodeOptions:
     time_fit: str = "resample"  # frames short of a whole latent patch: "resample" | "trim"
     frame_stride: int = 1  # keep every k-th source frame
     max_fps: float = 0.0  # > 0: sources with a higher fps are strided down to at most this
+    min_side: int = 0  # short side (pixels) kept under the cap by taking fewer frames first
     # The config's autoencoder.compression and .channels, checked against the VAE's (None: not)
     compression: tuple[int, int, int] | None = None
     channels: int | None = None
@@ -91,7 +92,8 @@ class EncodeOptions:
 def options_from_config(config: ml_collections.ConfigDict, **encode: Any) -> EncodeOptions:
     """The options of `vdit encode --config=CONFIG`: the size settings of the DiT config that will
     train on the latents (its patch, data.max_tokens_per_sample, data.time_fit, data.frame_stride,
-    data.max_fps; autoencoder.compression and .channels to check the VAE against), and `encode`,
+    data.max_fps, data.min_side; autoencoder.compression and .channels to check the VAE against),
+    and `encode`,
     the encode-only settings (chunk_frames, tile, tile_overlap, store, shard_size, seed)."""
     c = configlib.load(config, plan_only=True)  # the latents folder is what encode writes
     if c.autoencoder.kind != "latent":
@@ -106,6 +108,7 @@ def options_from_config(config: ml_collections.ConfigDict, **encode: Any) -> Enc
         time_fit=policy.time_fit,
         frame_stride=policy.frame_stride,
         max_fps=policy.max_fps,
+        min_side=policy.min_side,
         compression=policy.compression,
         channels=c.autoencoder.channels,
         **encode,
@@ -120,6 +123,7 @@ def size_policy(options: EncodeOptions, compression: tuple[int, int, int]) -> si
         time_fit=options.time_fit,
         frame_stride=options.frame_stride,
         max_fps=options.max_fps,
+        min_side=options.min_side,
     )
 
 

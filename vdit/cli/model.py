@@ -25,12 +25,21 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     return train_and_evaluate(config, workdir)
 
 
-def _load_model(workdir: str):
-    """(config, graphdef, params) of the latest checkpoint of `workdir`: EMA parameters when the
-    config's sample.use_ema, else the raw ones. FileNotFoundError when there is none."""
+def _read_config(workdir: str):
+    """(config, step) of the latest checkpoint of `workdir`, no array read. FileNotFoundError when
+    there is none."""
+    from vdit.train.load import read_config
+
+    return read_config(workdir)
+
+
+def _load_model(workdir: str, step: int | None = None):
+    """(config, graphdef, params) of the checkpoint of `workdir` at `step` (default: the latest):
+    EMA parameters when the config's sample.use_ema, else the raw ones. FileNotFoundError when
+    there is none."""
     from vdit.train.load import load
 
-    loaded = load(workdir)
+    loaded = load(workdir, step)
     return loaded.config, loaded.graphdef, loaded.params
 
 
@@ -40,14 +49,49 @@ def _eval_setup(config):
     return eval_setup(config)
 
 
-def _load(workdir: str):
+def _no_checkpoint(workdir: str, e: Exception) -> UsageError:
+    return UsageError(
+        f"--workdir={workdir}: {e}; give the work directory of a `vdit train` run that "
+        "saved a checkpoint"
+    )
+
+
+def _config(workdir: str):
+    """(config, step) of `workdir`'s latest checkpoint, read before any argument is checked
+    against it and before the model loads."""
     try:
-        return _load_model(workdir)
+        return _read_config(workdir)
     except FileNotFoundError as e:
+        raise _no_checkpoint(workdir, e) from None
+
+
+def _load(workdir: str, step: int | None = None):
+    try:
+        return _load_model(workdir, step)
+    except FileNotFoundError as e:
+        raise _no_checkpoint(workdir, e) from None
+
+
+def _check_guidance(fv: flags.FlagValues) -> None:
+    """--steps and --cfg_scale, checked before anything loads."""
+    if fv.steps is not None and fv.steps < 1:
         raise UsageError(
-            f"--workdir={workdir}: {e}; give the work directory of a `vdit train` run that "
-            "saved a checkpoint"
-        ) from None
+            f"--steps={fv.steps}: sampling takes at least 1 step (leave it out for the "
+            "config's sample.steps)"
+        )
+    if fv.cfg_scale is not None and fv.cfg_scale < 0:
+        raise UsageError(f"--cfg_scale={fv.cfg_scale}: must be >= 0 (1 = no guidance)")
+
+
+def _guided(setup, fv: flags.FlagValues):
+    """The eval setup with the --steps / --cfg_scale given (unset: the config's)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        setup,
+        steps=setup.steps if fv.steps is None else fv.steps,
+        cfg_scale=setup.cfg_scale if fv.cfg_scale is None else fv.cfg_scale,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,26 +167,24 @@ def _sample_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _sample(fv: flags.FlagValues) -> None:
-    import dataclasses
-
     import jax
 
     from vdit import configlib
     from vdit.data.video_io import upscale, write_video
     from vdit.diffusion.evaluate import generate
 
-    config, graphdef, params = _load(fv.workdir)
+    _check_guidance(fv)
+    if fv.upscale < 1:
+        raise UsageError(f"--upscale={fv.upscale}: must be >= 1 (1 = as sampled)")
+    config, step = _config(fv.workdir)  # the arguments are checked before the model loads
     shape = (fv.frames, fv.height, fv.width)
     try:
-        tokens = configlib.tokens_per_sample(config, *shape)
+        configlib.sample_grid(config, shape)
     except ValueError as e:
         raise UsageError(f"--frames/--height/--width: {e}") from None
-    setup = _eval_setup(config)
-    setup = dataclasses.replace(
-        setup,
-        steps=fv.steps or setup.steps,
-        cfg_scale=setup.cfg_scale if fv.cfg_scale is None else fv.cfg_scale,
-    )
+    tokens = configlib.tokens_per_sample(config, *shape)
+    config, graphdef, params = _load(fv.workdir, step)
+    setup = _guided(_eval_setup(config), fv)
     (video,) = generate(graphdef, params, [fv.prompt], shape, setup, seed=fv.seed)
     path = fv.out
     if jax.process_index() == 0:  # every process computes the same sample; one writes it
@@ -160,7 +202,8 @@ SAMPLE = Command(
     run=_sample,
     required=(("workdir", _TRAINED),),
     distributed=True,
-    notes="The frame count and size must make whole patches of the model's latent grid. In a "
+    notes="The frame count and size must make whole patches of the model's latent grid (one frame, an "
+    "image, always can), checked with the other flags before the model loads. In a "
     "multi-process run every process computes the same sample and process 0 writes the file.",
 )
 
@@ -174,17 +217,13 @@ def _eval_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _eval(fv: flags.FlagValues) -> None:
-    import dataclasses
-
     from vdit.diffusion.evaluate import evaluate
 
+    _check_guidance(fv)
+    if fv.num < 1:
+        raise UsageError(f"--num={fv.num}: evaluate at least 1 prompt")
     config, graphdef, params = _load(fv.workdir)
-    setup = _eval_setup(config)
-    setup = dataclasses.replace(
-        setup,
-        steps=fv.steps or setup.steps,
-        cfg_scale=setup.cfg_scale if fv.cfg_scale is None else fv.cfg_scale,
-    )
+    setup = _guided(_eval_setup(config), fv)
     scores = evaluate(
         graphdef, params, setup, n=fv.num, shape=tuple(config.sample.grid_shape), seed=fv.seed
     )

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from vdit.data import sources, tasks
 from vdit.data.latents import LatentsConfig
 from vdit.data.packing import PackingConfig
@@ -44,6 +46,7 @@ class PipelineConfig:
     time_fit: str  # one of size.TIME_FITS
     frame_stride: int  # keep every k-th source frame
     max_fps: float  # > 0: sources with a higher "fps" are strided down to at most this
+    min_side: int  # short side (pixels) kept under the cap by taking fewer frames first; 0: off
     token_drop: TokenDrop
     caption_dropout: float  # empty caption rate (classifier-free guidance)
     tasks: tuple[tuple[str, float], ...]  # (task, weight) of data.tasks, in the config's order
@@ -68,6 +71,7 @@ class PipelineConfig:
         """From the `data` section (a dict, e.g. ConfigDict.to_dict()) and the other sections'
         fields. A section written before records/tfds/latents existed gets their empty defaults."""
         d = as_tuples(dict(data))
+        d.setdefault("min_side", 0)  # a section written before the floor existed: no floor
         own = {f.name for f in dataclasses.fields(cls)} - {
             "patch",
             "compression",
@@ -155,6 +159,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError(f"data.frame_stride={cfg.frame_stride} must be >= 1")
     if cfg.max_fps < 0:
         raise ValueError(f"data.max_fps={cfg.max_fps} must be >= 0 (0 = off)")
+    if cfg.min_side < 0:
+        raise ValueError(f"data.min_side={cfg.min_side} must be >= 0 (0 = off)")
     if cfg.source not in sources.SOURCES:
         raise ValueError(f"data.source={cfg.source!r}: choose from {sources.SOURCES}")
     if cfg.source == "records" and not cfg.records.path:
@@ -188,3 +194,48 @@ def validate(cfg: PipelineConfig) -> None:
             raise ValueError(
                 f"data.synthetic.size_choices: {hw} is smaller than one patch {unit} in pixels"
             )
+
+
+def warnings(cfg: PipelineConfig) -> list[str]:
+    """Settings under which the pipeline loses a whole class of samples (rejected, trained as
+    another task, or kept under the resolution floor): one line each, naming the setting. The
+    config is valid; `vdit.configlib.load` logs these."""
+    out = []
+    pt, ct = cfg.patch[0], cfg.compression[0]
+    policy = cfg.size
+    if pt > 2:  # 1 < latent frames < pt: no whole temporal patch (images are repeated to one)
+        lo, hi = (2, pt - 1) if ct == 1 else (ct + 1, (pt - 1) * ct)
+        out.append(
+            f"model.patch_t={pt}: videos of {lo} to {hi} frames (2 to {pt - 1} latent frames) "
+            "make no whole temporal patch and are rejected (data_rejected_too_short)"
+        )
+    if cfg.source == "synthetic":
+        latent = {}
+        for f in cfg.synthetic.frame_choices:
+            stride = policy.fps_stride({"video": np.empty((f, 0)), "fps": cfg.synthetic.fps})
+            latent[f] = policy.latent_frames((f - 1) // stride + 1)
+        short = [f for f, lf in latent.items() if 1 < lf < pt]
+        if short:
+            out.append(
+                f"data.synthetic.frame_choices: videos of {short} frames are all rejected as "
+                f"too_short under model.patch_t={pt}"
+            )
+        videos = [lf // pt for lf in latent.values() if lf >= pt and lf > 1]
+        if cfg.synthetic.image_fraction < 1 and videos:
+            for name, weight in cfg.tasks:
+                if weight > 0 and max(videos) < tasks.MIN_FRAMES[name]:
+                    out.append(
+                        f"data.tasks.{name}: every video of data.synthetic.frame_choices has "
+                        f"fewer than {tasks.MIN_FRAMES[name]} latent patch-frames; it trains as "
+                        "t2v instead (data_task_fallback)"
+                    )
+    if cfg.min_side > 0:
+        uh, uw = cfg.patch[1] * cfg.compression[1], cfg.patch[2] * cfg.compression[2]
+        n = max(1, cfg.min_side // uh) * max(1, cfg.min_side // uw)
+        if n > cfg.max_tokens_per_sample:
+            out.append(
+                f"data.min_side={cfg.min_side}: one {cfg.min_side}x{cfg.min_side} frame is {n} "
+                f"tokens, over data.max_tokens_per_sample={cfg.max_tokens_per_sample}; samples "
+                "over the cap are scaled down under it"
+            )
+    return out

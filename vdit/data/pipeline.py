@@ -50,6 +50,7 @@ class _Prepare(grain.transforms.RandomMap):
             )
         video, events = fit_video(element, cfg.size)
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
+        latent = one_temporal_patch(latent, cfg.patch[0], events)
         return sample_tokens(latent, element["caption"], events, cfg, rng)
 
 
@@ -76,14 +77,13 @@ class _PrepareLatent(_Prepare):
         events = list(element.get("events", ()))
         pt, ph, pw = cfg.patch
         t, h, w, _ = mean.shape
-        if t < pt:
+        if 1 < t < pt:
             raise Rejected("too_short", f"{t} latent frames make no whole temporal patch of {pt}")
         if h < ph or w < pw:
             raise Rejected("too_small", f"latent {h}x{w} is under one patch {ph}x{pw}")
-        grid = (t // pt * pt, h // ph * ph, w // pw * pw)
+        grid = (t if t == 1 else t // pt * pt, h // ph * ph, w // pw * pw)
         if grid != (t, h, w):  # encoded for another patch: cut the remainder (under one patch)
-            if "snapped" not in events:
-                events.append("snapped")
+            events.append("latent_cut")
         n = math.prod(g // p for g, p in zip(grid, cfg.patch, strict=True))
         if n > cfg.max_tokens_per_sample:
             raise Rejected(
@@ -95,7 +95,18 @@ class _PrepareLatent(_Prepare):
         if cfg.latents.sample_posterior and logvar is not None:
             z = mean + np.exp(0.5 * np.asarray(logvar)) * rng.standard_normal(mean.shape)
         z = (z[: grid[0], : grid[1], : grid[2]] - self.shift) / self.scale
-        return sample_tokens(z.astype(np.float32), element["caption"], events, cfg, rng)
+        z = one_temporal_patch(z.astype(np.float32), pt, events)
+        return sample_tokens(z, element["caption"], events, cfg, rng)
+
+
+def one_temporal_patch(latent: np.ndarray, pt: int, events: list[str]) -> np.ndarray:
+    """An image (one latent frame) under a temporal patch pt > 1: the frame repeated to one whole
+    temporal patch of pt frames (a still clip; the sampler keeps the first frame of an image),
+    counted as `image_repeated` in `events`. Any other latent is returned as it is."""
+    if pt == 1 or latent.shape[0] != 1:
+        return latent
+    events.append("image_repeated")
+    return np.repeat(latent, pt, axis=0)
 
 
 def sample_tokens(
@@ -108,7 +119,9 @@ def sample_tokens(
 
     pt, ph, pw = cfg.patch
     frames = latent.shape[0] // pt
-    task = tasks.draw_task(dict(cfg.tasks), frames, rng)
+    drawn = tasks.draw_task(dict(cfg.tasks), frames, rng)
+    task = tasks.fit_task(drawn, frames)
+    events = [*events, *(["task_fallback"] if task != drawn else [])]
     per_frame = (latent.shape[1] // ph) * (latent.shape[2] // pw)
     cond = tasks.token_mask(tasks.frame_mask(task, frames, rng), per_frame)
     keep = cfg.token_drop.keep(cond, rng)
@@ -117,6 +130,8 @@ def sample_tokens(
         patches, positions, cond = patches[keep], positions[keep], cond[keep]
 
     text = caption if rng.random() >= cfg.caption_dropout else ""
+    if len(text.encode("utf-8")) + 1 > cfg.text_max_len:  # BOS + bytes
+        events.append("caption_cut")
     return {
         "patches": patches,
         "positions": positions,
@@ -172,21 +187,28 @@ class _CountRejectedIterator(grain.DatasetIterator):
 
 
 def prepare_samples(
-    ds: grain.MapDataset, cfg: PipelineConfig, manifest: dict[str, Any] | None = None
+    ds: grain.MapDataset,
+    cfg: PipelineConfig,
+    manifest: dict[str, Any] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
-    """Source elements -> per-sample packing inputs; rejected samples are logged, skipped, and
-    counted in the next accepted sample's "stats" (so counts after the last accepted sample of a
-    finite dataset are only logged). Latents (data.source="latents") need their folder's manifest."""
+    """Source elements -> per-sample packing inputs of this process (every `process_count`-th);
+    rejected samples are logged, skipped, and counted in the next accepted sample's "stats" (so
+    counts after the last accepted sample of a finite dataset are only logged). Latents
+    (data.source="latents") need their folder's manifest.
+
+    The random draws of a sample (caption dropout, task, token drop, posterior sample) are seeded
+    by its index in the whole index space, before the per-process slice: the hosts of a multi-host
+    run draw independent streams, and one process draws what it always did."""
     if cfg.source == "latents":
         manifest = manifest or latents.read_manifest(cfg.latents.path)
         latents.check_encoded_for(manifest, cfg.patch, cfg.max_tokens_per_sample)
         prepare = _PrepareLatent(cfg, *sources.latent_statistics(manifest, cfg))
     else:
         prepare = _Prepare(cfg)
-    return _CountRejected(
-        ds.random_map(prepare, seed=cfg.seed + 1).to_iter_dataset(),
-        cfg.max_consecutive_rejections,
-    )
+    ds = ds.random_map(prepare, seed=cfg.seed + 1)[process_index::process_count]
+    return _CountRejected(ds.to_iter_dataset(), cfg.max_consecutive_rejections)
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -198,7 +220,8 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
         )
     source = sources.make_source(cfg)
     ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat(None)
-    it = prepare_samples(ds[process_index::process_count], cfg, getattr(source, "manifest", None))
+    manifest = getattr(source, "manifest", None)
+    it = prepare_samples(ds, cfg, manifest, process_index, process_count)
     pack_cfg = dataclasses.replace(cfg.packing, seed=cfg.packing.seed + process_index)
     it = packing.pack(it, pack_cfg, sample_features=("stats",))
     it = it.batch(cfg.batch_rows // process_count, drop_remainder=True)

@@ -1,6 +1,7 @@
 """The size policy: how a source sample of any duration, frame rate and size becomes a whole-patch
-latent grid under the token cap (keep the aspect ratio, resize down, never crop), and the statistics
-vocabulary that says what it changed (EVENTS) or why it refused a sample (REJECTS).
+latent grid under the token cap (keep the aspect ratio, resize down, never crop; keep at least
+`min_side` pixels on the short side by taking fewer frames first), and the statistics vocabulary that
+says what it changed (EVENTS) or why it refused a sample (REJECTS).
 
 Shared by training (`vdit/data/pipeline.py`) and `vdit encode`, so latents are encoded with the very
 policy the DiT would apply to pixels.
@@ -25,12 +26,18 @@ EVENTS: tuple[str, ...] = (
     "frames_resampled",  # frames picked evenly over the whole clip to make whole temporal patches
     "frames_trimmed",  # trailing frames that make no whole temporal patch dropped (< pt * ct frames)
     "fps_subsampled",  # frames strided by data.frame_stride / data.max_fps
+    "frames_cut",  # only the first frames kept, so the short side stays >= data.min_side under the cap
+    # (the pipeline's, not the size policy's:)
+    "task_fallback",  # the drawn task needs more latent frames (vdit.data.tasks.MIN_FRAMES): t2v
+    "caption_cut",  # caption longer than model.text.max_len tokens (BOS + UTF-8 bytes): cut
+    "image_repeated",  # an image (one latent frame) repeated to one temporal patch (model.patch_t)
+    "latent_cut",  # a latent of another patch: the remainder under one patch cut off
 )
 REJECTS: tuple[str, ...] = (
     "empty",  # no frames or zero height/width
     "bad_shape",  # not uint8 (T, H, W, 3)
     "too_small",  # height or width under one patch in pixels
-    "too_short",  # fewer frames than one temporal patch
+    "too_short",  # a video (2+ latent frames) of fewer latent frames than one temporal patch
     "non_finite",  # NaN or inf values
     "over_cap",  # over max_tokens_per_sample even at one patch on its short side and one in time
     "decode_error",  # the source could not read or decode it (e.g. a corrupt record)
@@ -79,9 +86,11 @@ class SizePlan:
 
 @dataclasses.dataclass(frozen=True)
 class SizePolicy:
-    """Keep aspect ratio and duration; resize down (never crop) to fit `max_tokens_per_sample`; snap
-    to the grid. The fields are the data section's (configs/default.py) plus the patch and the
-    autoencoder's compression."""
+    """Keep aspect ratio and duration; resize down (never crop) to fit `max_tokens_per_sample`, but
+    not under `min_side` pixels on the short side while fewer frames can fit instead; snap to the
+    grid. The fields are the data section's (configs/default.py) plus the patch and the
+    autoencoder's compression. An image (one latent frame) is one temporal patch whatever the
+    temporal patch (the pipeline repeats it to `patch[0]` frames)."""
 
     patch: tuple[int, int, int]  # (pt, ph, pw) latent patch
     compression: tuple[int, int, int]  # autoencoder (time, height, width) factors
@@ -92,6 +101,9 @@ class SizePolicy:
     time_fit: str
     frame_stride: int  # keep every k-th source frame (frame-rate subsampling)
     max_fps: float  # > 0: sources with an "fps" above this are strided (ceil(fps / max_fps))
+    # Short side (pixels) the cap may not shrink a sample under while fewer frames can fit instead
+    # (a shorter clip rather than a smaller one); never above the sample's own; 0: off.
+    min_side: int = 0
 
     def latent_frames(self, frames: int) -> int:
         ct = self.compression[0]
@@ -106,13 +118,22 @@ class SizePolicy:
             stride = max(stride, math.ceil(float(element["fps"]) / self.max_fps - 1e-9))
         return stride if np.shape(element["video"])[0] > 1 else 1
 
+    def temporal_patches(self, frames: int) -> tuple[int, int]:
+        """(latent frames kept, temporal patches) of `frames` pixel frames: whole patches, or an
+        image (one latent frame) as one patch."""
+        lf, pt = self.latent_frames(frames), self.patch[0]
+        return (1, 1) if lf == 1 else (lf // pt * pt, lf // pt)
+
     def plan(self, frames: int, height: int, width: int) -> SizePlan:
         """How a (frames, height, width) pixel sample becomes a whole-patch latent grid under the cap.
 
         Frames beyond a whole number of latent patches are dropped from the end (at most pt*ct - 1
-        frames); spatial sizes are resized to multiples of the patch in pixels; a sample over the token
-        cap is scaled down in space (aspect kept), then subsampled in time if even the smallest spatial
-        grid is over the cap. Raises `Rejected` for a sample that cannot hold one patch.
+        frames); spatial sizes are resized to multiples of the patch in pixels. A sample over the
+        token cap keeps its first frames only (`frames_cut`) where scaling it down would take its
+        short side under `min_side`; otherwise (or when even one temporal patch at `min_side` is
+        over the cap) it is scaled down in space (aspect kept), then subsampled in time if even the
+        smallest spatial grid is over the cap. Raises `Rejected` for a sample that cannot hold one
+        patch.
         """
         pt, ph, pw = self.patch
         ct, ch, cw = self.compression
@@ -122,22 +143,37 @@ class SizePolicy:
             raise Rejected("empty", f"{frames} frames of {height}x{width}")
         if height < uh or width < uw:
             raise Rejected("too_small", f"{height}x{width} is under one patch ({uh}x{uw} pixels)")
-        if self.latent_frames(frames) < pt:
-            raise Rejected("too_short", f"{frames} frames make no whole temporal patch of {pt}")
-        stride = 1
-        while True:
-            f = (frames - 1) // stride + 1
-            lt = self.latent_frames(f) // pt * pt
-            if lt // pt * (height // uh) * (width // uw) <= cap:
-                scale = 1.0
-            else:  # floor(a * s) * floor(b * s) <= a * b * s^2 = cap per temporal patch
-                scale = math.sqrt(cap / (lt // pt * (height / uh) * (width / uw)))
-            gh = max(1, int(height / uh * scale))
-            gw = max(1, int(width / uw * scale))
-            if (lt // pt) * gh * gw <= cap or lt == pt:
-                break
-            stride *= 2
-        if (lt // pt) * gh * gw > cap:  # an extreme aspect ratio: no crop, no squash
+        if 1 < self.latent_frames(frames) < pt:
+            raise Rejected(
+                "too_short",
+                f"{frames} frames are {self.latent_frames(frames)} latent frames, no whole "
+                f"temporal patch of {pt}",
+            )
+        a, b = height / uh, width / uw  # the sample's size in patches
+        fit = self._fit_at_floor(frames, height, width)
+        cut = fit is not None and fit[1] < self.temporal_patches(frames)[1]
+        if fit is not None:
+            lt, nt = fit
+            stride, f = 1, frames
+            scale = min(1.0, math.sqrt(cap / (nt * a * b)))
+            fh, fw = self._floor_grid(height, width)
+            # at least the floor's grid (which fits by construction), whatever the rounding
+            gh, gw = max(int(a * scale), fh), max(int(b * scale), fw)
+        else:
+            stride = 1
+            while True:
+                f = (frames - 1) // stride + 1
+                lt, nt = self.temporal_patches(f)
+                if nt * (height // uh) * (width // uw) <= cap:
+                    scale = 1.0
+                else:  # floor(a * s) * floor(b * s) <= a * b * s^2 = cap per temporal patch
+                    scale = math.sqrt(cap / (nt * a * b))
+                gh = max(1, int(a * scale))
+                gw = max(1, int(b * scale))
+                if nt * gh * gw <= cap or nt == 1:
+                    break
+                stride *= 2
+        if nt * gh * gw > cap:  # an extreme aspect ratio: no crop, no squash
             raise Rejected(
                 "over_cap",
                 f"{frames}x{height}x{width} needs {gh}x{gw} patches per "
@@ -152,9 +188,45 @@ class SizePolicy:
             events.append("snapped")
         if stride > 1:
             events.append("time_subsampled")
-        if kept < f:
+        if cut:
+            events.append("frames_cut")
+        elif kept < f:
             events.append("frames_resampled" if self.time_fit == "resample" else "frames_trimmed")
-        return SizePlan(kept, stride, th, tw, tuple(events), self.time_fit == "resample")
+        resample = self.time_fit == "resample" and not cut
+        return SizePlan(kept, stride, th, tw, tuple(events), resample)
+
+    def _floor_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patches (rows, columns) of a frame scaled (aspect kept) to a short side of
+        min(min_side, its own) pixels, in exact integer arithmetic."""
+        _, ph, pw = self.patch
+        _, ch, cw = self.compression
+        short, floor = min(height, width), min(self.min_side, height, width)
+        return max(1, height * floor // (short * ph * ch)), max(
+            1, width * floor // (short * pw * cw)
+        )
+
+    def _fit_at_floor(self, frames: int, height: int, width: int) -> tuple[int, int] | None:
+        """Where fitting the whole clip under the cap would shrink its short side under
+        min(min_side, its own): the (latent frames, temporal patches) of the longest start of the
+        clip that fits with the short side there (all of it, when rounding to patches makes room).
+        None where the floor is not in the way, or cannot be kept (one temporal patch at the floor
+        is already over the cap: the sample is scaled down as without a floor)."""
+        pt, ph, pw = self.patch
+        _, ch, cw = self.compression
+        uh, uw = ph * ch, pw * cw
+        floor = min(self.min_side, height, width)
+        lt_all, nt_all = self.temporal_patches(frames)
+        if floor <= 0 or nt_all == 1:
+            return None
+        a, b = height / uh, width / uw
+        floor_scale = floor / min(height, width)
+        if math.sqrt(self.max_tokens_per_sample / (nt_all * a * b)) >= floor_scale:
+            return None  # the cap's scale keeps the floor
+        fh, fw = self._floor_grid(height, width)
+        nt = min(self.max_tokens_per_sample // (fh * fw), nt_all)
+        if nt < 1:
+            return None
+        return (lt_all, nt_all) if nt == nt_all else (nt * pt, nt)
 
 
 def resize_video(

@@ -53,9 +53,17 @@ def sample(
     cfg_scale: float = 3.0,
     text_len: int = 64,
 ) -> list[np.ndarray]:
-    """Latents (T, H, W, C) for each request (same order). `params`: an nnx State or a pure dict."""
+    """Latents (T, H, W, C) for each request (same order). `params`: an nnx State or a pure dict.
+
+    An image (a grid of one latent frame) under a temporal patch pt > 1 is sampled as trained: one
+    temporal patch of pt frames (the pipeline repeats an image's frame), of which the first is
+    returned."""
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
+    images = [patch[0] > 1 and r.grid[0] == 1 for r in requests]
+    requests = [
+        _image_as_patch(r, patch[0]) if im else r for r, im in zip(requests, images, strict=True)
+    ]
     out: dict[int, np.ndarray] = {}
     by_grid: dict[tuple[int, int, int], list[int]] = {}
     for i, r in enumerate(requests):
@@ -75,7 +83,14 @@ def sample(
         )
         for i, x in zip(idx, lat, strict=True):
             out[i] = x
-    return [out[i] for i in range(len(requests))]
+    return [out[i][:1] if images[i] else out[i] for i in range(len(requests))]
+
+
+def _image_as_patch(r: SampleRequest, pt: int) -> SampleRequest:
+    """A one-frame request as one whole temporal patch of pt frames (its conditioning frame, if
+    any, repeated)."""
+    cond = None if r.cond_latent is None else np.repeat(r.cond_latent[:1], pt, axis=0)
+    return dataclasses.replace(r, grid=(pt, *r.grid[1:]), cond_latent=cond)
 
 
 def _sample_same_size(

@@ -105,7 +105,7 @@ class VideoDiT(nnx.Module):
         d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         self.patch_embed = layers.dense(cfg.patch_dim, d, ("patch", "embed"), **kw)
-        self.time_fc1 = layers.dense(256, d, ("modulation", "embed"), **kw)
+        self.time_fc1 = layers.dense(256, d, (None, "embed"), **kw)  # from 256 frequencies
         self.time_fc2 = layers.dense(d, d, ("mlp", "embed"), **kw)
         self.time_proj = layers.dense(d, 6 * d, ("embed", "mlp"), zero=True, **kw)
         self.text_encoder = TextEncoder(cfg.text, **kw)

@@ -58,10 +58,9 @@ class DiTTask(Task):
         self.seed = c.seed
         self.mesh = mesh_from_config(c.mesh, devices)
         self.rules = tuple(tuple(r) for r in c.sharding.rules)
-        self.tx = make_optimizer(self.optim_cfg)
-        self.state = ShardedState(
-            lambda rngs: VideoDiT(self.model_cfg, rngs=rngs), self.tx, self.mesh, self.rules, c.seed
-        )
+        model_fn = lambda rngs: VideoDiT(self.model_cfg, rngs=rngs)
+        self.tx = make_optimizer(self.optim_cfg, model_fn)
+        self.state = ShardedState(model_fn, self.tx, self.mesh, self.rules, c.seed)
         self._batch_shardings: dict[str, NamedSharding] | None = None
         self._step: Callable | None = None
         self.peak_flops = 0.0

@@ -69,8 +69,7 @@ def load(
     or raw parameters, replicated over `devices` (default: the first local device). `ema=None`
     takes the config's choice (`sample.use_ema` of a DiT; the EMA for the VAE)."""
     directory = os.path.join(os.fspath(workdir), "checkpoints")
-    stored, step = read_config_and_step(directory, step)
-    c = configlib.load(ml_collections.ConfigDict(stored))
+    c, step = read_config(workdir, step)
     if ema is None:
         ema = bool(c.sample.use_ema) if "sample" in c else True
     devices = list(devices or jax.local_devices()[:1])
@@ -102,6 +101,16 @@ def load(
         buffers=restored.get("stats"),
         step=step,
     )
+
+
+def read_config(
+    workdir: str | os.PathLike, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, int]:
+    """(the config stored with WORKDIR/checkpoints at `step`, loaded; the step): no array is read,
+    so a command can check its arguments against the model before loading it."""
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    stored, step = read_config_and_step(directory, step)
+    return configlib.load(ml_collections.ConfigDict(stored)), step
 
 
 def _replicated_mesh(devices: list) -> Mesh:

@@ -40,7 +40,7 @@ class OptimConfig:
     lr: float  # peak learning rate
     warmup_steps: int  # linear warmup
     min_lr_ratio: float  # final lr = min_lr_ratio * lr (cosine)
-    weight_decay: float  # decoupled, on matrices only
+    weight_decay: float  # decoupled, on weight matrices only (`decay_mask`)
     b1: float
     b2: float
     grad_clip: float  # global-norm clip
@@ -63,8 +63,38 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW on `lr_schedule`, global-norm clipping, weight decay on matrices only."""
+# Logical axes that index a stack of vectors, not a dimension of a weight matrix: the scanned blocks
+# (`nnx.vmap`'s "layers") and the rows of an adaLN modulation table (shift, scale, gate, ...).
+STACK_AXES = frozenset({"layers", "modulation"})
+
+
+def is_matrix(names: tuple[str | None, ...] | None, shape: tuple[int, ...]) -> bool:
+    """Whether a parameter of these logical axis names (None: unnamed) and shape is a weight matrix
+    (a kernel, an embedding table): two or more axes besides STACK_AXES. Biases, norm scales and
+    modulation tables are vectors, stacked or not."""
+    if names is None:
+        return len(shape) >= 2
+    return sum(n not in STACK_AXES for n in names) >= 2
+
+
+def decay_mask(model_fn: ModelFn) -> dict:
+    """{path: bool} of the model's parameters, as the train state holds them
+    (`nnx.to_pure_dict`): True for the weight matrices weight decay applies to. Decided by logical
+    axes, so a scanned model (blocks stacked on "layers") and an unrolled one decay the same
+    parameters."""
+    abstract = nnx.state(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param)
+    out: dict = {}
+    for path, var in nnx.to_flat_state(abstract):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = is_matrix(var.get_metadata().get("out_sharding"), var.get_value().shape)
+    return out
+
+
+def make_optimizer(cfg: OptimConfig, model_fn: ModelFn) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, global-norm clipping, weight decay on the weight matrices of the
+    model `model_fn` builds (`decay_mask`)."""
     schedule = lr_schedule(cfg)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
@@ -73,7 +103,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             b1=cfg.b1,
             b2=cfg.b2,
             weight_decay=cfg.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+            mask=decay_mask(model_fn),
         ),
     )
 

@@ -62,7 +62,8 @@ class VAETask(Task):
         self.seed = c.seed
         self.mesh = mesh_from_config(c.mesh, devices)
         self.rules = tuple(tuple(r) for r in c.sharding.rules)
-        self.tx = make_optimizer(self.optim_cfg)
+        model_fn = lambda rngs: vae.CausalVAE3D(self.model_cfg, rngs=rngs)
+        self.tx = make_optimizer(self.optim_cfg, model_fn)
         # the discriminator draws from its own stream of the seed: the VAE's parameters are those
         # of a run without it
         aux = {}
@@ -70,7 +71,7 @@ class VAETask(Task):
             disc_fn = lambda rngs: discriminator.PatchDiscriminator(self.disc_cfg, rngs=rngs)
             aux["disc"] = Aux(disc_fn, self.disc_tx, c.seed + 1)
         self.state = ShardedState(
-            lambda rngs: vae.CausalVAE3D(self.model_cfg, rngs=rngs),
+            model_fn,
             self.tx,
             self.mesh,
             self.rules,
