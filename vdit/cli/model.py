@@ -26,8 +26,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _load_model(workdir: str):
-    """(config, graphdef, params) of the latest checkpoint of `workdir`: EMA parameters when the
-    config's sample.use_ema, else the raw ones. FileNotFoundError when there is none."""
+    """(config, graphdef, params) of the latest checkpoint of `workdir` (or of a `vdit export`
+    directory): EMA parameters when the config's sample.use_ema, else the raw ones.
+    FileNotFoundError when there is none."""
     from vdit.train.load import load
 
     loaded = load(workdir)
@@ -48,6 +49,20 @@ def _load(workdir: str):
             f"--workdir={workdir}: {e}; give the work directory of a `vdit train` run that "
             "saved a checkpoint"
         ) from None
+
+
+def _load_export(out: str):
+    from vdit.train.load import is_export
+
+    if not is_export(out):
+        raise UsageError(
+            f"--checkpoint={out}: not a `vdit export` directory (no export.json); export one "
+            "with `vdit export --workdir=DIR --out=OUT`"
+        )
+    try:
+        return _load_model(out)
+    except FileNotFoundError as e:
+        raise UsageError(f"--checkpoint={out}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +125,12 @@ def _guidance_flags(fv: flags.FlagValues) -> None:
 
 def _sample_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     _guidance_flags(fv)
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "A `vdit export --format=safetensors` (or orbax) directory, instead of --workdir.",
+        flag_values=fv,
+    )
     flags.DEFINE_string("prompt", "a red square moves right", "Caption to sample.", flag_values=fv)
     flags.DEFINE_integer("frames", 8, "Frames to sample (1 = an image).", flag_values=fv)
     flags.DEFINE_integer("height", 32, "Height in pixels.", flag_values=fv)
@@ -131,7 +152,15 @@ def _sample(fv: flags.FlagValues) -> None:
     from vdit.data.video_io import upscale, write_video
     from vdit.diffusion.evaluate import generate
 
-    config, graphdef, params = _load(fv.workdir)
+    if (fv.workdir is None) == (fv.checkpoint is None):
+        raise UsageError(
+            "give one of --workdir (a `vdit train` run) or --checkpoint (a `vdit export` "
+            "directory), e.g. --workdir=runs/default"
+        )
+    if fv.checkpoint is not None:
+        config, graphdef, params = _load_export(fv.checkpoint)
+    else:
+        config, graphdef, params = _load(fv.workdir)
     shape = (fv.frames, fv.height, fv.width)
     try:
         tokens = configlib.tokens_per_sample(config, *shape)
@@ -153,15 +182,16 @@ def _sample(fv: flags.FlagValues) -> None:
 SAMPLE = Command(
     name="sample",
     summary="sample one video (or image) from a trained model for a caption, written to --out",
-    usage="--workdir=DIR [--prompt=TEXT] [--frames=N --height=N --width=N] [--out=FILE]",
+    usage="--workdir=DIR | --checkpoint=EXPORT [--prompt=TEXT] [--frames=N --height=N --width=N] "
+    "[--out=FILE]",
     example='vdit sample --workdir=runs/default --prompt="a red square moves left" --frames=8 \\\n'
     "    --height=32 --width=32 --seed=0 --out=red.mp4 --upscale=4",
     define=_sample_flags,
     run=_sample,
-    required=(("workdir", _TRAINED),),
     distributed=True,
     notes="The frame count and size must make whole patches of the model's latent grid. In a "
-    "multi-process run every process computes the same sample and process 0 writes the file.",
+    "multi-process run every process computes the same sample and process 0 writes the file. "
+    "--checkpoint=OUT samples from a `vdit export` directory, without the work directory.",
 )
 
 
