@@ -15,10 +15,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from test_vae import vae_tiny_config
-from tiny import tiny_config
+from tiny import restore_state, tiny_config
 
 from vdit import cli, configlib
-from vdit.data import packing
+from vdit.data import packing, pipeline
 from vdit.data.tokenizer import tokenize
 from vdit.diffusion import sampler
 from vdit.export import stablehlo, tensors
@@ -26,6 +26,7 @@ from vdit.export.writer import export
 from vdit.train import load
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.dit_task import DiTTask
+from vdit.train.loop import train_and_evaluate
 from vdit.train.vae_task import VAETask
 
 PROMPT = "a red square moves right"
@@ -94,6 +95,12 @@ def _latents(loaded, steps=2):
     return x
 
 
+@functools.cache
+def _reference_latents(workdir: str, steps: int = 2):
+    """The sample of the work directory's own model (computed once per module)."""
+    return _latents(load.load(workdir), steps)
+
+
 def _same_bits(a, b):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -119,7 +126,7 @@ def test_safetensors_round_trip_is_bit_exact_in_float32(dit_workdir, tmp_path):
         _same_bits(a, b)
     sample = _latents(got)
     assert np.abs(sample).max() > 0.1  # the model is not the zero of its initialisation
-    _same_bits(_latents(ref), sample)
+    _same_bits(_reference_latents(dit_workdir), sample)
 
     raw = str(tmp_path / "raw")  # the raw parameters of an earlier step are another model
     export(dit_workdir, raw, step=2, ema=False)
@@ -145,7 +152,7 @@ def test_bfloat16_export_is_the_rounded_model(dit_workdir, tmp_path):
     )
     for a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(got.params), strict=True):
         _same_bits(a, b)  # loaded back in the model's float32, exactly the rounded values
-    s32, s16 = _latents(ref), _latents(got)
+    s32, s16 = _reference_latents(dit_workdir), _latents(got)
     _same_bits(_latents(load.Loaded(ref.config, ref.graphdef, rounded, None, 4)), s16)
     err = np.abs(s32 - s16).max()
     assert 0 < err < 0.05, err  # bfloat16 rounding of the parameters, nothing more
@@ -174,6 +181,31 @@ def test_init_from_starts_from_the_exported_parameters_on_another_mesh(dit_workd
         assert kernel.sharding == task.state.param_shardings["blocks"]["mlp"]["fc1"]["kernel"]
         if fsdp > 1:
             assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // fsdp
+
+
+@pytest.mark.slow  # two train-step compiles: ~30 s on two idle cores
+def test_vdit_train_init_from_takes_one_step_from_the_exported_parameters(dit_workdir, tmp_path):
+    """The loop itself: `train.init_from` on (data=2, fsdp=4) == one step by hand on one device
+    from the exported parameters (the tolerance of sharded == single device); step 1, not 5."""
+    out = str(tmp_path / "orbax")
+    export(dit_workdir, out, fmt="orbax")
+    c = tiny_config()
+    c.sample.grid_prompts = ()
+    c.train.steps, c.train.log_every, c.train.init_from = 1, 1, out
+    c.mesh.data, c.mesh.fsdp = 2, 4
+    metrics = train_and_evaluate(c, str(tmp_path / "finetune"), jax.devices())
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    c = configlib.load(c, 1)
+    task = DiTTask(c, jax.devices()[:1], data=False)
+    state = task.state.init(*load.restore_export(out, *task.state.model_targets()))
+    rows = next(iter(pipeline.build(configlib.pipeline_config(c))))
+    shardings = task.batch_shardings({k: np.ndim(rows[k]) for k in pipeline.DEVICE_KEYS})
+    want, step_metrics = task.jit_train_step(shardings)(state, pipeline.to_global(rows, shardings))
+    assert metrics["loss"] == pytest.approx(float(step_metrics["loss"]), rel=1e-5)
+    got = restore_state(str(tmp_path / "finetune"))
+    assert int(got["step"]) == 1 and int(got["opt_state"][1][0].count) == 1
+    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"]), strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
 def test_vae_exports_its_parameters_and_latent_statistics(vae_workdir, tmp_path):
@@ -228,7 +260,7 @@ def test_stablehlo_artifact_equals_the_python_model(dit_workdir, tmp_path):
     noise = np.asarray(jax.random.normal(jax.random.key(0), (n_tok, 48)))[None]
     ts = sampler.timesteps(1, n_tok, configlib.flow_config(c))
     got = step.call(params, noise, positions[:1], ids, seg_text, ts[0], ts[1], np.float32(3.0))
-    want = packing.patchify(_latents(ref, steps=1), patch)[0]
+    want = packing.patchify(_reference_latents(dit_workdir, 1), patch)[0]
     np.testing.assert_allclose(np.asarray(got)[0], want, rtol=0, atol=1e-5)
     assert manifest["params"] == list(tensors.names(ref.params))
 

@@ -86,9 +86,13 @@ def digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 def fetch(x: Any) -> np.ndarray:
     """One whole tensor on this host; a collective of all processes for an array some of whose
-    shards live on other processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    shards live on other processes. The host copy is made from a temporary device copy: jax keeps
+    the host value of an array it converts for that array's life, which would keep every tensor
+    of the model on the host."""
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        x = jax.numpy.copy(x)
     return np.asarray(x)
 
 
