@@ -155,6 +155,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         250  # orbax checkpoint interval (steps); the last step is always saved
     )
     c.train.keep_checkpoints = 2  # checkpoints kept
+    # "" = a fresh model; else a `vdit export` directory (--format=orbax or safetensors) whose
+    # parameters a new run starts from (optimizer fresh, step 0, any mesh); a run that has its own
+    # checkpoints resumes from them instead
+    c.train.init_from = ""
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
     c.train.progress = True  # progress bar
     # peak FLOP/s of one device for the logged `mfu`; 0 = look up jax's device kind in

@@ -113,6 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 100  # held-out PSNR / SSIM and a side-by-side video (and at the end)
     c.train.checkpoint_every = 100  # orbax checkpoint interval; the last step is always saved
     c.train.keep_checkpoints = 2  # checkpoints kept
+    # "" = a fresh model; else a `vdit export` directory (--format=orbax or safetensors) whose
+    # parameters a new run starts from (optimizer fresh, step 0, any mesh); a run that has its own
+    # checkpoints resumes from them instead
+    c.train.init_from = ""
     c.train.stats_samples = 16  # samples over which the per-channel latent mean/std are computed
     c.train.video_samples = 4  # held-out samples in the side-by-side video (input | reconstruction)
     c.train.fps = 8  # frame rate of written videos

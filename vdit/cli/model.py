@@ -34,9 +34,9 @@ def _read_config(workdir: str):
 
 
 def _load_model(workdir: str, step: int | None = None):
-    """(config, graphdef, params) of the checkpoint of `workdir` at `step` (default: the latest):
-    EMA parameters when the config's sample.use_ema, else the raw ones. FileNotFoundError when
-    there is none."""
+    """(config, graphdef, params) of the checkpoint of `workdir` at `step` (default: the latest),
+    or of a `vdit export` directory: EMA parameters when the config's sample.use_ema, else the raw
+    ones. FileNotFoundError when there is none."""
     from vdit.train.load import load
 
     loaded = load(workdir, step)
@@ -70,6 +70,29 @@ def _load(workdir: str, step: int | None = None):
         return _load_model(workdir, step)
     except FileNotFoundError as e:
         raise _no_checkpoint(workdir, e) from None
+
+
+def _export_config(out: str):
+    """The config of the `vdit export` directory `out`, read before the arguments are checked
+    against it and before the model loads."""
+    from vdit.train.load import is_export, read_export
+
+    if not is_export(out):
+        raise UsageError(
+            f"--checkpoint={out}: not a `vdit export` directory (no export.json); export one "
+            "with `vdit export --workdir=DIR --out=OUT`"
+        )
+    try:
+        return read_export(out)[1]
+    except FileNotFoundError as e:
+        raise UsageError(f"--checkpoint={out}: {e}") from None
+
+
+def _load_export(out: str):
+    try:
+        return _load_model(out)
+    except FileNotFoundError as e:
+        raise UsageError(f"--checkpoint={out}: {e}") from None
 
 
 def _check_guidance(fv: flags.FlagValues) -> None:
@@ -164,6 +187,12 @@ def _sample_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_integer(
         "upscale", 1, "Nearest-neighbour enlargement of the written video.", flag_values=fv
     )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "A `vdit export --format=safetensors` (or orbax) directory, instead of --workdir.",
+        flag_values=fv,
+    )
 
 
 def _sample(fv: flags.FlagValues) -> None:
@@ -176,14 +205,26 @@ def _sample(fv: flags.FlagValues) -> None:
     _check_guidance(fv)
     if fv.upscale < 1:
         raise UsageError(f"--upscale={fv.upscale}: must be >= 1 (1 = as sampled)")
-    config, step = _config(fv.workdir)  # the arguments are checked before the model loads
+    if (fv.workdir is None) == (fv.checkpoint is None):
+        raise UsageError(
+            "give one of --workdir (a `vdit train` run) or --checkpoint (a `vdit export` "
+            "directory), e.g. --workdir=runs/default"
+        )
+    # the arguments are checked against the model's config before the model loads
+    if fv.checkpoint is not None:
+        config, step = _export_config(fv.checkpoint), None
+    else:
+        config, step = _config(fv.workdir)
     shape = (fv.frames, fv.height, fv.width)
     try:
         configlib.sample_grid(config, shape)
     except ValueError as e:
         raise UsageError(f"--frames/--height/--width: {e}") from None
     tokens = configlib.tokens_per_sample(config, *shape)
-    config, graphdef, params = _load(fv.workdir, step)
+    if fv.checkpoint is not None:
+        config, graphdef, params = _load_export(fv.checkpoint)
+    else:
+        config, graphdef, params = _load(fv.workdir, step)
     setup = _guided(_eval_setup(config), fv)
     (video,) = generate(graphdef, params, [fv.prompt], shape, setup, seed=fv.seed)
     path = fv.out
@@ -195,16 +236,17 @@ def _sample(fv: flags.FlagValues) -> None:
 SAMPLE = Command(
     name="sample",
     summary="sample one video (or image) from a trained model for a caption, written to --out",
-    usage="--workdir=DIR [--prompt=TEXT] [--frames=N --height=N --width=N] [--out=FILE]",
+    usage="--workdir=DIR | --checkpoint=EXPORT [--prompt=TEXT] [--frames=N --height=N --width=N] "
+    "[--out=FILE]",
     example='vdit sample --workdir=runs/default --prompt="a red square moves left" --frames=8 \\\n'
     "    --height=32 --width=32 --seed=0 --out=red.mp4 --upscale=4",
     define=_sample_flags,
     run=_sample,
-    required=(("workdir", _TRAINED),),
     distributed=True,
     notes="The frame count and size must make whole patches of the model's latent grid (one frame, an "
     "image, always can), checked with the other flags before the model loads. In a "
-    "multi-process run every process computes the same sample and process 0 writes the file.",
+    "multi-process run every process computes the same sample and process 0 writes the file. "
+    "--checkpoint=OUT samples from a `vdit export` directory, without the work directory.",
 )
 
 

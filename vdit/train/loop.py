@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vdit.train import load
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.dit_task import DiTTask
 from vdit.train.metrics import MetricsWriter, progress_bar
@@ -133,6 +134,12 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(task.state.abstract_sharded(), data_iter=task.data_iter)
         log.info("resumed from step %d in %s", start, workdir)
+    elif tc.get("init_from", ""):  # a `vdit export`: its parameters, a fresh optimizer, step 0
+        exported = load.restore_export(
+            tc.init_from, *task.state.model_targets(), what="the run's config"
+        )
+        state, start = task.state.init(*exported), 0
+        log.info("started from the parameters exported to %s", tc.init_from)
     else:
         state, start = task.state.init(), 0
 

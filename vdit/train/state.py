@@ -258,22 +258,30 @@ class ShardedState:
             state[f"{name}_opt_state"] = opt_init(a.tx, aux[name], f"{name}_opt_state")
         return state
 
-    def _init(self) -> State:
+    def _init(self, params: dict | None = None, buffers: dict | None = None) -> State:
+        fresh_params, fresh_buffers, aux = self._parts()
         return self._assemble(
-            *self._parts(),
+            fresh_params if params is None else params,
+            fresh_buffers if buffers is None else buffers,
+            aux,
             opt_init=lambda tx, p, _: tx.init(p),
             copy=lambda p: jax.tree.map(jnp.copy, p),
             counter=lambda _: jnp.zeros((), jnp.int32),
         )
 
-    def init(self) -> State:
-        """The initial state in its sharded layout."""
+    def init(self, params: dict | None = None, buffers: dict | None = None) -> State:
+        """The initial state in its sharded layout. `params` (and `buffers`), given in that layout
+        (`model_targets`), replace the model's initial values: a start from exported parameters
+        (`train.init_from`: optimizer state fresh, EMA = params, step 0; auxiliary models
+        initialised as always)."""
         if not self.host_init:
-            return jax.jit(self._init, out_shardings=self.shardings)()
+            return jax.jit(self._init, out_shardings=self.shardings)(params, buffers)
         sh = self.shardings
-        params, buffers, aux = self._parts()
-        params = place(params, sh["params"])
-        buffers = None if buffers is None else place(buffers, sh["stats"])
+        fresh_params, fresh_buffers, aux = self._parts()
+        if params is None:
+            params = place(fresh_params, sh["params"])
+        if buffers is None and fresh_buffers is not None:
+            buffers = place(fresh_buffers, sh["stats"])
         aux = {name: place(p, sh[f"{name}_params"]) for name, p in aux.items()}
         return self._assemble(
             params,
@@ -283,6 +291,13 @@ class ShardedState:
             copy=lambda p: jax.jit(lambda q: jax.tree.map(jnp.copy, q), out_shardings=sh["ema"])(p),
             counter=lambda key: jax.device_put(jnp.zeros((), jnp.int32), sh[key]),
         )
+
+    def model_targets(self) -> tuple[dict, dict | None]:
+        """(params, buffers or None) as abstract arrays with their shardings: restore targets."""
+        buffers = None
+        if self.buffers is not None:
+            buffers = with_shardings(self.abstract["stats"], self.buffer_shardings)
+        return with_shardings(self.abstract["params"], self.param_shardings), buffers
 
     # --- models -----------------------------------------------------------------------------------
     def model(self, params: dict, buffers: dict | None = None) -> nnx.Module:
