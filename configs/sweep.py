@@ -3,13 +3,14 @@
     vdit sweep --config=configs/sweep.py --workdir=runs/sweep --dry_run     # the plan, nothing run
     vdit sweep --config=configs/sweep.py --workdir=runs/sweep               # run (or continue), fit
     vdit sweep --config=configs/sweep.py:smoke --workdir=runs/sweep_smoke   # a few minutes
-    vdit sweep --config=configs/sweep.py:cluster --workdir=gs://... --launch_only   # DIR/launch.sh
+    vdit sweep --config=configs/sweep.py:cluster --workdir=runs/sweep_cluster --launch_only  # launch.sh
 
 Variants after ':': "cpu" (the default: the embedded procedural data, 3 budgets x 4 sizes, under 45
 minutes on 2 CPU cores), "smoke" (2 budgets x 3 tiny sizes, every output in a few minutes) and
-"cluster" (B/2-like widths on 256-token-per-frame data, budgets 1e17..1e19, for accelerators; written
-out as launches). `base` is a whole configs/default.py training config: every run is it with its
-own width/depth/heads, train.steps and optim.warmup_steps (--config.base.FIELD=VALUE overrides it).
+"cluster" (widths 384..1024 at B/2's patch on 256-row batches, budgets 1e17..1e19, bf16; point
+base.data at real records), written out as launches with --launch_only. `base` is a whole
+configs/default.py training config: every run is it with its own width/depth/heads, train.steps
+and optim.warmup_steps (--config.base.FIELD=VALUE overrides it).
 """
 
 import importlib.util
