@@ -119,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.workers = 0  # grain worker processes (0 = in the training process)
     # samples held out for `eval_loss`, disjoint from training: the procedural source holds out the
     # indices just past data.synthetic.num_samples (its training data is unchanged); records,
-    # latents and tfds hold out this many evenly spaced samples and train on the rest (0: no eval)
+    # latents and tfds hold out this many evenly spaced samples (at most 1 in 10) and train on the
+    # rest (0: no eval)
     c.data.eval_samples = 64
 
     # --- Rectified flow.
@@ -150,9 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
-    c.train.eval_every = (
-        0  # `eval_loss` interval (steps; 0: only at the end); see data.eval_samples
-    )
+    c.train.eval_every = 0  # `eval_loss` interval (steps; 0: only at the end)
     # `eval_loss` is the held-out velocity MSE of the training parameters averaged over these fixed
     # timesteps (no shift), each also logged as eval_loss_t{t}
     c.train.eval_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -8,6 +8,7 @@ not be read or decoded (the pipeline counts it as rejected and goes on).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from vdit.data.config import PipelineConfig
 
 SOURCES = ("synthetic", "records", "tfds", "latents")
+MAX_HELD_OUT = 10  # a finite source keeps at least 9 in 10 of its samples for training
+
+log = logging.getLogger(__name__)
 
 
 def open_records(path: str) -> records.RecordsSource:
@@ -92,8 +96,8 @@ def split(source, cfg: PipelineConfig) -> tuple[Any, Any | None]:
     """(training source, held-out evaluation source or None) of `data.eval_samples`, disjoint by
     construction. The procedural source holds out the indices just past its index space
     (num_samples .. num_samples + eval_samples - 1), so its training data is unchanged; a finite
-    source (records, latents, tfds) holds out `eval_samples` evenly spaced elements and trains on
-    the others."""
+    source (records, latents, tfds) holds out `eval_samples` evenly spaced elements, at most one in
+    MAX_HELD_OUT (a warning says when fewer), and trains on the others."""
     k = cfg.eval_samples
     if k <= 0:
         return source, None
@@ -102,11 +106,20 @@ def split(source, cfg: PipelineConfig) -> tuple[Any, Any | None]:
         wider = SyntheticVideos(dataclasses.replace(source.cfg, num_samples=n + k))
         return source, Subset(wider, np.arange(n, n + k))
     n = len(source)
-    if k >= n:
-        raise ValueError(
-            f"data.eval_samples={k} holds out every one of the {n} samples of data.source="
-            f"{cfg.source!r}; lower it (0: no eval_loss)"
+    if k > n // MAX_HELD_OUT:
+        k = n // MAX_HELD_OUT
+        log.warning(
+            "data.eval_samples=%d: data.source=%r has %d samples; holding out %d (at most one in "
+            "%d)%s",
+            cfg.eval_samples,
+            cfg.source,
+            n,
+            k,
+            MAX_HELD_OUT,
+            ", so no eval_loss" if k == 0 else "",
         )
+        if k == 0:
+            return source, None
     held = held_out_indices(n, k)
     return Subset(source, np.setdiff1d(np.arange(n), held)), Subset(source, held)
 

@@ -214,13 +214,15 @@ class DiTTask(Task):
     def eval_timesteps(self) -> tuple[float, ...]:
         return tuple(float(t) for t in self.config.train.get("eval_timesteps", (0.5,)))
 
-    def eval_rows(self) -> dict[str, np.ndarray]:
+    def eval_rows(self) -> dict[str, np.ndarray] | None:
         """The held-out packed rows, padded with empty rows to whole global batches, each with its
-        index ("row_ids", which seeds its noise): built once, the same on every process."""
+        index ("row_ids", which seeds its noise): built once, the same on every process. None when
+        nothing is held out (data.eval_samples=0, or a finite source too small: logged)."""
         if self._eval_rows is None:
             rows = pipeline.held_out(configlib.pipeline_config(self.config))
             if rows is None:
-                raise ValueError("data.eval_samples=0: no held-out samples for eval_loss")
+                self._eval_rows = {}
+                return None
             rows = {k: rows[k] for k in pipeline.DEVICE_KEYS}
             n, b = len(rows["patches"]), self.config.data.batch_rows
             pad = -n % b
@@ -230,7 +232,7 @@ class DiTTask(Task):
             }
             rows["row_ids"] = np.arange(n + pad, dtype=np.int32)
             self._eval_rows = rows
-        return self._eval_rows
+        return self._eval_rows or None
 
     def _eval_batch_sums(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
         """(summed per-token velocity MSE at each eval timestep (K,), loss tokens) of one batch.
@@ -267,8 +269,11 @@ class DiTTask(Task):
     def eval_loss(self, params: dict) -> dict[str, float]:
         """`eval_loss` (the mean over train.eval_timesteps of the held-out velocity MSE, each
         averaged over the held-out loss tokens) and `eval_loss_t{t}` per timestep, of `params`
-        (state["params"]): the same parameters give the same figures on any mesh."""
+        (state["params"]): the same parameters give the same figures on any mesh. Empty when
+        nothing is held out."""
         rows = self.eval_rows()
+        if rows is None:
+            return {}
         b = self.config.data.batch_rows
         n, pi, pc = len(rows["patches"]), jax.process_index(), jax.process_count()
         shardings = self.batch_shardings({k: v.ndim for k, v in rows.items()})
