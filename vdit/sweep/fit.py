@@ -66,11 +66,12 @@ def _fit_once(
         )
     ok = [b for b in per_budget if b["ok"]]
     out: dict[str, Any] = {"per_budget": per_budget}
-    if len(ok) >= 2:
-        logc = np.log10([b["budget"] for b in ok])
-        for key, name in (("n_opt", "n"), ("d_opt", "d"), ("loss_opt", "loss")):
-            slope, intercept = _line(logc, np.log10([b[key] for b in ok]))
-            out[name] = {"exponent": slope, "log10_coef": intercept}
+    for key, name in (("n_opt", "n"), ("d_opt", "d"), ("loss_opt", "loss")):
+        points = [b for b in ok if b[key] > 0]  # a parabola's minimum may dip below 0 loss
+        if len(points) >= 2:
+            logc = np.log10([b["budget"] for b in points])
+            slope, intercept = _line(logc, np.log10([b[key] for b in points]))
+            out[name] = {"exponent": slope, "log10_coef": intercept, "budgets": len(points)}
     return out
 
 
@@ -111,32 +112,35 @@ def fit(
     samples: dict[str, list[float]] = {k: [] for k in laws}
     curves: dict[str, list[list[float]]] = {k: [] for k in laws}
     targets: dict[str, list[float]] = {k: [] for k in laws}
-    valid = 0
-    if bootstrap and pool.size and all(k in best for k in laws):
+    if bootstrap and pool.size:
         rng = np.random.default_rng(seed)
         for _ in range(bootstrap):
             y = fitted + rng.choice(pool, size=loss.shape)
             rep = _fit_once(budgets, logn, logd, y)
-            if not all(k in rep for k in laws):
-                continue
-            valid += 1
-            for k in laws:
-                samples[k].append(rep[k]["exponent"])
-                curves[k].append([_predict(rep[k], c) for c in curve_flops])
-                if target_flops:
-                    targets[k].append(_predict(rep[k], target_flops))
+            for k in laws:  # a replicate without a law (no 2 fitted budgets) adds nothing to it
+                if k in rep:
+                    samples[k].append(rep[k]["exponent"])
+                    curves[k].append([_predict(rep[k], c) for c in curve_flops])
+                    if target_flops:
+                        targets[k].append(_predict(rep[k], target_flops))
+    valid = {k: len(samples[k]) for k in laws}
 
     def interval(values) -> list[float] | None:
-        return [float(v) for v in np.percentile(values, (2.5, 97.5), axis=0)] if valid else None
+        if not len(values):
+            return None
+        return [float(v) for v in np.percentile(values, (2.5, 97.5), axis=0)]
 
     out: dict[str, Any] = {
         "per_budget": best["per_budget"],
         "bootstrap": {
             "replicates": bootstrap,
-            "valid": valid,
+            "valid": valid["n"],  # replicates that fitted N_opt(C)
+            "valid_by_law": {
+                g: valid[k] for k, g in zip(laws, ("alpha", "beta", "gamma"), strict=True)
+            },
             "residuals": int(pool.size),
             "note": ""
-            if valid
+            if valid["n"]
             else "no interval: needs budgets with >= 4 sizes (residuals) and >= 2 fitted budgets",
         },
     }
@@ -147,9 +151,10 @@ def fit(
             "value": best[k]["exponent"],
             "ci": interval(samples[k]),
             "log10_coef": best[k]["log10_coef"],
+            "replicates": valid[k],
         }
         if curve_flops:
-            band = np.percentile(curves[k], (2.5, 97.5), axis=0) if valid else None
+            band = np.percentile(curves[k], (2.5, 97.5), axis=0) if valid[k] else None
             out[greek]["curve"] = {
                 "flops": [float(c) for c in curve_flops],
                 "fit": [_predict(best[k], c) for c in curve_flops],

@@ -61,8 +61,10 @@ def markdown(records: Sequence[dict[str, Any]], fits: dict[str, Any], notes: Seq
         f"- N_opt ~ C^alpha: alpha = {_fmt_ci(fits.get('alpha'))}",
         f"- D_opt ~ C^beta: beta = {_fmt_ci(fits.get('beta'))}",
         f"- L_opt ~ C^gamma: gamma = {_fmt_ci(fits.get('gamma'))}",
-        f"- bootstrap: {bs['valid']} of {bs['replicates']} replicates fitted, from "
-        f"{bs['residuals']} pooled residuals. {bs['note']}".rstrip(),
+        f"- bootstrap: of {bs['replicates']} replicates from {bs['residuals']} pooled "
+        "residuals, "
+        + ", ".join(f"{v} fitted {g}" for g, v in bs.get("valid_by_law", {}).items())
+        + f". {bs['note']}".rstrip(),
     ]
     if "target" in fits:
         t = fits["target"]
