@@ -1,6 +1,7 @@
 """Compute-scaling sweeps: the held-out eval loss, the planner, the fitter, resuming, end to end.
 
-- the held-out set is disjoint from training for the procedural and for finite sources;
+- the held-out set is disjoint from training for the procedural and for finite sources, and
+  building it changes no training batch;
 - eval_loss is deterministic and the same on 1 and 8 devices (and moves with the parameters);
 - the planner's steps spend each budget, counted on the batches the run trains on;
 - the fitter recovers known exponents from synthetic losses, within its own intervals;
@@ -89,6 +90,19 @@ def test_held_out_set_is_disjoint_from_training(caplog):
     n = cfg.synthetic.num_samples
     assert [held[i]["index"] for i in range(len(held))] == list(range(n, n + 10))
     assert sources.split(synthetic, dataclasses.replace(cfg, eval_samples=0)) == (synthetic, None)
+
+
+def test_the_held_out_set_leaves_the_training_batches_alone():
+    c = tiny_config()
+    off = DiTTask(configlib.load(c), jax.devices()[:1])
+    c.data.eval_samples = 16
+    on = DiTTask(configlib.load(c), jax.devices()[:1])
+    first = jax.device_get(on.batch(0)[0])
+    assert on.eval_rows() is not None  # built between two training batches
+    for step, want in enumerate([jax.device_get(off.batch(i)[0]) for i in range(3)]):
+        got = first if step == 0 else jax.device_get(on.batch(step)[0])
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_eval_loss_is_deterministic_and_the_same_on_1_and_8_devices():
