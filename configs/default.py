@@ -125,6 +125,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # more rejected samples in a row (each is logged with its reason) stop training with an error
     # giving the counts by reason: a source none of whose samples fits the config
     c.data.max_consecutive_rejections = 1000
+    # samples held out for `eval_loss`, disjoint from training: the procedural source holds out the
+    # indices just past data.synthetic.num_samples (its training data is unchanged); records,
+    # latents and tfds hold out this many evenly spaced samples (at most 1 in 10) and train on the
+    # rest (0: no eval)
+    c.data.eval_samples = 64
 
     # --- Rectified flow.
     c.flow = ml_collections.ConfigDict()
@@ -160,6 +165,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # checkpoints resumes from them instead
     c.train.init_from = ""
     c.train.sample_every = 0  # sample grid interval (0: only at the end)
+    c.train.eval_every = 0  # `eval_loss` interval (steps; 0: only at the end)
+    # `eval_loss` is the held-out velocity MSE of the training parameters averaged over these fixed
+    # timesteps (no shift), each also logged as eval_loss_t{t}
+    c.train.eval_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)
+    c.train.eval_seed = 0  # the eval noise (per timestep and held-out row; not the training seed)
     c.train.progress = True  # progress bar
     # peak FLOP/s of one device for the logged `mfu`; 0 = look up jax's device kind in
     # vdit.parallel.topology.CHIPS (TPU v4/v5e/v5p/v6e, bf16 peak); an unknown kind (e.g. CPU)

@@ -137,7 +137,13 @@ def _parses(c: Documented) -> None:
         pytest.fail(f"{c}: {e}")
     if "config" in fv and fv["config"].present:
         try:
-            configlib.load(fv.config, plan_only=True)
+            if c.args[0] == "sweep":  # a sweep config: its checks and its base training config
+                from vdit.sweep import plan
+
+                plan.check(fv.config)
+                configlib.load(fv.config.base, plan_only=True)
+            else:
+                configlib.load(fv.config, plan_only=True)
         except ValueError as e:
             pytest.fail(f"{c}: {e}")
 

@@ -36,6 +36,7 @@ def tiny_config(variant: str = "mu/4"):
     c.sample.grid_prompts = ("a red square moves right", "a blue circle stands still")
     c.sample.grid_shape = (4, 16, 16)
     c.mesh.data = -1
+    c.data.eval_samples = 0  # no held-out eval_loss (its compile); tests/test_sweep.py turns it on
     return c
 
 

@@ -190,6 +190,11 @@ def load(
         )
     if c.train.checkpoint_every < 1:
         _fail("train.checkpoint_every", f"{c.train.checkpoint_every} must be >= 1")
+    if c.train.get("eval_every", 0) < 0:
+        _fail("train.eval_every", f"{c.train.eval_every} must be >= 0 (0: only at the end)")
+    ts = tuple(c.train.get("eval_timesteps", (0.5,)))
+    if not ts or not all(0.0 < t <= 1.0 for t in ts):
+        _fail("train.eval_timesteps", f"{ts}: give one or more timesteps in (0, 1]")
     return c
 
 

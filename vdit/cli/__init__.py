@@ -11,10 +11,13 @@
                                                      records -> VAE latents
     vdit export  --workdir=DIR --out=DIR --format=safetensors|orbax|stablehlo
                                                      a trained model's parameters out of its run
+    vdit sweep   --config=configs/sweep.py --workdir=DIR [--dry_run]
+                                                     an IsoFLOP compute-scaling sweep
 
 `vdit --help` lists the commands, `vdit COMMAND --help` the flags of one, with an example. The
 commands live in vdit/cli/model.py (train, sample, eval), vdit/cli/planning.py (params, flops,
-compile), vdit/cli/data.py (prepare, encode) and vdit/cli/export.py (export); vdit/cli/base.py parses, helps and reports errors.
+compile), vdit/cli/data.py (prepare, encode), vdit/cli/export.py (export) and vdit/cli/sweep.py
+(sweep); vdit/cli/base.py parses, helps and reports errors.
 
 Multi-process runs (one process per host, all running the same command; train, sample, eval,
 encode): --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
@@ -31,10 +34,17 @@ from collections.abc import Sequence
 
 from absl import app
 
-from vdit.cli import base, data, export, model, planning
+from vdit.cli import base, data, export, model, planning, sweep
 
 COMMANDS: dict[str, base.Command] = {
-    c.name: c for c in (*model.COMMANDS, *planning.COMMANDS, *data.COMMANDS, *export.COMMANDS)
+    c.name: c
+    for c in (
+        *model.COMMANDS,
+        *planning.COMMANDS,
+        *data.COMMANDS,
+        *export.COMMANDS,
+        *sweep.COMMANDS,
+    )
 }
 HELP = ("--help", "-h", "-help", "--helpfull", "help")
 

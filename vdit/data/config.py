@@ -57,6 +57,8 @@ class PipelineConfig:
     compression: tuple[int, int, int]  # autoencoder.compression
     channels: int  # autoencoder.channels (3: pixels)
     text_max_len: int  # model.text.max_len: caption tokens kept per sample
+    # Held out for the eval loss (sources.split); 0 in configs written before it existed.
+    eval_samples: int = 0
 
     @classmethod
     def from_sections(
@@ -186,6 +188,8 @@ def validate(cfg: PipelineConfig) -> None:
                 raise ValueError(f"data.tfds.{field}: required with data.source='tfds'")
         if cfg.tfds.fps < 0:
             raise ValueError(f"data.tfds.fps={cfg.tfds.fps} must be >= 0 (0 = unknown)")
+    if cfg.eval_samples < 0:
+        raise ValueError(f"data.eval_samples={cfg.eval_samples} must be >= 0 (0: no eval_loss)")
     if not 0 <= cfg.caption_dropout < 1:
         raise ValueError(f"data.caption_dropout: {cfg.caption_dropout} is not in [0, 1)")
     unit = (cfg.patch[1] * cfg.compression[1], cfg.patch[2] * cfg.compression[2])

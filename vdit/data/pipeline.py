@@ -218,7 +218,7 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
         raise ValueError(
             f"data.batch_rows={cfg.batch_rows} is not divisible by {process_count} processes"
         )
-    source = sources.make_source(cfg)
+    source, _ = sources.split(sources.make_source(cfg), cfg)  # without the held-out samples
     ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat(None)
     manifest = getattr(source, "manifest", None)
     it = prepare_samples(ds, cfg, manifest, process_index, process_count)
@@ -228,6 +228,28 @@ def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -
     if cfg.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
     return it
+
+
+def held_out(cfg: PipelineConfig) -> dict[str, np.ndarray] | None:
+    """The packed rows (R, ...) of the held-out evaluation samples (`data.eval_samples`, disjoint
+    from the training ones: sources.split), or None when there are none. Every process builds the
+    same rows: no shuffling, no caption dropout, no token dropping; the tasks and packing are drawn
+    from the data seed, so the set is a function of the data settings alone."""
+    validate(cfg)
+    source, held = sources.split(sources.make_source(cfg), cfg)
+    if held is None:
+        return None
+    cfg = dataclasses.replace(
+        cfg, caption_dropout=0.0, token_drop=dataclasses.replace(cfg.token_drop, kind="none")
+    )
+    it = prepare_samples(grain.MapDataset.source(held), cfg, getattr(source, "manifest", None))
+    rows = list(packing.pack(it, cfg.packing, sample_features=("stats",)))
+    if not rows:
+        raise ValueError(
+            f"data.eval_samples={cfg.eval_samples}: every held-out sample was rejected "
+            "(see the log); check the data settings"
+        )
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 # Keys the device step reads; the rest ("stats": (B, S, len(STATS)) counts) stay on the host.

@@ -7,6 +7,8 @@ not be read or decoded (the pipeline counts it as rejected and goes on).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +21,9 @@ if TYPE_CHECKING:
     from vdit.data.config import PipelineConfig
 
 SOURCES = ("synthetic", "records", "tfds", "latents")
+MAX_HELD_OUT = 10  # a finite source keeps at least 9 in 10 of its samples for training
+
+log = logging.getLogger(__name__)
 
 
 def open_records(path: str) -> records.RecordsSource:
@@ -59,6 +64,64 @@ def make_source(cfg: PipelineConfig):
     if cfg.source != "synthetic":
         raise ValueError(f"data.source={cfg.source!r}: choose from {SOURCES}")
     return SyntheticVideos(cfg.synthetic)
+
+
+class Subset:
+    """The elements `indices` of a random-access source, renumbered 0..len-1 (a grain MapDataset
+    source); the source's `manifest`, if any, passes through."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        if hasattr(source, "manifest"):
+            self.manifest = source.manifest
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[int(self.indices[int(index)])]
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {len(self)} elements)"
+
+
+def held_out_indices(n: int, k: int) -> np.ndarray:
+    """The `k` indices of a finite source of `n` elements held out for evaluation: evenly spaced
+    over the whole index range (so a source written file after file is sampled everywhere)."""
+    return np.unique(np.floor(np.arange(k) * (n / k)).astype(np.int64)) if k else np.zeros(0, int)
+
+
+def split(source, cfg: PipelineConfig) -> tuple[Any, Any | None]:
+    """(training source, held-out evaluation source or None) of `data.eval_samples`, disjoint by
+    construction. The procedural source holds out the indices just past its index space
+    (num_samples .. num_samples + eval_samples - 1), so its training data is unchanged; a finite
+    source (records, latents, tfds) holds out `eval_samples` evenly spaced elements, at most one in
+    MAX_HELD_OUT (a warning says when fewer), and trains on the others."""
+    k = cfg.eval_samples
+    if k <= 0:
+        return source, None
+    if isinstance(source, SyntheticVideos):
+        n = cfg.synthetic.num_samples
+        wider = SyntheticVideos(dataclasses.replace(source.cfg, num_samples=n + k))
+        return source, Subset(wider, np.arange(n, n + k))
+    n = len(source)
+    if k > n // MAX_HELD_OUT:
+        k = n // MAX_HELD_OUT
+        log.warning(
+            "data.eval_samples=%d: data.source=%r has %d samples; holding out %d (at most one in "
+            "%d)%s",
+            cfg.eval_samples,
+            cfg.source,
+            n,
+            k,
+            MAX_HELD_OUT,
+            ", so no eval_loss" if k == 0 else "",
+        )
+        if k == 0:
+            return source, None
+    held = held_out_indices(n, k)
+    return Subset(source, np.setdiff1d(np.arange(n), held)), Subset(source, held)
 
 
 def latent_statistics(

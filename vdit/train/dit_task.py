@@ -3,7 +3,10 @@
     batch: this process's packed rows (vdit/data/pipeline.py) -> global arrays over (data, fsdp)
     step:  masked velocity MSE, noise and t drawn from (seed, step), AdamW + EMA, NaN-step skip,
            jitted with explicit state and batch shardings and donation
-    eval:  the fixed-seed sample grid of `sample.grid_prompts` (vdit/train/samples.py)
+    eval:  `eval_loss`, the velocity MSE of the held-out samples (data.eval_samples, disjoint from
+           training) at the fixed timesteps train.eval_timesteps with fixed noise, every
+           train.eval_every steps and at the end; the fixed-seed sample grid of
+           `sample.grid_prompts` (vdit/train/samples.py)
 
 Randomness is a function of (seed, step): a resumed run draws exactly the numbers an uninterrupted
 one would.
@@ -63,6 +66,8 @@ class DiTTask(Task):
         self.state = ShardedState(model_fn, self.tx, self.mesh, self.rules, c.seed)
         self._batch_shardings: dict[str, NamedSharding] | None = None
         self._step: Callable | None = None
+        self._eval_rows: dict[str, np.ndarray] | None = None
+        self._eval_sums: Callable | None = None
         self.peak_flops = 0.0
         if data:
             self._open_data()
@@ -182,11 +187,113 @@ class DiTTask(Task):
             out["mfu"] = flops.mfu(out["model_flops_per_s"], self.peak_flops)
         return out
 
-    def eval_due(self, done: int) -> bool:
+    def _grid_due(self, done: int) -> bool:
         every = self.config.train.sample_every
         return done == self.config.train.steps or bool(every and done % every == 0)
 
+    def _eval_loss_due(self, done: int) -> bool:
+        every = self.config.train.get("eval_every", 0)
+        on = self.config.data.get("eval_samples", 0) > 0
+        return on and (done == self.config.train.steps or bool(every and done % every == 0))
+
+    def eval_due(self, done: int) -> bool:
+        return self._grid_due(done) or self._eval_loss_due(done)
+
     def evaluate(self, state: State, done: int, workdir: str, writer) -> dict:
         c = self.config
-        params = state["ema"] if c.sample.use_ema else state["params"]
-        return samples.write_sample_grid(c, self.state.graphdef, params, workdir, done, writer)
+        scores = self.eval_loss(state["params"]) if self._eval_loss_due(done) else {}
+        if self._grid_due(done):
+            params = state["ema"] if c.sample.use_ema else state["params"]
+            scores.update(
+                samples.write_sample_grid(c, self.state.graphdef, params, workdir, done, writer)
+            )
+        return scores
+
+    # --- the eval loss ------------------------------------------------------------------------
+    def eval_timesteps(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.config.train.get("eval_timesteps", (0.5,)))
+
+    def eval_rows(self) -> dict[str, np.ndarray] | None:
+        """The held-out packed rows, padded with empty rows to whole global batches, each with its
+        index ("row_ids", which seeds its noise): built once, the same on every process. None when
+        nothing is held out (data.eval_samples=0, or a finite source too small: logged)."""
+        if self._eval_rows is None:
+            rows = pipeline.held_out(configlib.pipeline_config(self.config))
+            if rows is None:
+                self._eval_rows = {}
+                return None
+            rows = {k: rows[k] for k in pipeline.DEVICE_KEYS}
+            n, b = len(rows["patches"]), self.config.data.batch_rows
+            pad = -n % b
+            rows = {
+                k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                for k, v in rows.items()
+            }
+            rows["row_ids"] = np.arange(n + pad, dtype=np.int32)
+            self._eval_rows = rows
+        return self._eval_rows or None
+
+    def _eval_batch_sums(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(summed per-token velocity MSE at each eval timestep (K,), loss tokens) of one batch.
+        The noise of a row is drawn from (train.eval_seed, timestep index, row index) alone, so it
+        does not depend on the mesh, the batch size or the step."""
+        ts = jnp.asarray(self.eval_timesteps(), jnp.float32)  # (K,)
+        key = jax.random.key(self.config.train.get("eval_seed", 0))
+        x0, seg, mask = batch["patches"], batch["segment_ids"], batch["loss_mask"]  # (B, L, P)
+
+        def one(k_t):
+            k, t = k_t
+            keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, k), r))(
+                batch["row_ids"]
+            )
+            noise = jax.vmap(lambda kr: jax.random.normal(kr, x0.shape[1:], jnp.float32))(keys)
+            t_tok = jnp.where(seg > 0, t, 0.0)  # (B, L)
+            xt, target, t_tok = flow.noise_tokens(x0, noise, t_tok, batch["cond_mask"])
+            pred = self.model(params)(
+                xt,
+                batch["positions"],
+                seg,
+                t_tok,
+                batch["text"],
+                batch["text_segment_ids"],
+                batch["text_positions"],
+            )
+            err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), -1)  # (B, L)
+            return jnp.sum(jnp.where(mask, err, 0.0))
+
+        with activation_sharding(self.mesh, self.rules):
+            sums = jax.lax.map(one, (jnp.arange(ts.shape[0]), ts))
+        return sums, mask.sum()
+
+    def eval_loss(self, params: dict) -> dict[str, float]:
+        """`eval_loss` (the mean over train.eval_timesteps of the held-out velocity MSE, each
+        averaged over the held-out loss tokens) and `eval_loss_t{t}` per timestep, of `params`
+        (state["params"]): the same parameters give the same figures on any mesh. Empty when
+        nothing is held out."""
+        rows = self.eval_rows()
+        if rows is None:
+            return {}
+        b = self.config.data.batch_rows
+        n, pi, pc = len(rows["patches"]), jax.process_index(), jax.process_count()
+        shardings = self.batch_shardings({k: v.ndim for k, v in rows.items()})
+        if self._eval_sums is None:
+            self._eval_sums = jax.jit(self._eval_batch_sums)
+        sums, count = np.zeros(len(self.eval_timesteps())), 0
+        for i in range(0, n, b):
+            lo = i + pi * b // pc  # this process's share of the global batch
+            local = {k: v[lo : lo + b // pc] for k, v in rows.items()}
+            batch = {
+                k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()
+            }
+            s, c = jax.device_get(self._eval_sums(params, batch))
+            sums += np.asarray(s, np.float64)
+            count += int(c)
+        per_t = sums / max(count, 1)
+        out = {"eval_loss": float(per_t.mean())}
+        out.update(
+            {
+                f"eval_loss_t{t:g}": float(v)
+                for t, v in zip(self.eval_timesteps(), per_t, strict=True)
+            }
+        )
+        return out
