@@ -446,3 +446,52 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
             f"preempted: checkpoint of step {step} committed"
             in (tmp_path / f"p{i}.err").read_text()
         )
+
+
+def test_progress_bar_counts_finished_steps_not_dispatched_ones(monkeypatch):
+    """The bar advances over the leading steps whose metrics are ready, in order, never ahead of
+    the device; a fetch (flush) accounts for the rest."""
+    from vdit.train import metrics as metrics_lib
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    done: set[int] = set()
+    monkeypatch.setattr(metrics_lib, "_ready", lambda x: int(x) in done)
+    bar = Bar()
+    finished = metrics_lib.FinishedSteps(bar)
+    for i in range(3):
+        finished.dispatched({"loss": np.int32(i)})
+    assert bar.n == 0  # dispatched, none finished
+    done.add(2)
+    finished.poll()
+    assert bar.n == 0  # step 2 is ready but step 0 is not: the bar does not run ahead
+    done.add(0)
+    finished.poll()
+    assert bar.n == 1
+    done.add(1)
+    finished.poll()
+    assert bar.n == 3
+    finished.dispatched({"loss": np.int32(7)})
+    finished.flush()
+    assert bar.n == 4
+
+
+def test_progress_bar_sees_a_finished_jax_step():
+    from vdit.train.metrics import FinishedSteps
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    finished = FinishedSteps(bar)
+    loss = jax.jit(lambda x: (x * 2).sum())(jnp.ones(4))
+    step_metrics = jax.block_until_ready({"loss": loss, "grad_norm": loss + 1})
+    finished.dispatched(step_metrics)  # finished on the device: counted at once
+    assert bar.n == 1

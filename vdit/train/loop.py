@@ -39,7 +39,7 @@ import numpy as np
 from vdit.train import load
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.dit_task import DiTTask
-from vdit.train.metrics import MetricsWriter, progress_bar
+from vdit.train.metrics import FinishedSteps, MetricsWriter, progress_bar
 from vdit.train.state import learning_rate
 from vdit.train.task import Task
 from vdit.train.vae_task import VAETask
@@ -145,6 +145,7 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
 
     writer = MetricsWriter(workdir)
     progress = progress_bar(start, tc.steps, tc.progress and jax.process_index() == 0)
+    finished = FinishedSteps(progress)  # the bar counts steps done on the device
     pending: list[dict] = []
     counts: dict[str, Any] = {}
     t_last, last = time.perf_counter(), {}
@@ -155,10 +156,11 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
         state, metrics = task.step(state, batch)
         pending.append(metrics)
         done = step + 1
-        progress.update(1)
+        finished.dispatched(metrics)
 
         if done % tc.log_every == 0 or done == tc.steps:
             fetched = jax.device_get(pending)
+            finished.flush()
             dt = time.perf_counter() - t_last
             keys = task.logged if task.logged is not None else tuple(fetched[0])
             last = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
@@ -197,6 +199,7 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
             )
             last["preempted_at_step"] = done
             break
+    finished.flush()
     progress.close()
     ckpt.wait()
     ckpt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -79,3 +80,38 @@ def progress_bar(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+class FinishedSteps:
+    """Advances a progress bar as steps finish on the device, not as they are dispatched.
+
+    The loop dispatches a step and goes on (JAX runs it asynchronously), so counting dispatches
+    runs ahead of the device and then stalls at every fetch. Each dispatched step's metrics are
+    kept here; `poll` advances the bar over the leading ones that are ready (without waiting), and
+    `flush` over all of them once they have been fetched."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self._pending: collections.deque = collections.deque()
+
+    def dispatched(self, metrics: dict[str, Any]) -> None:
+        self._pending.append(jax.tree.leaves(metrics))
+        self.poll()
+
+    def poll(self) -> None:
+        n = 0
+        while self._pending and all(_ready(x) for x in self._pending[0]):
+            self._pending.popleft()
+            n += 1
+        if n:
+            self.bar.update(n)
+
+    def flush(self) -> None:
+        """Every dispatched step has finished (its metrics were fetched)."""
+        if self._pending:
+            self.bar.update(len(self._pending))
+            self._pending.clear()
+
+
+def _ready(x: Any) -> bool:
+    return x.is_ready() if isinstance(x, jax.Array) else True
