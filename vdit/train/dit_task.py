@@ -111,16 +111,21 @@ class DiTTask(Task):
         t_tok = flow.gather_segments(t_seg, seg)  # (B, L)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         xt, target, t_tok = flow.noise_tokens(x0, noise, t_tok, batch["cond_mask"])
-        pred = self.model(params)(
+        pred = self.denoise(params, batch, xt, t_tok)
+        return flow.masked_mse(pred, target, batch["loss_mask"])
+
+    def denoise(self, params, batch: dict, xt: jax.Array, t_tok: jax.Array) -> jax.Array:
+        """The model's velocity for noised patches `xt` (B, L, P) at per-token times `t_tok`
+        (B, L) of the packed `batch` (positions, segments and text)."""
+        return self.model(params)(
             xt,
             batch["positions"],
-            seg,
+            batch["segment_ids"],
             t_tok,
             batch["text"],
             batch["text_segment_ids"],
             batch["text_positions"],
         )
-        return flow.masked_mse(pred, target, batch["loss_mask"])
 
     def train_step(self, state: State, batch: dict) -> tuple[State, dict]:
         """One optimizer step. A step whose loss or gradients are not finite changes nothing but the
@@ -249,15 +254,7 @@ class DiTTask(Task):
             noise = jax.vmap(lambda kr: jax.random.normal(kr, x0.shape[1:], jnp.float32))(keys)
             t_tok = jnp.where(seg > 0, t, 0.0)  # (B, L)
             xt, target, t_tok = flow.noise_tokens(x0, noise, t_tok, batch["cond_mask"])
-            pred = self.model(params)(
-                xt,
-                batch["positions"],
-                seg,
-                t_tok,
-                batch["text"],
-                batch["text_segment_ids"],
-                batch["text_positions"],
-            )
+            pred = self.denoise(params, batch, xt, t_tok)
             err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), -1)  # (B, L)
             return jnp.sum(jnp.where(mask, err, 0.0))
 
