@@ -89,7 +89,7 @@ def test_prepare_writes_good_files_and_lists_bad_ones(media, tmp_path):
     assert manifest["skipped_count"] == 4
     assert manifest["skipped_by_reason"] == {"decode_error": 2, "empty_file": 1, "not_media": 1}
     assert all(s["message"] for s in manifest["skipped"])
-    assert manifest["captions"] == {"jsonl": 1, "sidecar": 1, "none": 1}
+    assert manifest["captions"] == {"jsonl": 1, "sidecar": 1, "model": 0, "none": 1}
     assert manifest["uncaptioned"] == ["still.png"]
     assert manifest["captions_without_file"] == ["gone.mp4"]
 

@@ -16,6 +16,16 @@ with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
 | `fps`       | float64, ()         | frames per second of the source, 0 when unknown (images)        |
 | `source`    | str, ()             | path of the source file relative to the prepared folder         |
 
+Written by `vdit prepare` since clips (optional when reading; `decode_record` returns them if present):
+
+| member           | dtype, shape   | what                                                          |
+|------------------|----------------|---------------------------------------------------------------|
+| `frame_range`    | int64, (2,)    | [start, end) frames of the clip in the decoded source         |
+| `time_range`     | float64, (2,)  | [start, end) seconds in the source (0, 0 for images)          |
+| `scores`         | str, ()        | JSON of the clip's filter scores (vdit/data/filters.py)       |
+| `caption_origin` | str, ()        | "jsonl", "sidecar", "model" or "none"                         |
+| `text_embedding`, `text_encoder` | | the caption's embedding (vdit/data/text_embeddings.py)        |
+
 "raw" (the default) is lossless: training reads exactly what `prepare` decoded and never runs a
 video decoder, at the cost of space (zlib only). "mp4" re-encodes multi-frame samples with H.264
 (lossy, `video_io.MP4_CRF`; typically tens of times smaller) and decodes them in process (PyAV)
@@ -98,10 +108,19 @@ def _decode_mp4(data: np.ndarray, shape: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(video[:, :h, :w, :3])
 
 
+OPTIONAL_MEMBERS = ("frame_range", "time_range", "scores", "caption_origin")
+
+
 def encode_record(
-    video: np.ndarray, caption: str, fps: float, source: str, encoding: str = "raw"
+    video: np.ndarray,
+    caption: str,
+    fps: float,
+    source: str,
+    encoding: str = "raw",
+    extra: dict[str, np.ndarray] | None = None,
 ) -> bytes:
-    """One sample -> record bytes (see the module docstring)."""
+    """One sample -> record bytes (see the module docstring); `extra` adds members (the optional
+    ones of the module docstring)."""
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}")
@@ -123,6 +142,7 @@ def encode_record(
         caption=np.str_(caption),
         fps=np.float64(fps),
         source=np.str_(source),
+        **(extra or {}),
     )
     return buf.getvalue()
 
@@ -157,12 +177,17 @@ def decode_record(data: bytes) -> dict[str, Any]:
         raise ValueError(
             f"record video is {video.dtype} {video.shape}, expected uint8 (T, H, W, 3)"
         )
-    return {
+    out = {
         "video": video,
         "caption": str(members["caption"]),
         "fps": float(members["fps"]),
         "source": str(members["source"]),
     }
+    for key in OPTIONAL_MEMBERS:
+        if key in members:
+            value = members[key]
+            out[key] = value.tolist() if value.ndim else str(value)
+    return out
 
 
 def find_shards(path: str) -> list[str]:
