@@ -10,7 +10,7 @@ What it does, in order:
   a text file listing one path a line, and sorts them by their path relative to the folder (the
   glob's folder, the list's folder), so the same inputs always give the same shards.
 - For each file, one function (`process`, the same under every runner) does all the per-file work:
-  decode (`VIDEO_EXTS` with ffmpeg through imageio; images and GIFs with Pillow: a one-frame sample
+  decode (`VIDEO_EXTS` in process with PyAV (FFmpeg's libraries); images and GIFs with Pillow: a one-frame sample
   with fps 0); split into shots and clips (`shots.enabled`, PySceneDetect, vdit/data/shots.py);
   score every clip and drop the ones a filter refuses (vdit/data/filters.py); write a caption with
   the captioner model (`captioner.path`, vdit/data/captioner.py); embed the caption with the text
@@ -230,13 +230,35 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _video_frames(path: str) -> tuple[Iterator[np.ndarray], float]:
+    """A video's RGB frames, decoded one at a time in this process (PyAV: no ffmpeg subprocess,
+    which would have to start, and print its header in time, in every worker), and its frame rate."""
+    import av
+
+    container = av.open(path)
+    try:
+        stream = container.streams.video[0]
+    except IndexError:
+        container.close()
+        raise ValueError("no video stream") from None
+    rate = stream.average_rate or stream.guessed_rate
+
+    def frames():
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+        finally:
+            container.close()
+
+    return frames(), float(rate or 0.0)
+
+
 def _frames(path: str, ext: str) -> tuple[Iterator[np.ndarray], float]:
     """A frame iterator and the frame rate (0 if unknown) of a media file."""
     import imageio.v3 as iio
 
     if ext in VIDEO_EXTS:
-        meta = iio.immeta(path, plugin="FFMPEG")
-        return iio.imiter(path, plugin="FFMPEG"), float(meta.get("fps") or 0.0)
+        return _video_frames(path)
     meta = iio.immeta(path, plugin="pillow")
     # Pillow gives an animation's per-frame duration in milliseconds (GIF, WebP); still images none.
     duration = meta.get("duration") or 0
