@@ -19,8 +19,17 @@ def _progress(line: str) -> None:
 # vdit prepare
 # ----------------------------------------------------------------------------------------------
 def _prepare_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    define_config(
+        fv,
+        argv,
+        "Prepare settings (configs/prepare.py): shots, filters, captioner, text encoder, runner. "
+        "Without it every stage is off (one record per file).",
+    )
     flags.DEFINE_string(
-        "input", None, "Folder of videos and images, walked recursively.", flag_values=fv
+        "input",
+        None,
+        "Folder of videos and images (walked recursively), a glob, or a .txt list of paths.",
+        flag_values=fv,
     )
     flags.DEFINE_string("out", None, "Output folder for the shards; must be empty.", flag_values=fv)
     flags.DEFINE_string(
@@ -53,22 +62,50 @@ def _prepare_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         "depend on it.",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "runner",
+        "local",
+        ["local", "beam"],
+        "local: a process pool on this host; beam: an Apache Beam pipeline (DirectRunner, or the "
+        "runner in --beam_options). The output does not depend on it.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "beam_options",
+        "",
+        'Beam pipeline options for --runner=beam, e.g. "--runner=FlinkRunner --flink_master=H:P".',
+        flag_values=fv,
+    )
+
+
+_OPTION_FLAGS = (
+    "shard_size",
+    "max_frames",
+    "max_side",
+    "encoding",
+    "workers",
+    "runner",
+    "beam_options",
+)
 
 
 def _prepare(fv: flags.FlagValues) -> None:
+    import dataclasses
+
     from vdit.data import prepare
 
     input_dir, out = fv.input, fv.out
     try:
-        options = prepare.PrepareOptions(
-            shard_size=fv.shard_size,
-            max_frames=fv.max_frames,
-            max_side=fv.max_side,
-            encoding=fv.encoding,
-            workers=fv.workers,
-        )
+        if fv.config is not None:  # its fields, then the flags given on the command line
+            options = prepare.options_from_config(fv.config)
+            given = {k: fv[k].value for k in _OPTION_FLAGS if fv[k].present}
+            options = dataclasses.replace(options, **given)
+        else:
+            options = prepare.PrepareOptions(**{k: fv[k].value for k in _OPTION_FLAGS})
         manifest = prepare.prepare(input_dir, out, fv.captions, options, progress=_progress)
-    except (ValueError, OSError) as e:  # a missing input, a used output folder, a bad captions file
+    except (ValueError, OSError, ImportError) as e:
+        # a missing input, a used output folder, a bad captions file or config field, a stage
+        # whose extra is not installed
         raise UsageError(str(e)) from None
     print(prepare.summary(manifest))
     print(
@@ -86,8 +123,9 @@ def _prepare(fv: flags.FlagValues) -> None:
 PREPARE = Command(
     name="prepare",
     summary="decode a folder of videos and images into record shards (data.source='records')",
-    usage="--input=DIR --out=DIR [--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N] "
-    "[--max_side=N] [--encoding=raw|mp4] [--workers=N]",
+    usage="--input=DIR|GLOB|LIST.txt --out=DIR [--config=configs/prepare.py] "
+    "[--captions=FILE.jsonl] [--shard_size=N] [--max_frames=N] [--max_side=N] "
+    "[--encoding=raw|mp4] [--workers=N] [--runner=local|beam] [--beam_options=...]",
     example="vdit prepare --input=videos/ --out=data/videos --captions=captions.jsonl",
     define=_prepare_flags,
     run=_prepare,
@@ -95,7 +133,9 @@ PREPARE = Command(
         ("input", "the folder of videos and images to prepare"),
         ("out", "the output folder for the shards (empty or new)"),
     ),
-    notes="Files that cannot be used are listed by reason and skipped, never fatal.",
+    notes="Files that cannot be used are listed by reason and skipped, never fatal. With "
+    "--config=configs/prepare.py videos are cut into shots, clips are scored and filtered (counted "
+    "by name in manifest.json, shown in report.md), and optionally captioned and embedded.",
 )
 
 
