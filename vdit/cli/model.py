@@ -178,6 +178,13 @@ def _guidance_flags(fv: flags.FlagValues) -> None:
 def _sample_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     _guidance_flags(fv)
     flags.DEFINE_string("prompt", "a red square moves right", "Caption to sample.", flag_values=fv)
+    flags.DEFINE_string(
+        "expand_prompt_with",
+        None,
+        "A local causal language model folder that rewrites --prompt into a descriptive one "
+        "(printed, and written beside --out as OUT.prompt.json; vdit/text/expand.py).",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("frames", 8, "Frames to sample (1 = an image).", flag_values=fv)
     flags.DEFINE_integer("height", 32, "Height in pixels.", flag_values=fv)
     flags.DEFINE_integer("width", 32, "Width in pixels.", flag_values=fv)
@@ -226,7 +233,12 @@ def _sample(fv: flags.FlagValues) -> None:
     else:
         config, graphdef, params = _load(fv.workdir, step)
     setup = _guided(_eval_setup(config), fv)
-    (video,) = generate(graphdef, params, [fv.prompt], shape, setup, seed=fv.seed)
+    prompt = fv.prompt
+    if fv.expand_prompt_with:  # vdit/text/expand.py
+        from vdit.text import expand
+
+        prompt = expand.for_sample(fv.prompt, fv.expand_prompt_with, fv.out)
+    (video,) = generate(graphdef, params, [prompt], shape, setup, seed=fv.seed)
     path = fv.out
     if jax.process_index() == 0:  # every process computes the same sample; one writes it
         path = write_video(path, upscale(video, fv.upscale), fps=config.sample.fps)
