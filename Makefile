@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test,tpu]"
+	$(VENV)/bin/pip install --quiet -e ".[test,tpu,data]"
 	touch $@
 
 # Train the embedded default (tiny DiT, procedural captioned videos, CPU) into $(WORKDIR).

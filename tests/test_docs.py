@@ -157,6 +157,8 @@ def test_documented_vdit_commands(capsys, in_temp_dir, c):
     if name not in RUN:  # compile: run by test_documented_compile_runs, in the slow set
         _parses(c)
         return
+    if "--runner=beam" in c.args:
+        pytest.importorskip("apache_beam", reason="--runner=beam needs the data extra")
     env = dict(c.env)
     if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):  # fake CPU devices
         count = int(env["XLA_FLAGS"].split("device_count=")[1].split()[0])
