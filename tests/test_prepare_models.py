@@ -201,3 +201,30 @@ def test_prompt_expansion_is_deterministic_and_written_beside_the_output(models,
     assert written == {"prompt": "a cat", "expanded": expanded, "model": models["gpt"]}
     with pytest.raises(ValueError, match="not a model folder"):
         expand.expand("a cat", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_vdit_sample_expands_the_prompt(models, tmp_path):
+    """`vdit sample --expand_prompt_with=DIR` on a 2-step run: the sample is made from the
+    expanded prompt, which is printed and written beside the output."""
+    from test_cli import TINY_FLAGS
+    from test_cli import _vdit as vdit
+
+    workdir = str(tmp_path / "run")
+    vdit("train", *TINY_FLAGS, f"--workdir={workdir}", "--config.train.steps=2")
+    out = tmp_path / "s.mp4"
+    proc = vdit(
+        "sample",
+        f"--workdir={workdir}",
+        "--prompt=a cat",
+        f"--expand_prompt_with={models['gpt']}",
+        "--frames=4",
+        "--height=16",
+        "--width=16",
+        "--steps=2",
+        f"--out={out}",
+    )
+    written = json.loads((tmp_path / "s.prompt.json").read_text())
+    assert written["prompt"] == "a cat" and written["expanded"]
+    assert f"expanded prompt: {written['expanded']}" in proc.stderr
+    assert out.exists()

@@ -255,3 +255,20 @@ def test_prepare_config_builds_strictly():
     bad.filters.min_motoin = 1.0
     with pytest.raises(ValueError, match="filters.min_motoin: not a setting"):
         prep.options_from_config(bad)
+
+
+def test_a_stage_without_its_extra_is_a_one_line_error(filter_media, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_scenedetect(name, *args, **kwargs):
+        if name.split(".")[0] == "scenedetect":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scenedetect)
+    options = prep.PrepareOptions(shots=prep.ShotOptions(enabled=True))
+    with pytest.raises(ImportError, match=r'install the data extra: pip install -e "\.\[data\]"'):
+        prep.prepare(str(filter_media), str(tmp_path / "out"), options=options)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")

@@ -466,8 +466,6 @@ def process(job: Job, options: PrepareOptions) -> dict[str, Any]:
 
         try:
             found = shots.detect(video, fps, options.shots.threshold)
-        except ImportError:
-            raise
         except Exception as e:
             return {**out, "skip": {"reason": "split_error", "message": _short(e)}}
         ranges = shots.clips(found, fps, options.shots.min_seconds, options.shots.max_seconds)
@@ -661,6 +659,30 @@ def _write(
     return manifest
 
 
+def _require(options: PrepareOptions) -> None:
+    """ImportError naming the extra for each enabled stage whose package is missing."""
+    if options.shots.enabled:
+        from vdit.data import shots
+
+        shots.require()
+    if options.filters.motion == "flow":
+        try:
+            import cv2  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                f'filters.motion="flow" needs OpenCV ({e}); install the data extra: '
+                'pip install -e ".[data]"'
+            ) from None
+    if options.runner == "beam":
+        from vdit.data import beam_prepare
+
+        beam_prepare.require()
+    if options.captioner.path or options.text_encoder.path:
+        from vdit.text import hf
+
+        hf.require_transformers()
+
+
 def prepare(
     input_dir: str,
     out_dir: str,
@@ -683,6 +705,7 @@ def prepare(
     by_file = read_captions(captions) if captions else {}
     root, files = list_inputs(input_dir, exclude=(out_dir, *((captions,) if captions else ())))
     jobs = make_jobs(root, files, by_file)
+    _require(options)  # a stage whose extra is missing fails here, before any work
     null_embedding = None
     if options.text_encoder.path:  # load once here: a broken encoder folder fails before any work
         from vdit.text import encoder
