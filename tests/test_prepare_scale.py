@@ -272,3 +272,55 @@ def test_a_stage_without_its_extra_is_a_one_line_error(filter_media, tmp_path, m
     with pytest.raises(ImportError, match=r'install the data extra: pip install -e "\.\[data\]"'):
         prep.prepare(str(filter_media), str(tmp_path / "out"), options=options)
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def _url_filesystem():
+    """A Beam filesystem for URLs vditfs:///ABS/PATH, backed by local files: Beam's FileSystems
+    serve it as they serve gs:// or s3:// (registered by subclassing, in this process)."""
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    class URLFileSystem(LocalFileSystem):
+        PREFIX = "vditfs://"
+
+        @classmethod
+        def scheme(cls):
+            return "vditfs"
+
+        def _path(self, url):  # LocalFileSystem calls these with local paths too
+            return url[len(self.PREFIX) :] if url.startswith(self.PREFIX) else url
+
+        def _list(self, dir_or_prefix):
+            for m in super()._list(self._path(dir_or_prefix)):
+                yield FileMetadata(self.PREFIX + m.path, m.size_in_bytes, m.last_updated_in_seconds)
+
+        def exists(self, path):
+            return super().exists(self._path(path))
+
+        def metadata(self, path):
+            m = super().metadata(self._path(path))
+            return FileMetadata(path, m.size_in_bytes, m.last_updated_in_seconds)
+
+        def open(self, path, *args, **kwargs):
+            return super().open(self._path(path), *args, **kwargs)
+
+    return URLFileSystem
+
+
+def test_inputs_on_a_beam_filesystem_give_the_local_records(filter_media, tmp_path):
+    pytest.importorskip("apache_beam", reason="Beam filesystems need the data extra")
+    url_fs = _url_filesystem()  # kept: Beam finds filesystems among the live subclasses
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a_good.mp4", "b_good.mp4"):
+        (src / "sub" / name).write_bytes((filter_media / name).read_bytes())
+    (src / "sub" / "a_good.txt").write_text("a sidecar caption\n")
+    local = prep.prepare(str(src), str(tmp_path / "local"))
+    remote = prep.prepare(f"vditfs://{src}", str(tmp_path / "remote"))
+    assert _raw(tmp_path / "remote") == _raw(tmp_path / "local")
+    assert [r["caption"] for r in _read(tmp_path / "remote")] == ["a sidecar caption", ""]
+    assert remote["written"] == local["written"] == 2
+    glob_run = prep.prepare(f"vditfs://{src}/sub/b_*.mp4", str(tmp_path / "glob"))
+    assert [r["source"] for r in _read(tmp_path / "glob")] == ["b_good.mp4"]
+    assert glob_run["written"] == 1
+    assert url_fs.scheme() == "vditfs"

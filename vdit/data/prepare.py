@@ -7,8 +7,10 @@
 What it does, in order:
 
 - Lists the inputs: a folder (walked recursively; names starting with "." are ignored), a glob, or
-  a text file listing one path a line, and sorts them by their path relative to the folder (the
-  glob's folder, the list's folder), so the same inputs always give the same shards.
+  a text file listing one path a line, on this machine or as a URL of a filesystem Apache Beam
+  reads (gs://, s3://, hdfs://...: listed and read through Beam's FileSystems), and sorts them by
+  their path relative to the folder (the glob's folder, the list's folder), so the same inputs
+  always give the same shards.
 - For each file, one function (`process`, the same under every runner) does all the per-file work:
   decode (`VIDEO_EXTS` in process with PyAV (FFmpeg's libraries); images and GIFs with Pillow: a one-frame sample
   with fps 0); split into shots and clips (`shots.enabled`, PySceneDetect, vdit/data/shots.py);
@@ -379,9 +381,72 @@ def _media_stems(files: list[str]) -> set[str]:
 LIST_EXTS = (".txt", ".lst")  # --input=FILE with one of these: a list of paths, one a line
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote(path: str) -> bool:
+    """A URL of a filesystem Apache Beam reads (gs://, s3://, hdfs://, ...), not a local path."""
+    return bool(_SCHEME.match(path))
+
+
+def _filesystems():
+    from vdit.data import beam_prepare
+
+    beam_prepare.require()
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+def _list_remote(spec: str) -> tuple[str, list[str]]:
+    """A Beam filesystem folder URL (all files under it) or glob -> (root, sorted relative paths)."""
+    fs = _filesystems()
+    pattern = spec if glob.has_magic(spec) else spec.rstrip("/") + "/**"
+    prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    root = prefix[: prefix.rfind("/") + 1]
+    paths = [m.path for result in fs.match([pattern]) for m in result.metadata_list]
+    rels = {p[len(root) :] for p in paths if p.startswith(root)}
+    return root, sorted(r for r in rels if r and not any(x.startswith(".") for x in r.split("/")))
+
+
+def _read_text(path: str) -> str:
+    if is_remote(path):
+        with _filesystems().open(path) as f:
+            return f.read().decode("utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def _local(path: str) -> Iterator[str]:
+    """A local path for `path`: itself, or a temporary copy of a Beam filesystem URL's file
+    (copied in 1 MiB pieces; removed afterwards). A file that cannot be opened is Skip("vanished")."""
+    if not is_remote(path):
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    fs = _filesystems()
+    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1].lower())
+    try:
+        try:
+            with fs.open(path) as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except Exception as e:  # gone, or unreadable
+            raise Skip("vanished", _short(e)) from None
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def list_inputs(spec: str, exclude: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """--input -> (root, sorted relative paths): a folder (walked), a glob (relative to its
-    folder part), or a list file (paths one a line, relative to the list's folder unless absolute)."""
+    folder part), or a list file (paths one a line, relative to the list's folder unless absolute),
+    locally, or a folder URL or glob on a filesystem Apache Beam reads (gs://, s3://, hdfs://)."""
+    if is_remote(spec):
+        return _list_remote(spec)
     if os.path.isdir(spec):
         return spec, list_files(spec, exclude)
     if os.path.isfile(spec) and spec.endswith(LIST_EXTS):
@@ -424,11 +489,10 @@ def make_jobs(root: str, files: list[str], by_file: dict[str, str]) -> list[Job]
             continue  # a caption, read with its media file
         if rel in by_file:
             caption, origin = by_file[rel], "jsonl"
-        elif (sidecar := stem + SIDECAR_EXT) in all_files or os.path.isfile(
-            os.path.join(root, sidecar)
+        elif (sidecar := stem + SIDECAR_EXT) in all_files or (
+            not is_remote(root) and os.path.isfile(os.path.join(root, sidecar))
         ):
-            with open(os.path.join(root, sidecar), encoding="utf-8") as f:
-                caption, origin = f.read().strip(), "sidecar"
+            caption, origin = _read_text(os.path.join(root, sidecar)).strip(), "sidecar"
         else:
             caption, origin = "", "none"
         jobs.append(Job(len(jobs), os.path.join(root, rel), rel, caption, origin))
@@ -456,7 +520,8 @@ def process(job: Job, options: PrepareOptions) -> dict[str, Any]:
     "record" (bytes, kept clips)}], "events": [{"event", "file", "clip", "message"}]}."""
     out: dict[str, Any] = {"index": job.index, "file": job.rel, "clips": [], "events": []}
     try:
-        video, fps, source_shape = decode(job.path, options)
+        with _local(job.path) as path:
+            video, fps, source_shape = decode(path, options)
     except Skip as e:
         return {**out, "skip": {"reason": e.reason, "message": str(e)}}
     out["source_shape"] = source_shape
@@ -693,7 +758,7 @@ def prepare(
     """Prepare every media file of `input_dir` (a folder, a glob or a list file) into shards in
     out_dir; returns the manifest (also written to out_dir/manifest.json). `progress` gets one
     line per clip."""
-    if not (os.path.exists(input_dir) or glob.has_magic(input_dir)):
+    if not (os.path.exists(input_dir) or glob.has_magic(input_dir) or is_remote(input_dir)):
         raise ValueError(f"input folder {input_dir!r} does not exist")
     os.makedirs(out_dir, exist_ok=True)
     existing = [f for f in os.listdir(out_dir) if f.endswith(records.SHARD_SUFFIX) or f == MANIFEST]
