@@ -201,7 +201,7 @@ def test_each_command_lists_only_its_own_flags(capsys, name):
     flags = set(re.findall(r"^  --(\w+)", out, re.M))
     assert ("coordinator_address" in flags) == (name in DISTRIBUTED)
     assert ("prompt" in flags) == (name == "sample")
-    assert ("config" in flags) == (name not in ("sample", "eval", "prepare"))
+    assert ("config" in flags) == (name not in ("sample", "eval"))  # prepare: configs/prepare.py
     if name in ("prepare", "encode"):  # a folder, required: no sample file name as its default
         assert "sample.mp4" not in out and re.search(r"--out\n.*\(required\)", out)
 
