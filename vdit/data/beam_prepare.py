@@ -7,7 +7,8 @@ Each worker runs `prepare.process` on one file at a time and writes what it made
 `OUT/.parts/`: `NNNNNNNN.array_record` (the file's kept records, in clip order) and
 `NNNNNNNN.json` (the rest of the result: scores, drops, events, thumbnails; written last, so a
 part is complete once its JSON exists). The pipeline holds no records: a worker holds one
-file's clips at a time, whatever the dataset's size. When the pipeline is done, the caller's
+file's clips at a time, whatever the dataset's size (a file is decoded whole: `max_frames` caps
+very long ones). When the pipeline is done, the caller's
 ordered writer (`prepare._write`) reads the parts back in job order, one at a time, writes the
 shards and manifest as the local runner does, and removes the parts: the output depends neither
 on the runner nor on the number of workers.
