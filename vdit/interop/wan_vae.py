@@ -318,7 +318,7 @@ def params_from_diffusers(
     naming all of them."""
     table = mapping(c)
     shape_of = getattr(tensors, "shape", lambda n: tuple(tensors[n].shape))
-    missing = [n for n in table if n not in tensors]
+    missing = sorted(n for n in table if n not in tensors)
     unknown = sorted(n for n in tensors if n not in table)
     bad = [
         f"{n} is {tuple(shape_of(n))}, expected {table[n][3]}"
@@ -351,7 +351,7 @@ def params_to_diffusers(
     table = mapping(c)
     flat = _flat(params)
     by_vdit = {v: (d, lay, vs) for d, (v, lay, vs, _) in table.items()}
-    missing = [v for v in by_vdit if v not in flat]
+    missing = sorted(v for v in by_vdit if v not in flat)
     unknown = sorted(v for v in flat if v not in by_vdit)
     bad = [
         f"{v} is {tuple(flat[v].shape)}, expected {by_vdit[v][2]}"
