@@ -13,6 +13,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny import ROOT  # noqa: E402
+
 from vdit import configlib  # noqa: E402
 from vdit.interop import wan_vae  # noqa: E402
 from vdit.models import vae, vae_chunked  # noqa: E402
@@ -76,7 +78,7 @@ def test_encode_equals_diffusers(pair):
     4 frames at a time with feature caches; vdit the whole video at once."""
     ref, _, _, model = pair
     x, post = encoded_by_diffusers(ref)
-    mean, logvar = vae.encode_full(model, jnp.asarray(x))
+    mean, logvar = vae.encode_full(model, jnp.asarray(x))  # `vdit encode --chunk_frames=0`
     assert to_torch_layout(mean).shape == tuple(post.mean.shape) == (1, Z, 3, 4, 4)
     e_mean, e_logvar = (
         err(to_torch_layout(mean), post.mean),
@@ -89,16 +91,22 @@ def test_encode_equals_diffusers(pair):
 
 @pytest.mark.slow
 def test_chunked_encode_and_decode_equal_diffusers(pair):
-    """vdit's chunked runs (the causal caches of vae_chunked: what `vdit encode --chunk_frames` and
-    the sampler's decoder use) equal diffusers too: 4 frames, and 1 latent frame, at a time."""
+    """vdit's chunked runs with the causal caches of vae_chunked equal diffusers too: `vdit
+    encode`'s (its encode_video, chunks of 4 frames, of a uint8 video) and the sampler's decoder's
+    (one latent frame at a time here)."""
+    from vdit.encode import EncodeOptions, encode_video
+
     ref, _, _, model = pair
-    x, post = encoded_by_diffusers(ref)
-    mean, logvar = vae_chunked.encode_chunked(model, jnp.asarray(x), 4)
+    u8 = np.random.default_rng(2).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    x = u8.astype(np.float32)[None] / 127.5 - 1.0
+    with torch.no_grad():
+        post = ref.encode(torch.from_numpy(to_torch_layout(x).copy())).latent_dist
+    mean, logvar = encode_video(model, u8, EncodeOptions(chunk_frames=4))
     z, raw, _ = decoded_by_diffusers(ref)
     video = vae_chunked.decode_chunked(model, jnp.asarray(z), 1)
     errors = (
-        err(to_torch_layout(mean), post.mean),
-        err(to_torch_layout(logvar), post.logvar),
+        err(to_torch_layout(mean[None]), post.mean),
+        err(to_torch_layout(logvar[None]), post.logvar),
         err(to_torch_layout(video), raw),
     )
     print(f"chunked encode mean {errors[0]}, logvar {errors[1]}, chunked decode {errors[2]}")
@@ -218,3 +226,23 @@ def test_wan_arch_fixes_its_fields():
         vae.VAEConfig(arch="wan", mid_attention=True)
     with pytest.raises(ValueError, match="arch: 'sd'"):
         vae.VAEConfig(arch="sd")
+
+
+def test_full_size_config_has_diffusers_tensors():
+    """configs/wan_vae.py (Wan2.1's VAE, base 96) maps to the very names and shapes of diffusers'
+    default AutoencoderKLWan (built on torch's meta device: no memory, no weights)."""
+    from tiny import load_config_module
+
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKLWan()
+    c = load_config_module(f"{ROOT}/configs/wan_vae.py").get_config()
+    table = wan_vae.mapping(c)
+    assert {d: s for d, (_, _, _, s) in table.items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
+    assert wan_vae.parameter_count(c) == 126_892_531
+    assert configlib.vae_config(c).latent_mean == tuple(ref.config.latents_mean)
+    got = wan_vae.diffusers_config(c)
+    assert got == {k: v for k, v in ref.config.items() if not k.startswith("_")} | {
+        "_class_name": "AutoencoderKLWan"
+    }
