@@ -246,3 +246,46 @@ def test_full_size_config_has_diffusers_tensors():
     assert got == {k: v for k, v in ref.config.items() if not k.startswith("_")} | {
         "_class_name": "AutoencoderKLWan"
     }
+
+
+@pytest.mark.slow
+def test_vdit_encode_of_an_imported_vae_equals_diffusers(pair, tmp_path):
+    """The mapped VAE written as a `vdit export` directory (what an import writes: its tensors,
+    config.json, export.json) is a `vdit encode --vae`: the stored latents of a record are
+    diffusers' posterior mean and log-variance of the same pixels, the manifest its statistics."""
+    from vdit import encode
+    from vdit.data import latents, records
+    from vdit.export import tensors
+    from vdit.train import load
+
+    ref, _, c, model = pair
+    _, params, buffers = nnx.split(model, nnx.Param, vae.LatentStat)
+    named = {**tensors.names(nnx.to_pure_dict(params)), **tensors.names(nnx.to_pure_dict(buffers))}
+    named = {n: np.asarray(x) for n, x in named.items()}
+    vae_dir = tmp_path / "vae"
+    tensors.write(
+        str(vae_dir), named, dtype=np.dtype("float32"), max_file_bytes=1 << 20, metadata={}
+    )
+    (vae_dir / load.EXPORT_CONFIG).write_text(c.to_json_best_effort())
+    meta = {"format": "safetensors", "step": 0, "params": "raw"}
+    (vae_dir / load.EXPORT).write_text(json.dumps(meta))
+    video = np.random.default_rng(3).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "records").mkdir()
+    writer = records.ShardWriter(str(tmp_path / "records"), shard_size=4)
+    writer.write(records.encode_record(video, "a clip", 8.0, "clip"))
+    writer.close()
+    out = tmp_path / "latents"
+    manifest = encode.encode_dataset(
+        str(vae_dir),
+        str(tmp_path / "records"),
+        str(out),
+        encode.EncodeOptions(chunk_frames=4),
+        devices=jax.local_devices()[:1],
+    )
+    assert manifest["written"] == 1 and manifest["vae"]["latent_std"] == ref.config.latents_std
+    stored = latents.LatentsSource(str(out))[0]
+    x = video.astype(np.float32)[None] / 127.5 - 1.0  # 9 frames of 32x32: no resizing
+    with torch.no_grad():
+        post = ref.encode(torch.from_numpy(to_torch_layout(x).copy())).latent_dist
+    assert err(to_torch_layout(stored["mean"][None]), post.mean)[0] < ATOL
+    assert err(to_torch_layout(stored["logvar"][None]), post.logvar)[0] < ATOL
