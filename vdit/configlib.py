@@ -335,6 +335,8 @@ def vae_config(c: ml_collections.ConfigDict) -> VAEConfig:
         "vae",
         channel_mults=tuple(v.channel_mults),
         temporal_down=tuple(bool(x) for x in v.temporal_down),
+        latent_mean=tuple(float(x) for x in v.get("latent_mean", ())),
+        latent_std=tuple(float(x) for x in v.get("latent_std", ())),
     )
 
 

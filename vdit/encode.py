@@ -187,10 +187,13 @@ def encode_dataset(
             f"--input={input_path!r}: no shards (*{records.SHARD_SUFFIX}); write them "
             "with `vdit prepare`"
         )
-    if not os.path.isdir(os.path.join(vae_workdir, "checkpoints")):
+    from vdit.train.load import is_export
+
+    if not (os.path.isdir(os.path.join(vae_workdir, "checkpoints")) or is_export(vae_workdir)):
         raise ValueError(
             f"--vae={vae_workdir!r}: no checkpoints folder (a VAE work directory of "
-            "`vdit train --config=configs/vae.py`)"
+            "`vdit train --config=configs/vae.py`) and no export (a `vdit export` directory, "
+            "or an imported VAE's)"
         )
     os.makedirs(out_dir, exist_ok=True)
     prefix = "shard" if process_count == 1 else f"shard-p{process_index:03d}"

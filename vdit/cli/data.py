@@ -153,7 +153,8 @@ def _encode_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "vae",
         None,
-        "The VAE work directory (vdit train --config=configs/vae.py).",
+        "The VAE work directory (vdit train --config=configs/vae.py), or a `vdit export` "
+        "directory of a VAE (an imported one: vdit import).",
         flag_values=fv,
     )
     flags.DEFINE_integer("vae_step", -1, "The VAE checkpoint step (-1: latest).", flag_values=fv)

@@ -19,6 +19,11 @@ tiles and blend them; with per-pixel RMSNorm and no attention (the defaults) the
 full result comes from the zero padding at tile borders inside the receptive field.
 
 Parameters carry logical axis names (`vae_in`, `vae_out` for convolution channels), as the DiT's do.
+
+`VAEConfig.arch="wan"` swaps in the encoder and decoder of Wan2.1's VAE (diffusers'
+`AutoencoderKLWan`, vdit/models/wan_vae.py), which fixes `norm`, `pad_mode`, `mid_attention` and
+`temporal_kernel` (`WAN_FIXED`); everything above (chunking, tiling, statistics, training) serves it
+unchanged. Its weights map to and from diffusers by vdit/interop/wan_vae.py.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vdit.models import wan_vae
 from vdit.models.vae_layers import (
     CausalConv3d,
     ConvCache,
@@ -42,10 +48,16 @@ from vdit.models.vae_layers import (
 
 NORMS = ("rms", "group")
 PAD_MODES = ("replicate", "zeros")
+ARCHS = ("vdit", "wan")
+# the fields whose value the Wan architecture fixes (arch="wan"), and that value
+WAN_FIXED = {"norm": "rms", "pad_mode": "zeros", "mid_attention": True, "temporal_kernel": 3}
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
+    # "vdit": this file's network | "wan": diffusers' AutoencoderKLWan (Wan2.1's VAE,
+    # vdit/models/wan_vae.py), whose weights vdit/interop/wan_vae.py maps both ways
+    arch: str = "vdit"
     in_channels: int = 3  # pixel channels
     latent_channels: int = 16  # z channels
     base_channels: int = 16  # channels of the first level
@@ -61,6 +73,10 @@ class VAEConfig:
     logvar_max: float = 20.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # the latent statistics' values at creation (the LatentStat buffers, which VAE training then
+    # recomputes): () = mean 0, std 1; an imported VAE's (diffusers' latents_mean / latents_std)
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
 
     def __post_init__(self):
         """Every check on these fields; a message starts with the field it names."""
@@ -86,6 +102,24 @@ class VAEConfig:
                 f"temporal_kernel: {self.temporal_kernel} must be >= 2 (a strided time "
                 "downsampling needs a kernel of at least its stride)"
             )
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: {self.arch!r} is not one of {ARCHS}")
+        if self.arch == "wan":
+            for field, value in WAN_FIXED.items():
+                if getattr(self, field) != value:
+                    raise ValueError(
+                        f"{field}: {getattr(self, field)!r} is not Wan's; arch='wan' needs "
+                        f"{field}={value!r}"
+                    )
+        for field in ("latent_mean", "latent_std"):
+            n = len(getattr(self, field))
+            if n not in (0, self.latent_channels):
+                raise ValueError(
+                    f"{field}: {n} values, need one per latent channel "
+                    f"({self.latent_channels}) or none"
+                )
+        if any(s <= 0 for s in self.latent_std):
+            raise ValueError(f"latent_std: {tuple(self.latent_std)} must all be > 0")
 
     @property
     def compression(self) -> tuple[int, int, int]:
@@ -177,11 +211,14 @@ class CausalVAE3D(nnx.Module):
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.encoder = Encoder(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg, rngs=rngs)
+        arch = wan_vae if cfg.arch == "wan" else None
+        self.encoder = (arch.Encoder if arch else Encoder)(cfg, rngs=rngs)
+        self.decoder = (arch.Decoder if arch else Decoder)(cfg, rngs=rngs)
         z = cfg.latent_channels
-        self.latent_mean = LatentStat(jnp.zeros((z,), jnp.float32))
-        self.latent_std = LatentStat(jnp.ones((z,), jnp.float32))
+        mean = jnp.asarray(cfg.latent_mean, jnp.float32) if cfg.latent_mean else jnp.zeros((z,))
+        std = jnp.asarray(cfg.latent_std, jnp.float32) if cfg.latent_std else jnp.ones((z,))
+        self.latent_mean = LatentStat(mean.astype(jnp.float32))
+        self.latent_std = LatentStat(std.astype(jnp.float32))
 
     # --- shapes -------------------------------------------------------------------------------
     def check_video(self, video: jax.Array) -> jax.Array:

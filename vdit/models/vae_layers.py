@@ -91,7 +91,7 @@ class CausalConv3d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
-        kt, kh, kw = self.ksize
+        kt = self.ksize[0]
         st = self.stride[0]
         x = x.astype(self.dtype)
         if kt > 1:
@@ -106,8 +106,13 @@ class CausalConv3d(nnx.Module):
             if cache is not None:
                 # frames the next chunk's first output window reaches back to
                 cache.new.append(x[:, x.shape[1] - (kt - st) :])
+        return self.conv(x)
+
+    def conv(self, x: jax.Array) -> jax.Array:
+        """The convolution of an input already padded in time (valid in time, "same" in space)."""
+        kh, kw = self.ksize[1:]
         y = jax.lax.conv_general_dilated(
-            x,
+            x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
             window_strides=self.stride,
             padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
