@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test,tpu]"
 	touch $@
 
+# tests/test_wan_parity.py compares with diffusers in PyTorch (CPU): `make test` installs them too.
+$(VENV)/.parity: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e ".[parity]"
+	touch $@
+
 # Train the embedded default (tiny DiT, procedural captioned videos, CPU) into $(WORKDIR).
 train: install
 	JAX_PLATFORMS=cpu $(VENV)/bin/vdit train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
@@ -21,7 +26,7 @@ train: install
 # The test suite. Eight fake CPU devices are set up by tests/conftest.py. Tests marked `slow` are
 # left out by default; `make test MARK=slow` runs just those, `make test MARK=` runs everything.
 MARK ?= not slow
-test: install
+test: install $(VENV)/.parity
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -m "$(MARK)" $(ARGS)
 
 lint: install

@@ -1,0 +1,192 @@
+"""`vdit import` and `vdit export --format=diffusers`: Wan2.1 weights into a `vdit export` directory
+and back out as a diffusers model folder.
+
+    import_diffusers(src, out, base)   src: a `WanTransformer3DModel` folder, or a pipeline folder
+                                       with transformer/ (and vae/, imported to OUT/vae when this
+                                       vdit has the Wan VAE mapping, vdit/interop/wan_vae.py)
+    export_diffusers(workdir, out)     a run's checkpoint (or any `vdit export` directory) -> a
+                                       folder `WanTransformer3DModel.from_pretrained` reads
+
+The import holds the vdit model it builds and one source tensor at a time; the export fetches one
+layer's tensor at a time from the (sharded) parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit import configlib
+from vdit.export import tensors
+from vdit.export.writer import MAX_FILE_BYTES, version
+from vdit.interop import diffusers_io, wan_dit
+from vdit.train import load as loader
+
+log = logging.getLogger(__name__)
+VAE_MODULE = "vdit.interop.wan_vae"  # the Wan VAE's mapping (vae_config_from_diffusers, ...)
+
+
+def _new_dir(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out={out}: exists and is not an empty directory; give a new one")
+    os.makedirs(out, exist_ok=True)
+
+
+def _write_export(
+    out: str,
+    c: ml_collections.ConfigDict,
+    named: dict[str, np.ndarray],
+    *,
+    source: str,
+    kind: str,
+    dtype: str,
+    max_file_bytes: int,
+) -> None:
+    """A safetensors `vdit export` directory of step 0 holding `named` ({vdit name: array})."""
+    meta = {
+        "format": "safetensors",
+        "kind": kind,
+        "step": 0,
+        "workdir": None,
+        "imported_from": os.path.abspath(source),
+        "vdit_version": version(),
+        "params": "raw",
+        "dtype": dtype,
+        "names": "tree paths joined by '.'; tensors under 'blocks.' have the layer axis first",
+        "tensors": {n: list(x.shape) for n, x in named.items()},
+    }
+    header = {k: str(v) for k, v in meta.items() if k != "tensors"}
+    header["format"] = "vdit"
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    tensors.write(out, named, dtype=np_dtype, max_file_bytes=max_file_bytes, metadata=header)
+    with open(os.path.join(out, loader.EXPORT_CONFIG), "w") as f:
+        json.dump(json.loads(c.to_json_best_effort()), f, indent=1)
+    with open(os.path.join(out, loader.EXPORT), "w") as f:  # last: the export is complete
+        json.dump(meta, f, indent=1)
+
+
+def import_diffusers(
+    src: str,
+    out: str,
+    base: ml_collections.ConfigDict,
+    *,
+    dtype: str = "float32",
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> dict:
+    """Write the Wan2.1 transformer of the diffusers folder `src` (and its VAE) as the `vdit
+    export` directory `out`, its config `base` with the model's settings from config.json."""
+    folder = diffusers_io.model_folder(src, "transformer")
+    c = wan_dit.config_from_diffusers(diffusers_io.read_config(folder), base)
+    pipeline = folder != src
+    vae_dir = os.path.join(src, "vae")
+    vae = pipeline and os.path.isfile(os.path.join(vae_dir, diffusers_io.CONFIG))
+    has_vae_mapping = importlib.util.find_spec(VAE_MODULE) is not None
+    if vae and has_vae_mapping:
+        with c.unlocked():
+            c.autoencoder.kind = "latent"
+            c.autoencoder.vae = os.path.join(out, "vae")
+    c = configlib.load(c, plan_only=True)  # validated as a config for sampling and fine-tuning
+    _new_dir(out)
+    with diffusers_io.Tensors(folder) as source:
+        named = wan_dit.params_from_diffusers(source, c)
+    _write_export(
+        out,
+        c,
+        named,
+        source=folder,
+        kind="dit",
+        dtype=dtype,
+        max_file_bytes=max_file_bytes,
+    )
+    summary = {
+        "out": out,
+        "transformer": folder,
+        "tensors": len(named),
+        "parameters": int(sum(x.size for x in named.values())),
+        "dtype": dtype,
+    }
+    del named
+    if vae and not has_vae_mapping:
+        log.warning("skipped %s: this vdit has no Wan VAE mapping (%s)", vae_dir, VAE_MODULE)
+        summary["vae"] = f"skipped: no {VAE_MODULE}"
+    elif vae:
+        summary["vae"] = _import_vae(vae_dir, os.path.join(out, "vae"), dtype, max_file_bytes)
+    return summary
+
+
+def _import_vae(folder: str, out: str, dtype: str, max_file_bytes: int) -> str:
+    """The diffusers AutoencoderKLWan of `folder` as the `vdit export` directory `out`, by the
+    Wan VAE mapping's agreed functions."""
+    wan_vae = importlib.import_module(VAE_MODULE)
+    c = wan_vae.vae_config_from_diffusers(diffusers_io.read_config(folder))
+    _new_dir(out)
+    with diffusers_io.Tensors(folder) as source:
+        named = tensors.names(wan_vae.params_from_diffusers(source, c))
+    _write_export(
+        out,
+        c,
+        {n: np.asarray(x) for n, x in named.items()},
+        source=folder,
+        kind="vae",
+        dtype=dtype,
+        max_file_bytes=max_file_bytes,
+    )
+    return out
+
+
+def export_diffusers(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    ema: bool | None = None,
+    dtype: str = "float32",
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> dict:
+    """The DiT of `workdir` (a run's checkpoint at `step`, or a `vdit export` directory) as a
+    diffusers `WanTransformer3DModel` folder `out`."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype={dtype}: not one of float32, bfloat16")
+    if jax.process_count() > 1:
+        raise ValueError(
+            "--format=diffusers runs in one process; run it without the multi-process flags"
+        )
+    if loader.is_export(workdir):
+        c = loader.read_export(workdir)[1]
+    else:
+        c = loader.read_config(workdir, step)[0]
+    if c.get("kind", "dit") != "dit":
+        raise ValueError(
+            f"--workdir={workdir}: a {c.kind} model; --format=diffusers exports the DiT"
+        )
+    config = wan_dit.diffusers_config(c)  # refuses a model Wan's cannot hold, before loading
+    _new_dir(out)
+    loaded = loader.load(workdir, step, ema=ema, shard=not loader.is_export(workdir))
+    flat = tensors.names(loaded.params)
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    specs, get = wan_dit.params_to_diffusers(flat.__getitem__, loaded.config)
+    files = diffusers_io.write(
+        out,
+        {n: (shape, np_dtype) for n, (shape, _) in specs.items()},
+        lambda n: get(n).astype(np_dtype),
+        config,
+        max_file_bytes=max_file_bytes,
+    )
+    return {
+        "out": out,
+        "format": "diffusers",
+        "class": wan_dit.CLASS,
+        "step": loaded.step,
+        "params": "ema" if loaded.ema else "raw",
+        "dtype": dtype,
+        "tensors": len(specs),
+        "files": len(files),
+        "bytes": sum(os.path.getsize(os.path.join(out, f)) for f in files),
+    }
