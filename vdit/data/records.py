@@ -15,6 +15,8 @@ with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
 | `caption`   | str, ()             | the caption ("" when the file had none)                         |
 | `fps`       | float64, ()         | frames per second of the source, 0 when unknown (images)        |
 | `source`    | str, ()             | path of the source file relative to the prepared folder         |
+| `text_embedding` | float16, (Nc, E) | optional: the caption's embedding (vdit/data/text_embeddings.py) |
+| `text_encoder`   | str, ()          | optional, with it: the encoder's name                            |
 
 "raw" (the default) is lossless: training reads exactly what `prepare` decoded and never runs a
 video decoder, at the cost of space (zlib only). "mp4" re-encodes multi-frame samples with H.264
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vdit.data import video_io
+from vdit.data import text_embeddings, video_io
 
 FORMAT = "vdit-video-npz-1"
 ENCODINGS = ("raw", "mp4")
@@ -99,9 +101,17 @@ def _decode_mp4(data: np.ndarray, shape: np.ndarray) -> np.ndarray:
 
 
 def encode_record(
-    video: np.ndarray, caption: str, fps: float, source: str, encoding: str = "raw"
+    video: np.ndarray,
+    caption: str,
+    fps: float,
+    source: str,
+    encoding: str = "raw",
+    *,
+    text_embedding: np.ndarray | None = None,
+    text_encoder: str = "",
 ) -> bytes:
-    """One sample -> record bytes (see the module docstring)."""
+    """One sample -> record bytes (see the module docstring); `text_embedding` (Nc, E), when
+    given, is stored as float16 with `text_encoder`'s name."""
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}")
@@ -114,6 +124,9 @@ def encode_record(
         }
     else:
         encoding, frames = "raw", {"video": video}
+    if text_embedding is not None:
+        frames[text_embeddings.MEMBER] = text_embeddings.check(text_embedding)
+        frames[text_embeddings.ENCODER_KEY] = np.str_(text_encoder)
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -157,12 +170,15 @@ def decode_record(data: bytes) -> dict[str, Any]:
         raise ValueError(
             f"record video is {video.dtype} {video.shape}, expected uint8 (T, H, W, 3)"
         )
-    return {
+    out = {
         "video": video,
         "caption": str(members["caption"]),
         "fps": float(members["fps"]),
         "source": str(members["source"]),
     }
+    if text_embeddings.MEMBER in members:
+        out[text_embeddings.MEMBER] = members[text_embeddings.MEMBER]
+    return out
 
 
 def find_shards(path: str) -> list[str]:
@@ -221,6 +237,8 @@ class RecordsSource(ShardSource):
         }
         if record["fps"] > 0:
             element["fps"] = record["fps"]
+        if text_embeddings.MEMBER in record:
+            element[text_embeddings.MEMBER] = record[text_embeddings.MEMBER]
         return element
 
     def failed(self, index: int, message: str) -> dict[str, Any]:
