@@ -193,3 +193,34 @@ def test_unsupported_diffusers_settings_are_refused(imported):
         wan_dit.config_from_diffusers({**TINY, "image_dim": 1280}, base)
     with pytest.raises(ValueError, match="unknown settings"):
         wan_dit.config_from_diffusers({**TINY, "window": 3}, base)
+
+
+def _vdit(capsys, *args) -> tuple[int, str]:
+    try:
+        cli_run(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(imported, tmp_path, capsys):
+    _, src, out = imported
+    code, err = _vdit(
+        capsys,
+        "import",
+        "--config=configs/wan.py:tiny",
+        f"--from={tmp_path}/no",
+        f"--out={tmp_path}/o",
+    )
+    assert code == 2 and err.count("\n") == 1 and "no such directory" in err, err
+    code, err = _vdit(
+        capsys, "import", "--config=configs/wan.py:tiny", f"--from={src}", f"--out={out}"
+    )
+    assert code == 2 and "exists and is not an empty directory" in err, err
+    # a DiT Wan's class cannot hold is refused by name
+    c = load.read_export(out)[1]
+    with c.unlocked():
+        c.model.cross_norm = "rms"
+    with pytest.raises(ValueError, match="cross_norm='rms'"):
+        wan_dit.diffusers_config(c)
