@@ -59,7 +59,9 @@ def read_config(folder: str) -> dict:
 
 class Tensors(Mapping):
     """{name: np.ndarray} over a folder's safetensors files; a tensor is read when it is looked up.
-    Use as a context manager (the files stay open inside it)."""
+    Names iterate file by file, and a file is closed once each of its tensors has been read, so a
+    reader that takes the tensors in that order maps at most one file at a time. Use as a context
+    manager (it closes what is still open)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -87,6 +89,9 @@ class Tensors(Mapping):
                             )
                         self._file[n] = fname
         self._handles: dict[str, object] = {}
+        self._unread: dict[str, set[str]] = {}
+        for n, fname in self._file.items():
+            self._unread.setdefault(fname, set()).add(n)
 
     def _open(self, fname: str):
         path = os.path.join(self.folder, fname)
@@ -119,12 +124,17 @@ class Tensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         h = self._handle(name)
+        fname = self._file[name]
         if name not in h.keys():
-            raise ValueError(f"{self.folder}/{self._file[name]}: lacks {name} (its index names it)")
-        return h.get_tensor(name)
+            raise ValueError(f"{self.folder}/{fname}: lacks {name} (its index names it)")
+        a = h.get_tensor(name)
+        self._unread[fname].discard(name)
+        if not self._unread[fname]:  # every tensor of the file read: unmap it
+            self._handles.pop(fname).__exit__(None, None, None)
+        return a
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._file))
+        return iter(sorted(self._file, key=lambda n: (self._file[n], n)))
 
     def __len__(self) -> int:
         return len(self._file)

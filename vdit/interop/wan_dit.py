@@ -294,7 +294,9 @@ def params_from_diffusers(
             + "; ".join(parts)
         )
     out: dict[str, np.ndarray] = {}
-    for v, layer, d, lay in table:
+    where = {d: (v, layer, lay) for v, layer, d, lay in table}
+    for d in tensors:  # in the source's order (file by file)
+        v, layer, lay = where[d]
         shape = shapes[v][0]
         if layer is None:
             out[v] = np.ascontiguousarray(_to_vdit(tensors[d], lay, shape), dtype=dtype)
