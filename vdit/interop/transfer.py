@@ -18,10 +18,12 @@ import importlib.util
 import json
 import logging
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from safetensors import safe_open
 
 from vdit import configlib
 from vdit.export import tensors
@@ -141,6 +143,48 @@ def _import_vae(folder: str, out: str, dtype: str, max_file_bytes: int) -> str:
     return out
 
 
+class _ExportTensors:
+    """The tensors of a safetensors `vdit export` directory, a layer at a time: the files' names,
+    shapes and checksums are checked first (each file read once, one at a time), then
+    `slice(name)` gives a lazily read tensor whose `[i]` reads layer i alone."""
+
+    def __init__(self, out: str, shapes: dict[str, tuple[int, ...]]):
+        self.out = out
+        index = tensors.check(out, shapes, f"{out}/{loader.EXPORT_CONFIG}")
+        for _ in tensors.read(out):  # every file's checksum, one file in memory at a time
+            pass
+        self.file = dict(index["weight_map"])
+        self.handles: dict[str, Any] = {}
+
+    def __enter__(self) -> _ExportTensors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles.values():
+            h.__exit__(None, None, None)
+
+    def slice(self, name: str):
+        fname = self.file[name]
+        if fname not in self.handles:
+            h = safe_open(os.path.join(self.out, fname), framework="numpy")
+            self.handles[fname] = h.__enter__()
+        return _Lazy(self.handles[fname].get_slice(name))
+
+
+class _Lazy:
+    """A stored tensor: `[i]` reads one layer, `np.asarray` all of it."""
+
+    def __init__(self, sl):
+        self.sl = sl
+
+    def __getitem__(self, i):
+        return self.sl[i]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.sl[:]
+        return a if dtype is None else a.astype(dtype)
+
+
 def export_diffusers(
     workdir: str,
     out: str,
@@ -168,23 +212,41 @@ def export_diffusers(
         )
     config = wan_dit.diffusers_config(c)  # refuses a model Wan's cannot hold, before loading
     _new_dir(out)
-    loaded = loader.load(workdir, step, ema=ema, shard=not loader.is_export(workdir))
-    flat = tensors.names(loaded.params)
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    specs, get = wan_dit.params_to_diffusers(flat.__getitem__, loaded.config)
-    files = diffusers_io.write(
-        out,
-        {n: (shape, np_dtype) for n, (shape, _) in specs.items()},
-        lambda n: get(n).astype(np_dtype),
-        config,
-        max_file_bytes=max_file_bytes,
-    )
+    if loader.is_export(workdir) and loader.read_export(workdir)[0]["format"] == "safetensors":
+        # an export or an import: read layer by layer from its files, after checking them
+        meta = loader.read_export(workdir)[0]
+        if ema is not None and ema != (meta["params"] == "ema"):
+            raise ValueError(f"{workdir} holds the {meta['params']} parameters only")
+        shapes = {n: s for n, (s, _) in wan_dit.abstract_params(c).items()}
+        with _ExportTensors(workdir, shapes) as source:
+            specs, get = wan_dit.params_to_diffusers(source.slice, c)
+            files = diffusers_io.write(
+                out,
+                {n: (shape, np_dtype) for n, (shape, _) in specs.items()},
+                lambda n: get(n).astype(np_dtype),
+                config,
+                max_file_bytes=max_file_bytes,
+            )
+        step_done, params = int(meta["step"]), meta["params"]
+    else:
+        loaded = loader.load(workdir, step, ema=ema, shard=not loader.is_export(workdir))
+        flat = tensors.names(loaded.params)
+        specs, get = wan_dit.params_to_diffusers(flat.__getitem__, loaded.config)
+        files = diffusers_io.write(
+            out,
+            {n: (shape, np_dtype) for n, (shape, _) in specs.items()},
+            lambda n: get(n).astype(np_dtype),
+            config,
+            max_file_bytes=max_file_bytes,
+        )
+        step_done, params = loaded.step, "ema" if loaded.ema else "raw"
     return {
         "out": out,
         "format": "diffusers",
         "class": wan_dit.CLASS,
-        "step": loaded.step,
-        "params": "ema" if loaded.ema else "raw",
+        "step": step_done,
+        "params": params,
         "dtype": dtype,
         "tensors": len(specs),
         "files": len(files),
