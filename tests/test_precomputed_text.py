@@ -130,6 +130,22 @@ def test_trains_a_few_steps_and_keeps_the_null_embedding(tmp_path):
         text_embeddings.load(os.path.join(work, text_embeddings.NULL_FILE)), toy_encoder("")
     )
     assert out is not None
+    # the run's DiT (configs/wan.py:tiny) exports as a diffusers WanTransformer3DModel folder
+    from vdit.export import tensors
+    from vdit.interop import diffusers_io, wan_dit
+    from vdit.interop.transfer import export_diffusers
+    from vdit.train import load
+
+    back = str(tmp_path / "diffusers")
+    summary = export_diffusers(work, back)
+    assert summary["step"] == 2 and summary["params"] == "ema"
+    loaded = load.load(work)  # the EMA parameters the export holds
+    flat = {n: np.asarray(x) for n, x in tensors.names(loaded.params).items()}
+    with diffusers_io.Tensors(back) as source:
+        again = wan_dit.params_from_diffusers(source, loaded.config)
+    assert set(again) == set(flat)
+    for n, x in flat.items():
+        assert np.array_equal(again[n], x), n  # vdit -> diffusers -> vdit, bit for bit
 
 
 def test_records_without_embeddings_are_counted_and_skipped(tmp_path):
