@@ -97,21 +97,21 @@ def import_diffusers(
     c = configlib.load(c, plan_only=True)  # validated as a config for sampling and fine-tuning
     _new_dir(out)
     with diffusers_io.Tensors(folder) as source:
-        named = wan_dit.params_from_diffusers(source, c)
-    _write_export(
-        out,
-        c,
-        named,
-        source=folder,
-        kind="dit",
-        dtype=dtype,
-        max_file_bytes=max_file_bytes,
-    )
+        named = wan_dit.lazy_params_from_diffusers(source, c)  # made one at a time, as written
+        _write_export(
+            out,
+            c,
+            named,
+            source=folder,
+            kind="dit",
+            dtype=dtype,
+            max_file_bytes=max_file_bytes,
+        )
     summary = {
         "out": out,
         "transformer": folder,
         "tensors": len(named),
-        "parameters": int(sum(x.size for x in named.values())),
+        "parameters": int(sum(np.prod(x.shape) for x in named.values())),
         "dtype": dtype,
     }
     del named

@@ -268,8 +268,65 @@ def params_from_diffusers(
     tensors: Mapping[str, np.ndarray], c: ml_collections.ConfigDict, dtype=np.float32
 ) -> dict[str, np.ndarray]:
     """{vdit name: array (`dtype`)} of config `c`'s DiT from diffusers' tensors (a mapping; looked
-    up one at a time). Missing or unknown tensors and shape mismatches raise one ValueError that
-    names them, before any tensor data is read."""
+    up one at a time, in its own order). Missing or unknown tensors and shape mismatches raise one
+    ValueError that names them, before any tensor data is read."""
+    table = _checked(tensors, c)
+    shapes = abstract_params(c)
+    out: dict[str, np.ndarray] = {}
+    where = {d: (v, layer, lay) for v, layer, d, lay in table}
+    for d in tensors:  # in the source's order (file by file)
+        v, layer, lay = where[d]
+        shape = shapes[v][0]
+        if layer is None:
+            out[v] = np.ascontiguousarray(_to_vdit(tensors[d], lay, shape), dtype=dtype)
+        else:
+            if v not in out:
+                out[v] = np.empty(shape, dtype)
+            out[v][layer] = _to_vdit(tensors[d], lay, shape[1:])
+    return out
+
+
+class Built:
+    """One vdit tensor made from diffusers' on demand (`astype` or `np.asarray` makes it): its
+    shape and dtype are known before, so a writer can plan files and hold one file's tensors."""
+
+    def __init__(self, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype):
+        self.make, self.shape, self.dtype = make, shape, np.dtype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return self.make().astype(dtype, copy=False)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.make()
+        return a if dtype is None else a.astype(dtype)
+
+
+def lazy_params_from_diffusers(
+    tensors: Mapping[str, np.ndarray], c: ml_collections.ConfigDict, dtype=np.float32
+) -> dict[str, Built]:
+    """As `params_from_diffusers` (the same checks, first), but each vdit tensor is made when it
+    is asked for, from its diffusers tensors (all of its layers): memory for one tensor."""
+    table = _checked(tensors, c)
+    shapes = abstract_params(c)
+    parts: dict[str, list[tuple[int | None, str, str]]] = {}
+    for v, layer, d, lay in table:
+        parts.setdefault(v, []).append((layer, d, lay))
+
+    def make(v: str) -> np.ndarray:
+        shape = shapes[v][0]
+        layer, d, lay = parts[v][0]
+        if layer is None:  # a tensor of its own, not one layer of a stack
+            return np.ascontiguousarray(_to_vdit(tensors[d], lay, shape), dtype=dtype)
+        out = np.empty(shape, dtype)
+        for layer, d, lay in parts[v]:
+            out[layer] = _to_vdit(tensors[d], lay, shape[1:])
+        return out
+
+    return {v: Built(lambda v=v: make(v), shapes[v][0], dtype) for v in sorted(parts)}
+
+
+def _checked(tensors: Mapping[str, np.ndarray], c: ml_collections.ConfigDict) -> list:
+    """`mapping(c)`, after checking `tensors` against it (names and shapes, no data read)."""
     cfg = configlib.model_config(c)
     shapes = abstract_params(c)
     table = mapping(c)
@@ -293,18 +350,7 @@ def params_from_diffusers(
             f"the diffusers tensors do not match the {CLASS} of their config.json: "
             + "; ".join(parts)
         )
-    out: dict[str, np.ndarray] = {}
-    where = {d: (v, layer, lay) for v, layer, d, lay in table}
-    for d in tensors:  # in the source's order (file by file)
-        v, layer, lay = where[d]
-        shape = shapes[v][0]
-        if layer is None:
-            out[v] = np.ascontiguousarray(_to_vdit(tensors[d], lay, shape), dtype=dtype)
-        else:
-            if v not in out:
-                out[v] = np.empty(shape, dtype)
-            out[v][layer] = _to_vdit(tensors[d], lay, shape[1:])
-    return out
+    return table
 
 
 def params_to_diffusers(
