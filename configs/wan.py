@@ -1,6 +1,7 @@
 """Wan2.1's text-to-video DiT as a vdit config: fine-tune open weights with packing, export them back.
 
-    vdit import  --from=Wan2.1-T2V-1.3B-Diffusers --out=imports/wan13b          # diffusers -> vdit
+    vdit import  --config=configs/wan.py --from=Wan2.1-T2V-1.3B-Diffusers \\
+                 --out=imports/wan13b                                         # diffusers -> vdit
     vdit train   --config=configs/wan.py:1.3B --workdir=runs/wan13b \\
                  --config.train.init_from=imports/wan13b \\
                  --config.data.latents.path=data/latents                      # packed fine-tuning
