@@ -11,7 +11,14 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test,tpu,data]"
+	$(VENV)/bin/pip install --quiet -e ".[test,tpu]"
+	touch $@
+
+# What only the tests need, installed by `make test` (so `make train` stays light): the Wan2.1
+# parity tests compare with diffusers in PyTorch (CPU), the `vdit prepare` tests run Apache Beam,
+# PySceneDetect and tiny transformers models.
+$(VENV)/.test-extras: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e ".[parity,data]"
 	touch $@
 
 # Train the embedded default (tiny DiT, procedural captioned videos, CPU) into $(WORKDIR).
@@ -21,7 +28,7 @@ train: install
 # The test suite. Eight fake CPU devices are set up by tests/conftest.py. Tests marked `slow` are
 # left out by default; `make test MARK=slow` runs just those, `make test MARK=` runs everything.
 MARK ?= not slow
-test: install
+test: install $(VENV)/.test-extras
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -m "$(MARK)" $(ARGS)
 
 lint: install

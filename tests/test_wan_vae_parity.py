@@ -289,3 +289,33 @@ def test_vdit_encode_of_an_imported_vae_equals_diffusers(pair, tmp_path):
         post = ref.encode(torch.from_numpy(to_torch_layout(x).copy())).latent_dist
     assert err(to_torch_layout(stored["mean"][None]), post.mean)[0] < ATOL
     assert err(to_torch_layout(stored["logvar"][None]), post.logvar)[0] < ATOL
+
+
+def test_import_and_export_diffusers_of_the_vae(pair, tmp_path):
+    """`vdit import`'s VAE step (transfer._import_vae on a diffusers vae/ folder) writes an export
+    directory that `load()` reads as the Wan VAE with its statistics, and `vdit export
+    --format=diffusers` of it gives a folder from_pretrained reads with the original tensors."""
+    from safetensors.numpy import save_file
+
+    from vdit.interop import transfer
+    from vdit.train import load
+
+    ref, sd, c, model = pair
+    src = tmp_path / "vae"
+    src.mkdir()
+    save_file(sd, str(src / "diffusion_pytorch_model.safetensors"))
+    (src / "config.json").write_text(json.dumps(dict(ref.config)))
+    imported = tmp_path / "imported"
+    transfer._import_vae(str(src), str(imported), "float32", 1 << 20)
+    loaded = load.load(str(imported))
+    assert loaded.config.vae.arch == "wan"
+    np.testing.assert_allclose(
+        np.asarray(loaded.buffers["latent_std"]).ravel(), ref.config.latents_std, rtol=1e-6
+    )
+    out = tmp_path / "exported"
+    summary = transfer.export_diffusers(str(imported), str(out))
+    assert summary["class"] == "AutoencoderKLWan" and summary["tensors"] == len(sd)
+    back = diffusers.AutoencoderKLWan.from_pretrained(str(out))
+    for name, t in back.state_dict().items():
+        np.testing.assert_array_equal(t.numpy(), sd[name], err_msg=name)
+    assert list(back.config.latents_mean) == list(ref.config.latents_mean)

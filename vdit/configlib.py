@@ -230,6 +230,8 @@ def pipeline_config(c: ml_collections.ConfigDict) -> data_config.PipelineConfig:
         compression=tuple(c.autoencoder.compression),
         channels=c.autoencoder.channels,
         text_max_len=c.model.text.max_len,
+        text_kind=c.model.text.kind,
+        text_width=c.model.text.width,
     )
 
 

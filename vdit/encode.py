@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from vdit import configlib
-from vdit.data import latents, records, size
+from vdit.data import latents, records, size, text_embeddings
 from vdit.train.load import load
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ def encode_dataset(
     devices = list(devices or jax.local_devices())
     replicas = _replicas(model, devices)
 
+    text_entry = _input_text_entry(input_path)  # caption embeddings travel with the latents
+    text_encoder = text_entry["encoder"] if text_entry else ""
     writer = records.ShardWriter(out_dir, options.shard_size, prefix)
     skipped: list[dict[str, Any]] = []
     written = tokens = 0
@@ -244,6 +246,8 @@ def encode_dataset(
                 fps=float(element.get("fps", 0.0)) / policy.fps_stride(element),
                 source=str(element.get("source", "")),
                 index=index,
+                text_embedding=element.get(text_embeddings.MEMBER),
+                text_encoder=text_encoder,
             )
             writer.write(record)
             written += 1
@@ -306,9 +310,24 @@ def encode_dataset(
         },
         "processes": process_count,
     }
+    if text_entry:
+        manifest[text_embeddings.MANIFEST_KEY] = text_entry
+        null = text_embeddings.load(os.path.join(input_path, text_entry["null"]))
+        text_embeddings.save(os.path.join(out_dir, text_embeddings.NULL_FILE), null)
+        text_entry["null"] = text_embeddings.NULL_FILE
     with open(os.path.join(out_dir, part), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _input_text_entry(input_path: str) -> dict[str, Any] | None:
+    """The "text_embedding" entry of the input records' manifest (None without one)."""
+    path = os.path.join(input_path, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        entry = json.load(f).get(text_embeddings.MANIFEST_KEY)
+    return dict(entry) if isinstance(entry, dict) else None
 
 
 def merge_manifests(out_dir: str, process_count: int) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def _dense(din: int, dout: int) -> float:
 def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
     """Forward FLOPs per video token (row slot) by part, all blocks summed."""
     d, p, n = cfg.width, cfg.patch_dim, cfg.depth
-    f = int(d * cfg.mlp_ratio)
+    f = cfg.mlp_hidden
     return {
         "patch_embed": _dense(p, d),
         "time_fc1": _dense(TIME_EMBED_DIM, d),

@@ -9,14 +9,16 @@
     vdit prepare --input=DIR --out=DIR               videos and images -> records
     vdit encode  --config=configs/latent.py --vae=DIR --input=RECORDS --out=DIR
                                                      records -> VAE latents
-    vdit export  --workdir=DIR --out=DIR --format=safetensors|orbax|stablehlo
+    vdit export  --workdir=DIR --out=DIR --format=safetensors|orbax|stablehlo|diffusers
                                                      a trained model's parameters out of its run
+    vdit import  --config=configs/wan.py --from=DIFFUSERS_DIR --out=DIR
+                                                     open Wan2.1 weights -> a vdit export
     vdit sweep   --config=configs/sweep.py --workdir=DIR [--dry_run]
                                                      an IsoFLOP compute-scaling sweep
 
 `vdit --help` lists the commands, `vdit COMMAND --help` the flags of one, with an example. The
 commands live in vdit/cli/model.py (train, sample, eval), vdit/cli/planning.py (params, flops,
-compile), vdit/cli/data.py (prepare, encode), vdit/cli/export.py (export) and vdit/cli/sweep.py
+compile), vdit/cli/data.py (prepare, encode), vdit/cli/export.py (export), vdit/cli/interop.py (import) and vdit/cli/sweep.py
 (sweep); vdit/cli/base.py parses, helps and reports errors.
 
 Multi-process runs (one process per host, all running the same command; train, sample, eval,
@@ -34,7 +36,7 @@ from collections.abc import Sequence
 
 from absl import app
 
-from vdit.cli import base, data, export, model, planning, sweep
+from vdit.cli import base, data, export, interop, model, planning, sweep
 
 COMMANDS: dict[str, base.Command] = {
     c.name: c
@@ -43,6 +45,7 @@ COMMANDS: dict[str, base.Command] = {
         *planning.COMMANDS,
         *data.COMMANDS,
         *export.COMMANDS,
+        *interop.COMMANDS,
         *sweep.COMMANDS,
     )
 }

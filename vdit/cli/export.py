@@ -20,10 +20,12 @@ def _export_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_enum(
         "format",
         "safetensors",
-        ["safetensors", "orbax", "stablehlo"],
+        ["safetensors", "orbax", "stablehlo", "diffusers"],
         "safetensors: sharded files + index + config.json; orbax: a params-only checkpoint "
         "(train.init_from); stablehlo: the DiT's forward pass and guided sampling step, "
-        "serialized with jax.export, the parameters alongside as safetensors.",
+        "serialized with jax.export, the parameters alongside as safetensors; diffusers: a "
+        "Wan2.1-architecture DiT (configs/wan.py) as a WanTransformer3DModel folder (--workdir "
+        "may also be a `vdit export` or `vdit import` directory).",
         flag_values=fv,
     )
     flags.DEFINE_enum(
@@ -84,6 +86,19 @@ def _export(fv: flags.FlagValues) -> None:
     if bad or not platforms:
         raise UsageError(f"--platforms={fv.platforms}: give some of cpu,tpu,cuda,rocm")
     try:
+        if fv.format == "diffusers":
+            from vdit.interop.transfer import export_diffusers
+
+            summary = export_diffusers(
+                fv.workdir,
+                fv.out,
+                step=fv.step,
+                ema=None if fv.params is None else fv.params == "ema",
+                dtype=fv.dtype,
+                max_file_bytes=int(fv.max_file_mb * (1 << 20)),
+            )
+            print(json.dumps(summary))
+            return
         summary = export(
             fv.workdir,
             fv.out,
@@ -107,7 +122,7 @@ def _export(fv: flags.FlagValues) -> None:
 EXPORT = Command(
     name="export",
     summary="write a trained model's parameters as safetensors, params-only orbax, or StableHLO",
-    usage="--workdir=DIR --out=DIR [--step=N] [--format=safetensors|orbax|stablehlo] "
+    usage="--workdir=DIR --out=DIR [--step=N] [--format=safetensors|orbax|stablehlo|diffusers] "
     "[--params=ema|raw] [--dtype=float32|bfloat16]",
     example="vdit export --workdir=runs/default --out=exports/default --format=safetensors",
     define=_export_flags,

@@ -59,6 +59,9 @@ class PipelineConfig:
     text_max_len: int  # model.text.max_len: caption tokens kept per sample
     # Held out for the eval loss (sources.split); 0 in configs written before it existed.
     eval_samples: int = 0
+    # model.text.kind and .width: "precomputed" reads each record's caption embedding (E wide)
+    text_kind: str = "bytes"
+    text_width: int = 0
 
     @classmethod
     def from_sections(
@@ -69,6 +72,8 @@ class PipelineConfig:
         compression: tuple[int, int, int],
         channels: int,
         text_max_len: int,
+        text_kind: str = "bytes",
+        text_width: int = 0,
     ) -> PipelineConfig:
         """From the `data` section (a dict, e.g. ConfigDict.to_dict()) and the other sections'
         fields. A section written before records/tfds/latents existed gets their empty defaults."""
@@ -79,6 +84,8 @@ class PipelineConfig:
             "compression",
             "channels",
             "text_max_len",
+            "text_kind",
+            "text_width",
         }
         for key in d:
             if key not in own:
@@ -99,6 +106,8 @@ class PipelineConfig:
             compression=tuple(compression),
             channels=channels,
             text_max_len=text_max_len,
+            text_kind=text_kind,
+            text_width=text_width,
         )
 
     @property

@@ -19,6 +19,9 @@ record is one sample: the bytes of a numpy `.npz` archive (`np.savez_compressed`
 | `fps`         | float64, ()            | frames per second of the encoded frames (0 unknown)        |
 | `source`      | str, ()                | the input record's `source` (its file), and                |
 | `index`       | int64, ()              | its index in the input records                             |
+| `text_embedding` | float16, (Nc, E)    | optional: the input record's caption embedding, carried    |
+| `text_encoder`   | str, ()             | over (vdit/data/text_embeddings.py); the manifest then     |
+|               |                        | has the input's "text_embedding" entry and text_null.npy   |
 
 Latents are stored raw (not normalised). The manifest names the VAE (`vae.workdir`, `vae.step`),
 its compression, latent channels and the per-channel latent statistics (`vae.latent_mean`,
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from vdit.data import records
+from vdit.data import records, text_embeddings
 
 FORMAT = "vdit-latent-npz-1"
 STORES = ("moments", "sample")
@@ -60,8 +63,11 @@ def encode_record(
     fps: float,
     source: str,
     index: int,
+    text_embedding: np.ndarray | None = None,
+    text_encoder: str = "",
 ) -> bytes:
-    """One encoded sample -> record bytes. `latent` is {"mean", "logvar"} or {"z"}."""
+    """One encoded sample -> record bytes. `latent` is {"mean", "logvar"} or {"z"}; the caption's
+    `text_embedding` (Nc, E), when given, is stored as float16 with `text_encoder`'s name."""
     if set(latent) == {"mean", "logvar"}:
         store = "moments"
     elif set(latent) == {"z"}:
@@ -72,9 +78,14 @@ def encode_record(
     for k, v in arrays.items():
         if v.ndim != 4:
             raise ValueError(f"{k} has shape {v.shape}, expected (t, h, w, Z)")
+    text = {}
+    if text_embedding is not None:
+        text[text_embeddings.MEMBER] = text_embeddings.check(text_embedding)
+        text[text_embeddings.ENCODER_KEY] = np.str_(text_encoder)
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
+        **text,
         format=np.str_(FORMAT),
         store=np.str_(store),
         **arrays,
@@ -113,7 +124,9 @@ def decode_record(data: bytes) -> dict[str, Any]:
             f"{None if logvar is None else logvar.shape}, expected two equal (t, h, w, Z)"
         )
     events = str(m["events"])
+    text = {k: m[k] for k in (text_embeddings.MEMBER, text_embeddings.ENCODER_KEY) if k in m}
     return {
+        **text,
         "mean": mean,
         "logvar": logvar,
         "pixel_shape": tuple(int(v) for v in m["pixel_shape"]),
@@ -205,6 +218,8 @@ class LatentsSource(records.ShardSource):
         }
         if r["fps"] > 0:
             element["fps"] = r["fps"]
+        if text_embeddings.MEMBER in r:
+            element[text_embeddings.MEMBER] = r[text_embeddings.MEMBER]
         return element
 
     def __repr__(self) -> str:

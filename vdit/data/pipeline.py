@@ -10,15 +10,17 @@ policy and the statistics vocabulary are `vdit.data.size`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from vdit.data import latents, packing, sources, tasks
+from vdit.data import latents, packing, sources, tasks, text_embeddings
 from vdit.data.config import PipelineConfig, validate
 from vdit.data.size import STATS, Rejected, fit_video, stats
 from vdit.data.tokenizer import tokenize
@@ -31,8 +33,9 @@ class _Prepare(grain.transforms.RandomMap):
     or {"stats"} alone for a rejected sample (logged; counted by `_CountRejected`). A source marks a
     sample it could not decode with a "decode_error" message (rejected as "decode_error")."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, null_text: np.ndarray | None = None):
         self.cfg = cfg
+        self.null_text = null_text  # "precomputed" text: the empty caption's embedding
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         try:
@@ -51,7 +54,20 @@ class _Prepare(grain.transforms.RandomMap):
         video, events = fit_video(element, cfg.size)
         latent = video.astype(np.float32) / 127.5 - 1.0  # identity autoencoder: pixels in [-1, 1]
         latent = one_temporal_patch(latent, cfg.patch[0], events)
-        return sample_tokens(latent, element["caption"], events, cfg, rng)
+        return sample_tokens(latent, self._caption(element), events, cfg, rng, self.null_text)
+
+    def _caption(self, element: dict[str, Any]) -> str | np.ndarray:
+        """The caption, or its embedding for "precomputed" text (Rejected when it has none)."""
+        if self.cfg.text_kind != "precomputed":
+            return element["caption"]
+        emb = element.get(text_embeddings.MEMBER)
+        if emb is None:
+            raise Rejected(
+                "no_text_embedding",
+                "the record carries no text_embedding (model.text.kind="
+                "'precomputed'); prepare the records with caption embeddings",
+            )
+        return text_embeddings.check(emb, self.cfg.text_width, "the record's text_embedding")
 
 
 class _PrepareLatent(_Prepare):
@@ -60,8 +76,14 @@ class _PrepareLatent(_Prepare):
     frame-rate and size fitting happened when encoding; here latents are only checked against the
     patch and the cap."""
 
-    def __init__(self, cfg: PipelineConfig, shift: np.ndarray, scale: np.ndarray):
-        super().__init__(cfg)
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        shift: np.ndarray,
+        scale: np.ndarray,
+        null_text: np.ndarray | None = None,
+    ):
+        super().__init__(cfg, null_text)
         self.shift = np.asarray(shift, np.float32)
         self.scale = np.asarray(scale, np.float32)
 
@@ -96,7 +118,7 @@ class _PrepareLatent(_Prepare):
             z = mean + np.exp(0.5 * np.asarray(logvar)) * rng.standard_normal(mean.shape)
         z = (z[: grid[0], : grid[1], : grid[2]] - self.shift) / self.scale
         z = one_temporal_patch(z.astype(np.float32), pt, events)
-        return sample_tokens(z, element["caption"], events, cfg, rng)
+        return sample_tokens(z, self._caption(element), events, cfg, rng, self.null_text)
 
 
 def one_temporal_patch(latent: np.ndarray, pt: int, events: list[str]) -> np.ndarray:
@@ -110,10 +132,17 @@ def one_temporal_patch(latent: np.ndarray, pt: int, events: list[str]) -> np.nda
 
 
 def sample_tokens(
-    latent: np.ndarray, caption: str, events, cfg: PipelineConfig, rng: np.random.Generator
+    latent: np.ndarray,
+    caption: str | np.ndarray,
+    events,
+    cfg: PipelineConfig,
+    rng: np.random.Generator,
+    null_text: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A whole-patch latent (T, H, W, C) -> the per-sample packing input: patches and positions, the
-    task's conditioning mask, NaViT token dropping, the (possibly dropped) caption's tokens."""
+    task's conditioning mask, NaViT token dropping, the (possibly dropped) caption's tokens. For
+    "precomputed" text `caption` is the caption's embedding (Nc, E) and a dropped caption is
+    `null_text`, the empty caption's; either keeps at most `text_max_len` rows."""
     patches, positions = packing.patchify(latent, cfg.patch)
     grid = np.array([latent.shape[:3]], np.int32)  # (1, 3): the full grid, also after dropping
 
@@ -129,14 +158,21 @@ def sample_tokens(
     if dropped:
         patches, positions, cond = patches[keep], positions[keep], cond[keep]
 
-    text = caption if rng.random() >= cfg.caption_dropout else ""
-    if len(text.encode("utf-8")) + 1 > cfg.text_max_len:  # BOS + bytes
-        events.append("caption_cut")
+    if cfg.text_kind == "precomputed":
+        emb = caption if rng.random() >= cfg.caption_dropout else null_text
+        if len(emb) > cfg.text_max_len:
+            events.append("caption_cut")
+        tokens = np.asarray(emb[: cfg.text_max_len], np.float32)  # (Nc, E)
+    else:
+        text = caption if rng.random() >= cfg.caption_dropout else ""
+        if len(text.encode("utf-8")) + 1 > cfg.text_max_len:  # BOS + bytes
+            events.append("caption_cut")
+        tokens = tokenize(text, cfg.text_max_len)
     return {
         "patches": patches,
         "positions": positions,
         "cond_mask": cond,
-        "text": tokenize(text, cfg.text_max_len),
+        "text": tokens,
         "grid": grid,
         "stats": stats(events, dropped=dropped),
     }
@@ -201,14 +237,58 @@ def prepare_samples(
     The random draws of a sample (caption dropout, task, token drop, posterior sample) are seeded
     by its index in the whole index space, before the per-process slice: the hosts of a multi-host
     run draw independent streams, and one process draws what it always did."""
+    null = null_text(cfg)
     if cfg.source == "latents":
         manifest = manifest or latents.read_manifest(cfg.latents.path)
         latents.check_encoded_for(manifest, cfg.patch, cfg.max_tokens_per_sample)
-        prepare = _PrepareLatent(cfg, *sources.latent_statistics(manifest, cfg))
+        prepare = _PrepareLatent(cfg, *sources.latent_statistics(manifest, cfg), null)
     else:
-        prepare = _Prepare(cfg)
+        prepare = _Prepare(cfg, null)
     ds = ds.random_map(prepare, seed=cfg.seed + 1)[process_index::process_count]
     return _CountRejected(ds.to_iter_dataset(), cfg.max_consecutive_rejections)
+
+
+def text_folder(cfg: PipelineConfig) -> str:
+    """The folder whose manifest.json describes the records' caption embeddings ("precomputed"
+    text): data.records.path (a folder) or data.latents.path. ValueError for another source."""
+    if cfg.source == "records" and os.path.isdir(cfg.records.path):
+        return cfg.records.path
+    if cfg.source == "latents":
+        return cfg.latents.path
+    raise ValueError(
+        f"model.text.kind: 'precomputed' reads caption embeddings from the records; "
+        f"data.source={cfg.source!r} has none (use data.source='records' with a folder in "
+        "data.records.path, or 'latents')"
+    )
+
+
+def null_text(cfg: PipelineConfig) -> np.ndarray | None:
+    """The empty caption's embedding (Nc, E) of the data folder ("precomputed" text; None for
+    byte text), after checking the folder's manifest: ValueError naming what is missing or which
+    width differs from model.text.width."""
+    if cfg.text_kind != "precomputed":
+        return None
+    folder = text_folder(cfg)
+    path = os.path.join(folder, "manifest.json")
+    try:
+        with open(path) as f:
+            entry = json.load(f).get(text_embeddings.MANIFEST_KEY)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the data folder's manifest ({e})") from None
+    if not isinstance(entry, dict) or "width" not in entry:
+        raise ValueError(
+            f"model.text.kind='precomputed', but {path} describes no caption embeddings "
+            f"(no {text_embeddings.MANIFEST_KEY!r} entry): prepare the records with a text encoder"
+        )
+    if int(entry["width"]) != cfg.text_width:
+        raise ValueError(
+            f"model.text.width={cfg.text_width}, but the embeddings in {folder} are "
+            f"{entry['width']} wide ({entry.get('encoder', '?')}): set model.text.width="
+            f"{entry['width']}"
+        )
+    return text_embeddings.load(
+        os.path.join(folder, entry.get("null", text_embeddings.NULL_FILE)), cfg.text_width
+    )
 
 
 def build(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:

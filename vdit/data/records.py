@@ -15,6 +15,8 @@ with `np.load(..., allow_pickle=False)`: no pickled objects) holding:
 | `caption`   | str, ()             | the caption ("" when the file had none)                         |
 | `fps`       | float64, ()         | frames per second of the source, 0 when unknown (images)        |
 | `source`    | str, ()             | path of the source file relative to the prepared folder         |
+| `text_embedding` | float16, (Nc, E) | optional: the caption's embedding (vdit/data/text_embeddings.py) |
+| `text_encoder`   | str, ()          | optional, with it: the encoder's name                            |
 
 Written by `vdit prepare` since clips (optional when reading; `decode_record` returns them if present):
 
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from vdit.data import video_io
+from vdit.data import text_embeddings, video_io
 
 FORMAT = "vdit-video-npz-1"
 ENCODINGS = ("raw", "mp4")
@@ -118,9 +120,13 @@ def encode_record(
     source: str,
     encoding: str = "raw",
     extra: dict[str, np.ndarray] | None = None,
+    *,
+    text_embedding: np.ndarray | None = None,
+    text_encoder: str = "",
 ) -> bytes:
     """One sample -> record bytes (see the module docstring); `extra` adds members (the optional
-    ones of the module docstring)."""
+    ones of the module docstring); `text_embedding` (Nc, E), when given, is stored as float16
+    with `text_encoder`'s name."""
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}")
@@ -133,6 +139,9 @@ def encode_record(
         }
     else:
         encoding, frames = "raw", {"video": video}
+    if text_embedding is not None:
+        frames[text_embeddings.MEMBER] = text_embeddings.check(text_embedding)
+        frames[text_embeddings.ENCODER_KEY] = np.str_(text_encoder)
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -187,6 +196,8 @@ def decode_record(data: bytes) -> dict[str, Any]:
         if key in members:
             value = members[key]
             out[key] = value.tolist() if value.ndim else str(value)
+    if text_embeddings.MEMBER in members:
+        out[text_embeddings.MEMBER] = members[text_embeddings.MEMBER]
     return out
 
 
@@ -246,6 +257,8 @@ class RecordsSource(ShardSource):
         }
         if record["fps"] > 0:
             element["fps"] = record["fps"]
+        if text_embeddings.MEMBER in record:
+            element[text_embeddings.MEMBER] = record[text_embeddings.MEMBER]
         return element
 
     def failed(self, index: int, message: str) -> dict[str, Any]:

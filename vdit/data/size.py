@@ -41,6 +41,7 @@ REJECTS: tuple[str, ...] = (
     "non_finite",  # NaN or inf values
     "over_cap",  # over max_tokens_per_sample even at one patch on its short side and one in time
     "decode_error",  # the source could not read or decode it (e.g. a corrupt record)
+    "no_text_embedding",  # model.text.kind="precomputed", but the record carries no caption embedding
 )
 STATS: tuple[str, ...] = (*EVENTS, *(f"rejected_{r}" for r in REJECTS), "tokens_dropped")
 DROPPED = STATS.index("tokens_dropped")

@@ -31,6 +31,7 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+CROSS_NORMS = ("rms", "layer", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,14 @@ class DiTConfig:
     depth: int = 12
     heads: int = 6
     mlp_ratio: float = 4.0
+    mlp_dim: int = 0  # F, the MLP hidden width; 0 = int(mlp_ratio * width) (Wan2.1-1.3B: 8960)
     patch: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) in latent frames/pixels
     channels: int = 4  # latent channels
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     qk_norm: bool = True
+    # the norm before cross-attention: "rms" (RMSNorm with a scale) | "layer" (LayerNorm with scale
+    # and bias, Wan2.1's cross_attn_norm=True) | "none" (Wan2.1's cross_attn_norm=False)
+    cross_norm: str = "rms"
     rope_theta: float = 10_000.0
     attn_impl: str = "auto"
     attn_block: int = 128  # query/key block of the chunked, splash and gpu implementations
@@ -59,8 +64,16 @@ class DiTConfig:
             raise ValueError(f"heads: head dim {self.width // self.heads} must be even for 3D RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat: {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.cross_norm not in CROSS_NORMS:
+            raise ValueError(f"cross_norm: {self.cross_norm!r} is not one of {CROSS_NORMS}")
+        if self.mlp_dim < 0:
+            raise ValueError(f"mlp_dim: {self.mlp_dim} must be >= 0 (0: mlp_ratio * width)")
         if self.attn_impl not in IMPL_CHOICES:
             raise ValueError(f"attn_impl: {self.attn_impl!r} is not one of {IMPL_CHOICES}")
+
+    @property
+    def mlp_hidden(self) -> int:  # F
+        return self.mlp_dim or int(self.width * self.mlp_ratio)
 
     @property
     def patch_dim(self) -> int:  # P
@@ -77,11 +90,15 @@ class Block(nnx.Module):
         self.self_attn = layers.Attention(
             d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw
         )
-        self.norm_cross = layers.RMSNorm(d, "embed", param_dtype=pdt)
+        self.norm_cross = {
+            "rms": lambda: layers.RMSNorm(d, "embed", param_dtype=pdt),
+            "layer": lambda: layers.LayerNorm(d, "embed", param_dtype=pdt),
+            "none": lambda: None,
+        }[cfg.cross_norm]()
         self.cross_attn = layers.Attention(
             d, cfg.heads, qk_norm=cfg.qk_norm, impl=cfg.attn_impl, block=cfg.attn_block, **kw
         )
-        self.mlp = layers.MLP(d, int(d * cfg.mlp_ratio), **kw)
+        self.mlp = layers.MLP(d, cfg.mlp_hidden, **kw)
 
     def __call__(self, x, t_mod, segment_ids, rope, text, text_segment_ids):
         # x (B, L, D); t_mod (B, L, 6, D)
@@ -89,9 +106,8 @@ class Block(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
         h = layers.layer_norm(x) * (1 + scale1) + shift1
         x = x + gate1 * self.self_attn(h, segment_ids, rope=rope)
-        x = x + self.cross_attn(
-            self.norm_cross(x), segment_ids, context=text, kv_segment_ids=text_segment_ids
-        )
+        h = x if self.norm_cross is None else self.norm_cross(x)
+        x = x + self.cross_attn(h, segment_ids, context=text, kv_segment_ids=text_segment_ids)
         h = layers.layer_norm(x) * (1 + scale2) + shift2
         x = x + gate2 * self.mlp(h)
         return constrain(x, ("batch", "length", "embed"))

@@ -71,6 +71,21 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with a learned scale and bias over the last dimension (named `name`), computed in
+    float32 (Wan2.1's affine norm before cross-attention)."""
+
+    def __init__(self, dim: int, name: str, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x.astype(jnp.float32), self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DiT/Wan). (...,) -> (..., dim)."""
     half = dim // 2

@@ -14,6 +14,7 @@ one would.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from vdit import configlib, flops
-from vdit.data import latents, pipeline, size
+from vdit.data import latents, pipeline, size, text_embeddings
 from vdit.diffusion import flow
 from vdit.models.dit import DiTConfig, VideoDiT
 from vdit.parallel import distributed
@@ -87,6 +88,14 @@ class DiTTask(Task):
         peak = float(c.train.get("peak_flops_per_device", 0.0))
         peak = peak or peak_flops_per_device(self.mesh.devices.flat[0]) or 0.0
         self.peak_flops = peak * self.mesh.devices.size
+
+    def start(self, workdir: str) -> None:
+        """Precomputed text: the data folder's empty-caption embedding is copied to
+        WORKDIR/text_null.npy, what sampling's unconditional pass uses (text_embeddings.py)."""
+        if self.config.model.text.kind != "precomputed" or jax.process_index() != 0:
+            return
+        null = pipeline.null_text(configlib.pipeline_config(self.config))
+        text_embeddings.save(os.path.join(workdir, text_embeddings.NULL_FILE), null)
 
     # --- shardings and the step ---------------------------------------------------------------
     def batch_shardings(self, batch_keys: dict[str, int]) -> dict[str, NamedSharding]:
@@ -193,6 +202,8 @@ class DiTTask(Task):
         return out
 
     def _grid_due(self, done: int) -> bool:
+        if self.config.model.text.kind == "precomputed":
+            return False  # the grid's prompts are strings: sample with `--text_embedding` instead
         every = self.config.train.sample_every
         return done == self.config.train.steps or bool(every and done % every == 0)
 

@@ -164,7 +164,8 @@ def read_export(out: str | os.PathLike) -> tuple[dict, ml_collections.ConfigDict
         raise ValueError(f"{out}: unreadable export description ({e}); export again") from None
     if fmt not in ("safetensors", "orbax", "stablehlo"):
         raise ValueError(f"{out}/{EXPORT}: unknown format {fmt!r}; export again")
-    return meta, configlib.load(ml_collections.ConfigDict(stored))
+    # an export serves inference and init_from: its data section need not name data that exists
+    return meta, configlib.load(ml_collections.ConfigDict(stored), plan_only=True)
 
 
 def restore_export(

@@ -116,6 +116,7 @@ def _run(task: Task, workdir: str, preemption: Preemption) -> dict[str, Any]:
     c = task.config
     tc = c.train
     os.makedirs(workdir, exist_ok=True)
+    task.start(workdir)
     devices = task.state.mesh.devices.flat
     log.info(
         "process %d of %d (%d of %d devices local), %s",

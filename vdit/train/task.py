@@ -30,6 +30,9 @@ class Task:
         """One log line about the run."""
         return f"mesh {dict(self.state.mesh.shape)}, {self.state.num_params():,} parameters"
 
+    def start(self, workdir: str) -> None:
+        """Before the first step (every process): files the run's work directory keeps."""
+
     def batch(self, step: int) -> tuple[Any, dict[str, Any]]:
         """(the step's device batch, host-side counts summed over a log interval)."""
         raise NotImplementedError
