@@ -14,7 +14,7 @@ import numpy as np
 
 from vdit.data import detector, synthetic
 from vdit.data.video_io import to_uint8
-from vdit.diffusion import sampler
+from vdit.diffusion import modes, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,10 @@ class EvalSetup:
     compression: tuple[int, int, int] = (1, 1, 1)  # the autoencoder's (time, height, width) factors
     # latent (T, H, W, C) -> pixels (T', H', W', 3) in [-1, 1]; None: the latent is pixels (identity)
     decode: Callable[[np.ndarray], np.ndarray] | None = None
+    # pixels (T', H', W', 3) in [-1, 1] -> the normalised latent; None: the latent is pixels
+    encode: Callable[[np.ndarray], np.ndarray] | None = None
+    row_len: int | None = None  # video tokens per packed row (None: fitted to the requests)
+    null_text: np.ndarray | None = None  # precomputed-text models: the empty caption's embedding
 
     def latent_grid(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Pixel (frames, height, width) -> the latent grid sampled for it (a causal autoencoder
@@ -69,16 +73,63 @@ def generate(
     shape: tuple[int, int, int],
     setup: EvalSetup,
     seed: int = 0,
+    plans: list[modes.Plan | None] | None = None,
+    text_embeddings: list[np.ndarray | None] | None = None,
 ) -> list[np.ndarray]:
     """Pixel-space samples (uint8 (T, H, W, 3)) for each caption at (frames, height, width); latent
-    models sample the latent grid of that size and decode it with `setup.decode`."""
+    models sample the latent grid of that size and decode it with `setup.decode`. `plans`: a
+    prompting mode per caption (`modes.place`; None: text only), all packed into shared rows."""
+    n = len(captions)
+    shapes = [tuple(shape)] * n
+    return generate_requests(
+        graphdef,
+        params,
+        [
+            request(
+                c,
+                s,
+                setup,
+                seed + i,
+                None if plans is None else plans[i],
+                None if text_embeddings is None else text_embeddings[i],
+            )
+            for i, (c, s) in enumerate(zip(captions, shapes, strict=True))
+        ],
+        setup,
+    )
+
+
+def request(
+    caption: str,
+    shape: tuple[int, int, int],
+    setup: EvalSetup,
+    seed: int = 0,
+    plan: modes.Plan | None = None,
+    text_embedding: np.ndarray | None = None,
+) -> sampler.SampleRequest:
+    """The sampler's request for one caption at pixel (frames, height, width), in a mode."""
     grid = setup.latent_grid(tuple(shape))
+    if plan is None:
+        return sampler.SampleRequest(caption, grid, seed=seed, text_embedding=text_embedding)
+    return modes.to_request(
+        plan,
+        caption,
+        grid,
+        patch=setup.patch,
+        compression=setup.compression,
+        seed=seed,
+        encode=setup.encode,
+        text_embedding=text_embedding,
+    )
+
+
+def generate_requests(graphdef, params, reqs: list, setup: EvalSetup) -> list[np.ndarray]:
+    """Pixel-space samples (uint8) of sampler requests, packed together."""
     if setup.compression != (1, 1, 1) and setup.decode is None:
         raise ValueError(
             "autoencoder.vae: a latent model needs its VAE work directory to turn "
             "samples into pixels"
         )
-    reqs = [sampler.SampleRequest(p, grid, seed=seed + i) for i, p in enumerate(captions)]
     lat = sampler.sample(
         graphdef,
         params,
@@ -89,6 +140,8 @@ def generate(
         steps=setup.steps,
         cfg_scale=setup.cfg_scale,
         text_len=setup.text_len,
+        row_len=setup.row_len,
+        null_text=setup.null_text,
     )
     return [to_uint8(setup.decode(x) if setup.decode else x) for x in lat]
 
