@@ -252,3 +252,52 @@ def test_a_plan_becomes_the_token_mask_of_its_task(model):
     out = to_uint8(x)
     np.testing.assert_array_equal(out[0], v[0])  # given frames exact in the written pixels
     np.testing.assert_array_equal(out[-1], v[0])
+
+
+def test_mode_eval_scores_given_frames_and_sdedit(model):
+    from vdit.diffusion import evaluate
+
+    graphdef, params = model
+    setup = evaluate.EvalSetup(
+        patch=PATCH, channels=3, flow_cfg=CFG, steps=2, cfg_scale=2.0, text_len=16
+    )
+    s = evaluate.evaluate_modes(graphdef, params, setup, n=1, shape=(4, 8, 8), strengths=(0, 1))
+    assert s["given_exact"] == 1.0 and s["given_error"] == 0.0  # pixel space: bit for bit
+    assert s["edit_distance_0"] == 0.0 < s["edit_distance_1"]
+    for k in ("i2v_color", "extend_backward_motion", "loop_seam", "connect_error_chance"):
+        assert 0.0 <= s[k] <= 1.0
+
+
+def test_latent_conditioning_is_the_training_clips_encode_where_it_starts_the_output():
+    """A latent model's given frames are encoded as the training pipeline's latents are (the
+    whole clip through the causal VAE): frames given at the start of the output get exactly the
+    latents the training clip had there, whatever the frames after them."""
+    from vdit.models import vae
+
+    tiny = vae.VAEConfig(
+        base_channels=4,
+        channel_mults=(1, 1, 1),
+        temporal_down=(True, True),
+        blocks_per_level=1,
+        latent_channels=4,
+        groups=2,
+    )
+    m = vae.CausalVAE3D(tiny, rngs=nnx.Rngs(0))
+
+    def encode(x):
+        return np.asarray(m.normalize(m.encode(jnp.asarray(x)[None])[0])[0])
+
+    clip = _clip(9, 8, 8)  # 1 + 2 * 4 frames: 3 latent frames
+    train = encode(clip.astype(np.float32) / 127.5 - 1.0)  # how `vdit encode` encodes the clip
+    plan = modes.place("extend_forward", 9, 8, 8, video=clip[:5], leave=4)
+    req = modes.to_request(
+        plan, "a", (3, 1, 1), patch=(1, 1, 1), compression=(4, 8, 8), encode=encode
+    )
+    assert req.cond_frames.tolist() == [True, True, False]  # frames 0 and 1-4 given whole
+    np.testing.assert_allclose(req.cond_latent[:2], train[:2], atol=1e-5)
+    plan = modes.place("extend_forward", 9, 8, 8, video=clip[:3], leave=4)  # 0 whole, 1-2 of 1-4
+    req = modes.to_request(
+        plan, "a", (3, 1, 1), patch=(1, 1, 1), compression=(4, 8, 8), encode=encode
+    )
+    assert req.cond_frames.tolist() == [True, False, False]
+    np.testing.assert_allclose(req.cond_latent[:1], train[:1], atol=1e-5)

@@ -510,17 +510,25 @@ SAMPLE = Command(
 def _eval_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     _guidance_flags(fv)
     flags.DEFINE_integer("num", 48, "Prompts to evaluate.", flag_values=fv)
+    flags.DEFINE_bool(
+        "modes",
+        False,
+        "Score the prompting modes instead (i2v, extensions, loop, connect, SDEdit at several "
+        "strengths), each next to its chance level, on --num procedural clips.",
+        flag_values=fv,
+    )
 
 
 def _eval(fv: flags.FlagValues) -> None:
-    from vdit.diffusion.evaluate import evaluate
+    from vdit.diffusion.evaluate import evaluate, evaluate_modes
 
     _check_guidance(fv)
     if fv.num < 1:
         raise UsageError(f"--num={fv.num}: evaluate at least 1 prompt")
     config, graphdef, params = _load(fv.workdir)
     setup = _guided(_eval_setup(config), fv)
-    scores = evaluate(
+    run = evaluate_modes if fv.modes else evaluate
+    scores = run(
         graphdef, params, setup, n=fv.num, shape=tuple(config.sample.grid_shape), seed=fv.seed
     )
     print(json.dumps(scores))
@@ -529,14 +537,16 @@ def _eval(fv: flags.FlagValues) -> None:
 EVAL = Command(
     name="eval",
     summary="colour / motion accuracy of a trained model's samples against their prompts",
-    usage="--workdir=DIR [--num=48] [--seed=0]",
+    usage="--workdir=DIR [--num=48] [--seed=0] [--modes]",
     example="vdit eval --workdir=runs/default --num=48",
     define=_eval_flags,
     run=_eval,
     required=(("workdir", _TRAINED),),
     distributed=True,
     notes="Samples --num procedural captions at the config's sample.grid_shape and scores each "
-    "sample's colour and motion with the procedural data's detector.",
+    "sample's colour and motion with the procedural data's detector. --modes scores the prompting "
+    "modes (given frames exact, colour / size / motion kept by animations and extensions, loop "
+    "seams, connections, SDEdit distance by strength), each next to its chance level.",
 )
 
 COMMANDS = (TRAIN, SAMPLE, EVAL)
