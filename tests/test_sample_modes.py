@@ -22,7 +22,7 @@ KW = dict(patch=PATCH, channels=3, flow_cfg=CFG, steps=4, cfg_scale=2.5, text_le
 def _model(kind="bytes", seed=0):
     """A tiny DiT with every parameter perturbed (a fresh adaLN-Zero model outputs 0)."""
     text = TextEncoderConfig(kind=kind, width=16, depth=1, heads=2, max_len=16)
-    cfg = DiTConfig(width=32, depth=2, heads=2, patch=PATCH, channels=3, text=text)
+    cfg = DiTConfig(width=32, depth=1, heads=2, patch=PATCH, channels=3, text=text)
     graphdef, params = nnx.split(nnx.jit(lambda: VideoDiT(cfg, rngs=nnx.Rngs(seed)))())
     params = nnx.to_pure_dict(params)
     leaves, tree = jax.tree.flatten(params)
