@@ -137,6 +137,106 @@ def test_sample_checks_its_arguments_first_in_one_line(
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_sample_runs_every_mode_from_one_request_file(trained, tmp_path):
+    """One --requests file with every mode and mixed sizes: each output has the asked shape,
+    inputs of another size and frame rate are resized / resampled (and said so), one compile."""
+    from vdit.data import synthetic
+    from vdit.data.video_io import write_video
+
+    workdir, _ = trained
+    rng = np.random.default_rng(0)
+    spec = synthetic.SampleSpec("red", "square", "right", 8, 32, 48)  # another size and aspect
+    clip = synthetic.render(spec, rng)
+    write_video(tmp_path / "clip.mp4", clip, fps=16)  # another frame rate: 16 -> 8 fps
+    write_video(tmp_path / "first.png", clip[:1])
+    lines = [
+        {"prompt": "a red square moves right", "frames": 4, "height": 16, "width": 16},
+        {"prompt": "a red square", "frames": 1, "height": 16, "width": 24, "out": "img.png"},
+        {"image": "first.png", "frames": 4, "height": 16, "width": 16},
+        {"video": "clip.mp4", "mode": "extend_backward", "frames": 4, "height": 16, "width": 16},
+        {"image": "first.png", "mode": "loop", "frames": 4, "height": 16, "width": 16},
+        {"video": "clip.mp4", "video_end": "clip.mp4", "frames": 4, "height": 16, "width": 16},
+        {"edit": "clip.mp4", "strength": 0.5, "frames": 4, "height": 16, "width": 16},
+    ]
+    for r in lines:
+        for k in ("image", "video", "video_end", "edit", "out"):
+            if k in r:
+                r[k] = str(tmp_path / r[k])
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    proc = _vdit(
+        "sample",
+        f"--workdir={workdir}",
+        f"--requests={tmp_path / 'requests.jsonl'}",
+        f"--out={tmp_path / 'out.mp4'}",
+        "--steps=2",
+    )
+    *infos, summary = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    want = ["t2v", "t2v", "i2v", "extend_backward", "loop", "connect", "edit"]
+    assert [i["mode"] for i in infos] == want
+    for r, info in zip(lines, infos, strict=True):
+        assert info["shape"] == [r["frames"], r["height"], r["width"], 3]
+        assert read_video(info["out"]).shape == tuple(info["shape"])
+    assert infos[0]["out"].endswith("out_000.mp4") and infos[1]["out"].endswith("img.png")
+    assert summary["requests"] == 7 and summary["compiles"] == 1, summary
+    assert "resampled to 4 at 8 fps" in proc.stderr
+    assert "32x48 resized to 11x16 (aspect kept) and padded to 16x16" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode=connect", "--video=V"], "mode connect needs --video_end"),
+        (["--image=V", "--strength=0.5"], "--strength is the SDEdit strength of --edit"),
+        (["--edit=V"], "mode edit needs --strength"),
+        (["--image=V", "--frames=1"], "ask for more --frames"),
+        (["--image=missing.png"], "--image=missing.png: no such file"),
+        (["--requests=R"], "line 1: unknown key 'promt'"),
+        (["--text_embedding=E"], "this model encodes its captions itself"),
+    ],
+)
+def test_sample_modes_check_their_inputs_first(
+    trained, tmp_path, capsys, monkeypatch, args, message
+):
+    from vdit.data.video_io import write_video
+
+    workdir, _ = trained
+    write_video(tmp_path / "v.png", np.zeros((1, 16, 16, 3), np.uint8))
+    (tmp_path / "r.jsonl").write_text('{"promt": "a cat"}\n')
+    np.save(tmp_path / "e.npy", np.zeros((3, 32), np.float32))
+    subs = {"=V": f"={tmp_path / 'v.png'}", "=R": f"={tmp_path / 'r.jsonl'}"}
+    subs["=E"] = f"={tmp_path / 'e.npy'}"
+    for a, b in subs.items():
+        args = [x.replace(a, b) if x.endswith(a) else x for x in args]
+    _no_model_load(monkeypatch)
+    code, out, err = _run(capsys, "sample", f"--workdir={workdir}", *args)
+    assert code == 2 and out == "", (code, err)
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_precomputed_text_model_asks_for_an_embedding(trained, capsys, monkeypatch, tmp_path):
+    """A precomputed-text model sampled without --text_embedding (or without the empty caption's
+    embedding) is a one-line error, before the model loads."""
+    from vdit.cli import model as cli_model
+
+    workdir, _ = trained
+    read = cli_model._read_config
+
+    def precomputed(w):
+        config, step = read(w)
+        config.model.text.kind = "precomputed"
+        return config, step
+
+    monkeypatch.setattr(cli_model, "_read_config", precomputed)
+    _no_model_load(monkeypatch)
+    code, _, err = _run(capsys, "sample", f"--workdir={workdir}")
+    assert code == 2 and "give the caption's embedding with --text_embedding=FILE.npy" in err
+    np.save(tmp_path / "e.npy", np.zeros((3, 32), np.float32))
+    code, _, err = _run(
+        capsys, "sample", f"--workdir={workdir}", f"--text_embedding={tmp_path}/e.npy"
+    )
+    assert code == 2 and "--null_text_embedding=FILE.npy" in err, err
+
+
 def test_eval_refuses_zero_steps_and_prompts(trained, capsys, monkeypatch):
     workdir, _ = trained
     _no_model_load(monkeypatch)

@@ -98,6 +98,16 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     return arr[..., :3]
 
 
+def video_fps(path: str | os.PathLike) -> float:
+    """Frames per second of a video file's first stream (0.0 for images or when unknown)."""
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTS:
+        return 0.0
+    with av.open(path) as container:
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else 0.0
+
+
 def _read_frames(source) -> np.ndarray:
     """All frames of the first video stream of `source` (a path or a binary file object)."""
     with av.open(source) as container:

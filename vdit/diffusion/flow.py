@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +70,11 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> tuple[jax
     count = mask.sum()
     loss = jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(count, 1)
     return loss, count
+
+
+def inverse_time_shift(t_shifted: np.ndarray, num_tokens: int, cfg: FlowConfig) -> np.ndarray:
+    """The unshifted t of `time_shift`'s output (numpy): t = t' / (s - (s - 1) t')."""
+    n = max(float(num_tokens), 1.0)
+    s = float(np.clip(cfg.shift_at_ref * np.sqrt(n / cfg.shift_ref_tokens), 1.0, cfg.shift_max))
+    t_shifted = np.asarray(t_shifted, np.float64)
+    return t_shifted / (s - (s - 1.0) * t_shifted)

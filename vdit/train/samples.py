@@ -32,6 +32,7 @@ def eval_setup(c: ml_collections.ConfigDict) -> EvalSetup:
         text_len=c.model.text.max_len,
         compression=tuple(c.autoencoder.compression),
         decode=decoder(c),
+        encode=encoder(c),
     )
 
 
@@ -42,6 +43,33 @@ def decoder(c: ml_collections.ConfigDict):
         return None
     step = ae.get("vae_step", -1)
     return latent_decoder(ae.vae, None if step < 0 else step)
+
+
+def encoder(c: ml_collections.ConfigDict):
+    """The pixels -> latent function of a latent config (None for pixel space or without a VAE):
+    given frames of `vdit sample` are encoded as `vdit encode` encodes a training clip (the
+    posterior mean, the whole clip at once), then normalised with the VAE's latent statistics."""
+    ae = c.autoencoder
+    if ae.kind != "latent" or not ae.get("vae", ""):
+        return None
+    step = ae.get("vae_step", -1)
+    return latent_encoder(ae.vae, None if step < 0 else step)
+
+
+def latent_encoder(workdir: str, step: int | None = None, chunk_frames: int = 16):
+    """A function video (T, H, W, 3) in [-1, 1] -> normalised latent (1 + (T - 1) // ct, h, w, Z):
+    the VAE's posterior mean, encoded in causal chunks (equal to the whole-clip encode)."""
+    model = load.cached(os.fspath(workdir), step).model()
+    ct = model.cfg.compression[0]
+    chunk = -(-chunk_frames // ct) * ct
+
+    def encode(video: np.ndarray) -> np.ndarray:
+        x = jnp.asarray(video, jnp.float32)[None]
+        mean, _ = vae_chunked.encode_chunked(model, x, chunk)
+        return np.asarray(model.normalize(mean)[0])
+
+    encode.model = model
+    return encode
 
 
 def latent_decoder(workdir: str, step: int | None = None, chunk_latents: int = 4):
