@@ -1,6 +1,6 @@
 """The README's pictures of `vdit sample`'s modes: one PNG strip of frames per mode, and the inputs.
 
-    python bench/gallery.py --workdir=runs/default --out=docs/gallery
+    python bench/gallery.py --workdir=runs/default --out=bench/gallery
 
 Writes OUT/inputs/square.png and OUT/inputs/square.mp4 / OUT/inputs/circle.mp4 (procedural clips,
 the inputs of the README's commands), then samples every mode from them in one packed batch and
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a `vdit train` run")
-    p.add_argument("--out", default="docs/gallery", help="folder of the pictures")
+    p.add_argument("--out", default="bench/gallery", help="folder of the pictures")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
