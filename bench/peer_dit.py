@@ -333,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer_dit.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [bench_dtype(args, d) for d in args.dtypes]
+    rows = []
+    for d in args.dtypes:  # each dtype's figures are logged as soon as they exist
+        rows.append(bench_dtype(args, d))
+        log(json.dumps({k: v for k, v in rows[-1].items() if k != "times_s"}))
     print_table(rows, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
