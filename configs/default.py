@@ -54,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # scan over stacked blocks (compile time independent of depth)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     c.model.param_dtype = "float32"  # parameter and optimizer-state dtype
+    # adaLN modulation: 0 computes it per token, a (rows, row_len, 6, width) tensor; N > 0 computes
+    # it per distinct timestep of a row (a row holds at most 2 x max_samples_per_row + 1: each
+    # sample's time and 0 for conditioning and padding) and gathers it per token inside the adaLN,
+    # which saves that tensor's memory at long rows (a row with more than N gives NaN, so is skipped)
+    c.model.modulation_slots = 0
     c.model.text = ml_collections.ConfigDict()
     c.model.text.kind = "bytes"  # "bytes" (built-in byte-level encoder) | "precomputed" embeddings
     c.model.text.max_len = 48  # caption tokens per sample (BOS + UTF-8 bytes), longer ones are cut

@@ -259,3 +259,66 @@ def test_attention_module_splash_under_mesh():
     assert float(jnp.abs(y).max()) > 0.1
     np.testing.assert_allclose(y, ry, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(gx, rx, atol=1e-4, rtol=1e-4)
+
+
+def _slot_pair(c, slots: int):
+    cfg = configlib.model_config(c)
+    per_token = _perturbed_model(DiTConfig(**{**cfg.__dict__, "modulation_slots": 0}))
+    per_slot = _perturbed_model(DiTConfig(**{**cfg.__dict__, "modulation_slots": slots}))
+    return per_token, per_slot
+
+
+def test_modulation_per_timestep_slot_equals_per_token(batch):
+    """Modulation computed once per distinct timestep of a row and gathered per token (no (B, L, 6,
+    D) tensor) gives the per-token model's outputs and parameter gradients, on packed rows whose
+    segments have different times and whose first-frame tokens are conditioning (t = 0)."""
+    b, c = batch
+    seg = np.asarray(b["segment_ids"])
+    assert (seg.max(axis=1) > 1).all()
+    t_seg = np.random.default_rng(0).uniform(0.05, 1.0, (seg.shape[0], seg.max() + 1))
+    t = np.take_along_axis(t_seg, seg, axis=1)
+    cond = np.asarray(b["positions"])[..., 0] == 0  # i2v-like: every sample's first frame
+    t = np.where(cond | (seg == 0), 0.0, t).astype(np.float32)
+    assert len(np.unique(t[0])) > 2
+    per_token, per_slot = _slot_pair(c, 2 * int(seg.max()) + 1)
+    args = (b["patches"], b["positions"], b["segment_ids"], t, b["text"], b["text_segment_ids"])
+
+    def loss_and_grads(model):
+        g, params = nnx.split(model)
+
+        def loss(p):
+            out = nnx.merge(g, p)(*args)
+            return jnp.mean(out**2), out
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    ((l0, out0), g0), ((l1, out1), g1) = loss_and_grads(per_token), loss_and_grads(per_slot)
+    np.testing.assert_allclose(out1, out0, atol=1e-6)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, o in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(o, a, atol=1e-6, rtol=1e-5)
+
+
+def test_modulation_slots_overflow_gives_nan(batch):
+    """A row with more distinct timesteps than slots has no slot for some tokens: NaN for that
+    row (a step the guarded update skips), the other rows unchanged."""
+    b, c = batch
+    seg = np.asarray(b["segment_ids"])
+    t = np.where(seg > 0, 0.5, 0.0).astype(np.float32)
+    crowded = t.copy()
+    crowded[0] = np.where(seg[0] > 0, np.linspace(0.1, 0.9, seg.shape[1]), 0.0)  # a t per token
+    _, per_slot = _slot_pair(c, 2)
+    args = lambda t: (
+        b["patches"],
+        b["positions"],
+        b["segment_ids"],
+        t,
+        b["text"],
+        b["text_segment_ids"],
+    )
+    out, ok = (
+        np.asarray(_forward(per_slot, *args(crowded))),
+        np.asarray(_forward(per_slot, *args(t))),
+    )
+    assert np.isnan(out[0]).all() and np.isfinite(ok).all()
+    np.testing.assert_array_equal(out[1], ok[1])

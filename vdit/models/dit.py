@@ -2,8 +2,12 @@
 
 The block follows Wan2.1 (so that its open weights can be imported later as a config choice): a shared
 timestep projection to six modulation vectors plus a learned per-block table, adaLN on self-attention and
-MLP, RMSNorm on q and k, cross-attention to the sample's own text, tanh-GELU MLP. Modulation is computed
-from each token's own timestep, so conditioning tokens (t = 0) and noisy tokens share a row. The time
+MLP, RMSNorm on q and k, cross-attention to the sample's own text, tanh-GELU MLP. Modulation follows
+each token's own timestep, so conditioning tokens (t = 0) and noisy tokens share a row. By default it is
+computed per token, a (B, L, 6, D) tensor; with ``modulation_slots = N > 0`` it is computed once per
+distinct timestep of a row (at most N of them: a packed row has one per sample plus 0 for conditioning
+tokens and padding), (B, N, 6, D), and each block gathers a token's six vectors by its slot index inside
+the elementwise adaLN, so no (B, L, 6, D) tensor exists (:func:`timestep_slots`). The time
 projection, the block tables' gate rows and the output layer start at zero (adaLN-Zero): at init every
 block is the identity and the model predicts zero velocity.
 
@@ -55,6 +59,9 @@ class DiTConfig:
     scan_layers: bool = True
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # 0: modulation per token (B, L, 6, D); N > 0: per distinct timestep of a row, at most N per row
+    # (a row with more gives NaN outputs, see `timestep_slots`)
+    modulation_slots: int = 0
 
     def __post_init__(self):
         """Every check on these fields; a message starts with the field it names."""
@@ -70,6 +77,11 @@ class DiTConfig:
             raise ValueError(f"mlp_dim: {self.mlp_dim} must be >= 0 (0: mlp_ratio * width)")
         if self.attn_impl not in IMPL_CHOICES:
             raise ValueError(f"attn_impl: {self.attn_impl!r} is not one of {IMPL_CHOICES}")
+        if self.modulation_slots < 0:
+            raise ValueError(
+                f"modulation_slots: {self.modulation_slots} must be 0 (per token) or a positive "
+                "bound on the distinct timesteps of a row"
+            )
 
     @property
     def mlp_hidden(self) -> int:  # F
@@ -100,10 +112,13 @@ class Block(nnx.Module):
         )
         self.mlp = layers.MLP(d, cfg.mlp_hidden, **kw)
 
-    def __call__(self, x, t_mod, segment_ids, rope, text, text_segment_ids):
-        # x (B, L, D); t_mod (B, L, 6, D)
+    def __call__(self, x, t_mod, slot, segment_ids, rope, text, text_segment_ids):
+        # x (B, L, D); t_mod (B, L, 6, D) per token (slot None) or (B, N, 6, D) per timestep slot,
+        # slot (B, L): each token's slot
         mod = t_mod + self.modulation[...].astype(t_mod.dtype)
-        shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
+        shift1, scale1, gate1, shift2, scale2, gate2 = [
+            mod[:, :, i] if slot is None else _gather_slots(mod[:, :, i], slot) for i in range(6)
+        ]
         h = layers.layer_norm(x) * (1 + scale1) + shift1
         x = x + gate1 * self.self_attn(h, segment_ids, rope=rope)
         h = x if self.norm_cross is None else self.norm_cross(x)
@@ -168,17 +183,25 @@ class VideoDiT(nnx.Module):
             text_positions = _positions_within_segments(text_segment_ids)
         h = self.patch_embed(x.astype(dt))  # (B, L, D)
         h = constrain(h, ("batch", "length", "embed"))
+        slot, overflow = None, None
+        if cfg.modulation_slots:
+            t, slot, overflow = timestep_slots(t, cfg.modulation_slots)  # (B, N), (B, L), (B,)
         t_emb = self.time_fc1(layers.timestep_embedding(t, 256).astype(dt))
-        t_emb = self.time_fc2(jax.nn.silu(t_emb))  # (B, L, D)
-        t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L, 6, D)
+        t_emb = self.time_fc2(jax.nn.silu(t_emb))  # (B, L or N, D)
+        t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L|N, 6, D)
         context = self.encode_text(text, text_segment_ids, text_positions)  # (B, C, D)
         rope = layers.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
-        args = (t_mod, segment_ids, rope, context, text_segment_ids)
+        args = (t_mod, slot, segment_ids, rope, context, text_segment_ids)
         h = self._run_blocks(h, args)
         shift, scale = [(t_emb + self.head_modulation[i].astype(dt)) for i in range(2)]
+        if slot is not None:
+            shift, scale = _gather_slots(shift, slot), _gather_slots(scale, slot)
         h = layers.layer_norm(h) * (1 + scale) + shift
         out = self.head(h).astype(jnp.float32)
-        return jnp.where(segment_ids[..., None] > 0, out, 0.0)
+        out = jnp.where(segment_ids[..., None] > 0, out, 0.0)
+        if overflow is not None:  # more distinct timesteps than slots: loudly wrong, not quietly
+            out = jnp.where(overflow[:, None, None], jnp.nan, out)
+        return out
 
     def _run_blocks(self, h: jax.Array, args: tuple[Any, ...]) -> jax.Array:
         policy = REMAT_POLICIES[self.cfg.remat]
@@ -198,6 +221,29 @@ class VideoDiT(nnx.Module):
             return apply(block, h)
 
         return scan_fn(self.blocks, h)
+
+
+def timestep_slots(t: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The distinct timesteps of each row and each token's index among them.
+
+    (B, L) per-token times -> values (B, N) (sorted; unused slots repeat the smallest), slot (B, L)
+    int32 with ``values[b, slot[b, l]] == t[b, l]``, and overflow (B,) bool: the row has more than
+    N distinct times, so some tokens have no slot of their own (the model then returns NaN for the
+    row rather than a quietly wrong velocity). The time is not differentiated (it is an input).
+    """
+
+    def one(row):
+        values = jnp.unique(row, size=slots, fill_value=jnp.min(row))
+        slot = jnp.clip(jnp.searchsorted(values, row), 0, slots - 1).astype(jnp.int32)
+        return values, slot, jnp.any(values[slot] != row)
+
+    return jax.vmap(one)(jax.lax.stop_gradient(t))
+
+
+def _gather_slots(x: jax.Array, slot: jax.Array) -> jax.Array:
+    """Per-slot vectors (B, N, D) -> per-token (B, L, D) by slot index (B, L); used inside the
+    elementwise adaLN so XLA fuses the gather into its consumer."""
+    return jnp.take_along_axis(x, slot[..., None], axis=1)
 
 
 def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
