@@ -21,7 +21,7 @@ class FlowConfig:
     logit_mean: float = 0.0  # logit-normal location
     logit_std: float = 1.0  # logit-normal scale
     shift_ref_tokens: int = 256  # a sample of this many tokens gets shift_at_ref
-    shift_at_ref: float = 1.0  # time shift at the reference size
+    shift_at_ref: float = 3.0  # time shift at the reference size (configs/default.py: flow)
     shift_max: float = 4.0  # cap on the shift (very long videos)
 
 
