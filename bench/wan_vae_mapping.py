@@ -45,6 +45,7 @@ def run(direction: str, repeats: int) -> dict:
     import numpy as np
 
     sys.path.insert(0, ROOT)
+    from vdit.export.tensors import nest
     from vdit.interop import wan_vae
 
     t0 = time.perf_counter()
@@ -57,7 +58,7 @@ def run(direction: str, repeats: int) -> dict:
         fn = lambda: wan_vae.params_from_diffusers(source, c)
     else:
         flat = {v: rng.standard_normal(s, dtype=np.float32) for v, _, s, _ in table.values()}
-        params = wan_vae._nested(flat)
+        params = nest(flat)
         buffers = {"latent_mean": np.zeros(16, np.float32), "latent_std": np.ones(16, np.float32)}
         fn = lambda: wan_vae.params_to_diffusers(params, buffers, c)
     times, growth = [], []

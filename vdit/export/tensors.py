@@ -52,6 +52,19 @@ def unflatten(like: Any, by_name: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def nest(flat: Mapping[str, Any]) -> dict:
+    """The inverse of `names` without a template: {"a.0.b": x} -> {"a": {0: {"b": x}}} (digit keys
+    become ints, as nnx's pure dicts have them)."""
+    out: dict = {}
+    for name, x in flat.items():
+        node = out
+        keys = [int(k) if k.isdigit() else k for k in name.split(".")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = x
+    return out
+
+
 def plan(sizes: Mapping[str, int], max_file_bytes: int) -> list[list[str]]:
     """The tensors of each file: names in order, a new file where the next would pass the cap."""
     files: list[list[str]] = [[]]

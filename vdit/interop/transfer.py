@@ -208,14 +208,21 @@ def _export_vae(workdir, out, step, ema, dtype, max_file_bytes) -> dict:
         config,
         max_file_bytes=max_file_bytes,
     )
+    return _summary(
+        out, wan_vae.CLASS, loaded.step, "ema" if loaded.ema else "raw", dtype, len(named), files
+    )
+
+
+def _summary(out, cls, step, params, dtype, n_tensors, files) -> dict:
+    """What `vdit export --format=diffusers` prints of a folder it wrote."""
     return {
         "out": out,
         "format": "diffusers",
-        "class": wan_vae.CLASS,
-        "step": loaded.step,
-        "params": "ema" if loaded.ema else "raw",
+        "class": cls,
+        "step": step,
+        "params": params,
         "dtype": dtype,
-        "tensors": len(named),
+        "tensors": n_tensors,
         "files": len(files),
         "bytes": sum(os.path.getsize(os.path.join(out, f)) for f in files),
     }
@@ -280,14 +287,4 @@ def export_diffusers(
             max_file_bytes=max_file_bytes,
         )
         step_done, params = loaded.step, "ema" if loaded.ema else "raw"
-    return {
-        "out": out,
-        "format": "diffusers",
-        "class": wan_dit.CLASS,
-        "step": step_done,
-        "params": params,
-        "dtype": dtype,
-        "tensors": len(specs),
-        "files": len(files),
-        "bytes": sum(os.path.getsize(os.path.join(out, f)) for f in files),
-    }
+    return _summary(out, wan_dit.CLASS, step_done, params, dtype, len(specs), files)

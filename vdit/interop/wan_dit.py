@@ -376,15 +376,3 @@ def params_to_diffusers(
         return np.ascontiguousarray(_to_diffusers(a, lay, cfg.patch, cfg.channels))
 
     return specs, get
-
-
-def nested(flat: Mapping[str, np.ndarray]) -> dict:
-    """{"a.b.c": x} -> {"a": {"b": {"c": x}}} (keys that are digits become ints, as nnx's)."""
-    out: dict = {}
-    for name, x in flat.items():
-        node = out
-        keys = [int(k) if k.isdigit() else k for k in name.split(".")]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = x
-    return out

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from vdit import configlib
+from vdit.export.tensors import nest
 from vdit.models import vae
 
 CLASS = "AutoencoderKLWan"
@@ -293,18 +294,6 @@ def _mismatch(what: str, missing, unknown, bad) -> None:
         raise ValueError(f"{what}: " + "; ".join(parts))
 
 
-def _nested(flat: Mapping[str, Any]) -> dict:
-    """{"a.0.b": x} -> {"a": {0: {"b": x}}} (digit keys become ints, as nnx's pure dicts have)."""
-    out: dict = {}
-    for name, x in flat.items():
-        node = out
-        keys = [int(k) if k.isdigit() else k for k in name.split(".")]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = x
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Tensors
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +326,7 @@ def params_from_diffusers(
         "latent_mean": np.asarray(cfg.latent_mean or (0.0,) * z, np.float32),
         "latent_std": np.asarray(cfg.latent_std or (1.0,) * z, np.float32),
     }
-    return _nested(flat), buffers
+    return nest(flat), buffers
 
 
 def params_to_diffusers(
