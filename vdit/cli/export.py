@@ -24,8 +24,9 @@ def _export_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         "safetensors: sharded files + index + config.json; orbax: a params-only checkpoint "
         "(train.init_from); stablehlo: the DiT's forward pass and guided sampling step, "
         "serialized with jax.export, the parameters alongside as safetensors; diffusers: a "
-        "Wan2.1-architecture DiT (configs/wan.py) as a WanTransformer3DModel folder (--workdir "
-        "may also be a `vdit export` or `vdit import` directory).",
+        "Wan2.1-architecture DiT (configs/wan.py) as a WanTransformer3DModel folder, or a "
+        "vae.arch='wan' VAE as an AutoencoderKLWan folder (--workdir may also be a `vdit export` "
+        "or `vdit import` directory).",
         flag_values=fv,
     )
     flags.DEFINE_enum(
