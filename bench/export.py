@@ -24,22 +24,10 @@ import sys
 import tempfile
 import time
 
+import procmem  # noqa: E402  (bench/, on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"default": None, "B/2": "B/2"}
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status memory figure in bytes (VmRSS: now, VmHWM: the peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS
-        f.write("5")
 
 
 def make(variant: str | None, workdir: str) -> dict:
@@ -76,23 +64,23 @@ def run_export(workdir: str, out: str, fmt: str, dtype: str, max_file_mb: int) -
     write = tensors.write
 
     def measured_write(*args, **kwargs):
-        marks["restore"] = _status("VmHWM") - marks["start"]
-        marks["before_write"] = _status("VmRSS")
-        _reset_peak()
+        marks["restore"] = procmem.status("VmHWM") - marks["start"]
+        marks["before_write"] = procmem.status("VmRSS")
+        procmem.reset_peak()
         index = write(*args, **kwargs)
-        marks["write"] = _status("VmHWM") - marks["before_write"]
+        marks["write"] = procmem.status("VmHWM") - marks["before_write"]
         return index
 
     tensors.write = measured_write  # the writer calls it through the module
-    _reset_peak()
-    marks["start"] = _status("VmRSS")
+    procmem.reset_peak()
+    marks["start"] = procmem.status("VmRSS")
     t0 = time.perf_counter()
     summary = export(
         workdir, out, fmt=fmt, dtype=dtype, max_file_bytes=max_file_mb << 20, platforms=("cpu",)
     )
     seconds = time.perf_counter() - t0
     if "restore" not in marks:  # orbax: one phase
-        marks["restore"] = _status("VmHWM") - marks["start"]
+        marks["restore"] = procmem.status("VmHWM") - marks["start"]
     sizes = [
         os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors")
     ]

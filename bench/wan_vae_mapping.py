@@ -25,20 +25,9 @@ import subprocess
 import sys
 import time
 
+import procmem  # noqa: E402  (bench/, on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS
-        f.write("5")
 
 
 def run(direction: str, repeats: int) -> dict:
@@ -63,12 +52,12 @@ def run(direction: str, repeats: int) -> dict:
         fn = lambda: wan_vae.params_to_diffusers(params, buffers, c)
     times, growth = [], []
     for _ in range(repeats):
-        before = _status("VmRSS")
-        _reset_peak()
+        before = procmem.status("VmRSS")
+        procmem.reset_peak()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-        growth.append(_status("VmHWM") - before)
+        growth.append(procmem.status("VmHWM") - before)
         del out
     return {
         "direction": direction,
