@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sample's time and 0 for conditioning and padding) and gathers it per token inside the adaLN,
     # which saves that tensor's memory at long rows (a row with more than N gives NaN, so is skipped)
     c.model.modulation_slots = 0
+    # absolute position beside RoPE: "none" (RoPE only, as Wan2.1) | "fractional" (each token's
+    # place within its own sample, t, h, w as fractions in (0, 1), NaViT-style; tried for the
+    # default run's motion, no gain measured: BUILD.md, "The default run")
+    c.model.pos_embed = "none"
     c.model.text = ml_collections.ConfigDict()
     c.model.text.kind = "bytes"  # "bytes" (built-in byte-level encoder) | "precomputed" embeddings
     c.model.text.max_len = 48  # caption tokens per sample (BOS + UTF-8 bytes), longer ones are cut

@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.patch_t = 1  # patch (1, 2, 2)
     m.qk_norm = True  # Wan's qk_norm="rms_norm_across_heads": RMSNorm over the whole width
     m.cross_norm = "layer"  # Wan's cross_attn_norm=True: affine LayerNorm before cross-attention
+    m.pos_embed = "none"  # Wan2.1 has RoPE only (no absolute position embedding)
     m.rope_theta = 10_000.0
     m.text.kind = "precomputed"  # caption embeddings in the records (umT5-XXL for Wan2.1)
     m.text.width = 4096  # E: Wan's text_dim

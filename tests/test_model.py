@@ -56,6 +56,11 @@ def test_packed_row_equals_each_sample_alone(batch, scan_layers):
     _check_packed_equals_alone(*batch, scan_layers)
 
 
+def test_packed_row_equals_each_sample_alone_with_fractional_positions(batch):
+    """model.pos_embed="fractional": each sample's positions are its own, packed or alone."""
+    _check_packed_equals_alone(*batch, scan_layers=True, pos_embed="fractional")
+
+
 def test_token_dropping_packed_row_equals_each_sample_alone(dropped_batch):
     """With tokens dropped, a packed row == each sample alone over the same kept tokens (at their
     original positions), and changing one sample changes no other sample's output."""
@@ -81,9 +86,9 @@ def test_token_dropping_packed_row_equals_each_sample_alone(dropped_batch):
     np.testing.assert_array_equal(again[1], packed[1])
 
 
-def _check_packed_equals_alone(b, c, scan_layers):
+def _check_packed_equals_alone(b, c, scan_layers, pos_embed="none"):
     cfg = configlib.model_config(c)
-    cfg = DiTConfig(**{**cfg.__dict__, "scan_layers": scan_layers})
+    cfg = DiTConfig(**{**cfg.__dict__, "scan_layers": scan_layers, "pos_embed": pos_embed})
     model = _perturbed_model(cfg)
     rng = np.random.default_rng(0)
     t = rng.random(b["segment_ids"].shape).astype(np.float32)
@@ -208,6 +213,41 @@ def test_rope_is_relative():
 
     assert dot((3, 5, 7), (1, 2, 3)) == pytest.approx(dot((5, 8, 11), (3, 5, 7)), abs=1e-4)
     assert dot((3, 5, 7), (1, 2, 3)) != pytest.approx(dot((3, 5, 7), (1, 2, 4)), abs=1e-3)
+
+
+def test_fractional_positions_are_per_sample():
+    """Each token's place within its own sample: (p - first + 0.5) / extent per axis; an image's
+    one frame is at 0.5; a sample starting at a later position (an extension's canvas) or packed
+    after another gets the same fractions as alone."""
+    grid = lambda t, h, w, t0=0: np.stack(
+        np.meshgrid(np.arange(t0, t0 + t), np.arange(h), np.arange(w), indexing="ij"), -1
+    ).reshape(-1, 3)
+    a, b = grid(4, 2, 3), grid(1, 4, 2)  # a 4x2x3 video, a 1x4x2 image
+    c = grid(2, 2, 2, t0=5)  # positions starting at frame 5
+    pos = np.concatenate([a, b, c, np.zeros((3, 3), int)])[None].astype(np.int32)
+    seg = np.concatenate([np.full(len(a), 1), np.full(len(b), 2), np.full(len(c), 3), [0] * 3])
+    u = np.asarray(layers.fractional_positions(jnp.asarray(pos), jnp.asarray(seg[None])))[0]
+    want_a = (a + 0.5) / np.array([4, 2, 3])
+    np.testing.assert_allclose(u[: len(a)], want_a, rtol=1e-6)
+    np.testing.assert_allclose(u[len(a) : len(a) + len(b), 0], 0.5)
+    np.testing.assert_allclose(u[len(a) : len(a) + len(b), 1], (b[:, 1] + 0.5) / 4)
+    np.testing.assert_allclose(u[len(a) + len(b) : -3], (c - [5, 0, 0] + 0.5) / 2, rtol=1e-6)
+    alone = layers.fractional_positions(jnp.asarray(a[None], jnp.int32), jnp.ones((1, len(a)), int))
+    np.testing.assert_array_equal(np.asarray(alone)[0], u[: len(a)])
+    assert np.all((u[:-3] > 0) & (u[:-3] < 1))
+
+
+def test_pos_embed_none_has_no_parameters(batch):
+    """The default "none" (RoPE only, as Wan2.1) adds no parameter; "fractional" starts at zero."""
+    _, c = batch
+    cfg = configlib.model_config(c)
+    assert cfg.pos_embed == "none"
+    with_pe = VideoDiT(DiTConfig(**{**cfg.__dict__, "pos_embed": "fractional"}), rngs=nnx.Rngs(0))
+    without = VideoDiT(cfg, rngs=nnx.Rngs(0))
+    assert not hasattr(without, "pos_embed")
+    np.testing.assert_array_equal(with_pe.pos_embed.kernel[...], 0.0)
+    with pytest.raises(ValueError, match="pos_embed"):
+        DiTConfig(**{**cfg.__dict__, "pos_embed": "learned"})
 
 
 def test_precomputed_text_path():

@@ -224,3 +224,7 @@ def test_cli_errors_are_one_line(imported, tmp_path, capsys):
         c.model.cross_norm = "rms"
     with pytest.raises(ValueError, match="cross_norm='rms'"):
         wan_dit.diffusers_config(c)
+    with c.unlocked():
+        c.model.cross_norm, c.model.pos_embed = "layer", "fractional"
+    with pytest.raises(ValueError, match="pos_embed='fractional'"):
+        wan_dit.diffusers_config(c)

@@ -11,8 +11,9 @@ Conventions:
   biases, norms, activations, RoPE, softmax and the optimizer update are not counted (they are
   elementwise and small next to the matmuls at real widths).
 * Backward of a dense layer is ``2x`` its forward (input gradient + weight gradient), except for the
-  layers whose input does not depend on parameters (``patch_embed``, ``time_fc1`` and, for
-  precomputed text, ``text_proj``): autodiff skips their input gradient, so their backward is ``1x``.
+  layers whose input does not depend on parameters (``patch_embed``, ``time_fc1``, ``pos_embed``
+  and, for precomputed text, ``text_proj``): autodiff skips their input gradient, so their backward
+  is ``1x``.
 * Dense matmuls run over every row slot, padding included (``"matmul"``); ``"matmul_useful"`` counts
   only the non-padding tokens.
 * Attention forward is ``QK^T + PV`` = ``4 * H * K`` FLOPs per (query, key) pair. Useful pairs are
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from vdit.models import layers
-from vdit.models.dit import DiTConfig
+from vdit.models.dit import POS_FREQS, DiTConfig
 from vdit.ops.attention import resolve_impl
 from vdit.ops.attention.blocks import block_ranges_np, effective_block, round_up
 from vdit.ops.attention.gpu import GPU_MIN_BLOCK, gpu_blocks
@@ -59,7 +60,7 @@ TEXT_ATTN_BLOCK: int = inspect.signature(layers.Attention.__init__).parameters["
 ATTN_BWD_USEFUL = 2.0
 ATTN_BWD_EXECUTED = {"xla": 2.0, "chunked": 3.5, "splash": 3.5, "gpu": 3.5}
 # Parts whose input is not a function of the parameters: backward computes only the weight gradient.
-_NO_INPUT_GRAD = frozenset({"patch_embed", "time_fc1"})
+_NO_INPUT_GRAD = frozenset({"patch_embed", "time_fc1", "pos_embed"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
     """Forward FLOPs per video token (row slot) by part, all blocks summed."""
     d, p, n = cfg.width, cfg.patch_dim, cfg.depth
     f = cfg.mlp_hidden
-    return {
+    parts = {
         "patch_embed": _dense(p, d),
         "time_fc1": _dense(TIME_EMBED_DIM, d),
         "time_fc2": _dense(d, d),
@@ -203,6 +204,9 @@ def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
         "mlp": n * (_dense(d, f) + _dense(f, d)),
         "head": _dense(d, p),
     }
+    if cfg.pos_embed == "fractional":  # Fourier features of the position -> D
+        parts["pos_embed"] = _dense(6 * POS_FREQS, d)
+    return parts
 
 
 def text_matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:

@@ -113,6 +113,7 @@ def config_from_diffusers(cfg: dict, base: ml_collections.ConfigDict) -> ml_coll
     m.mlp_dim = int(get("ffn_dim", 13824))
     m.qk_norm = True
     m.cross_norm = "layer" if get("cross_attn_norm", True) else "none"
+    m.pos_embed = "none"  # RoPE only
     m.text.kind = "precomputed"
     m.text.width = int(get("text_dim", 4096))
     c.autoencoder.channels = cin
@@ -128,6 +129,10 @@ def diffusers_config(c: ml_collections.ConfigDict) -> dict:
     if cfg.cross_norm == "rms":
         raise ValueError(
             "model.cross_norm='rms': Wan's cross-attention norm is a LayerNorm ('layer') or none"
+        )
+    if cfg.pos_embed != "none":
+        raise ValueError(
+            f"model.pos_embed={cfg.pos_embed!r}: Wan has no absolute position embedding (RoPE only)"
         )
     if cfg.text.kind != "precomputed":
         raise ValueError(

@@ -36,6 +36,8 @@ REMAT_POLICIES = {
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 CROSS_NORMS = ("rms", "layer", "none")
+POS_EMBEDS = ("none", "fractional")
+POS_FREQS = 16  # Fourier frequencies per axis of the "fractional" position embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,10 @@ class DiTConfig:
     # 0: modulation per token (B, L, 6, D); N > 0: per distinct timestep of a row, at most N per row
     # (a row with more gives NaN outputs, see `timestep_slots`)
     modulation_slots: int = 0
+    # absolute position added to the patch embedding, beside RoPE's relative one: "none" (Wan2.1)
+    # | "fractional" (each token's place within its own sample along t, h, w as a fraction in
+    # (0, 1), NaViT's fractional embedding: Fourier features through a zero-initialised linear)
+    pos_embed: str = "none"
 
     def __post_init__(self):
         """Every check on these fields; a message starts with the field it names."""
@@ -73,6 +79,8 @@ class DiTConfig:
             raise ValueError(f"remat: {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.cross_norm not in CROSS_NORMS:
             raise ValueError(f"cross_norm: {self.cross_norm!r} is not one of {CROSS_NORMS}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed: {self.pos_embed!r} is not one of {POS_EMBEDS}")
         if self.mlp_dim < 0:
             raise ValueError(f"mlp_dim: {self.mlp_dim} must be >= 0 (0: mlp_ratio * width)")
         if self.attn_impl not in IMPL_CHOICES:
@@ -136,6 +144,8 @@ class VideoDiT(nnx.Module):
         d, dt, pdt = cfg.width, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         self.patch_embed = layers.dense(cfg.patch_dim, d, ("patch", "embed"), **kw)
+        if cfg.pos_embed == "fractional":
+            self.pos_embed = layers.dense(6 * POS_FREQS, d, (None, "embed"), zero=True, **kw)
         self.time_fc1 = layers.dense(256, d, (None, "embed"), **kw)  # from 256 frequencies
         self.time_fc2 = layers.dense(d, d, ("mlp", "embed"), **kw)
         self.time_proj = layers.dense(d, 6 * d, ("embed", "mlp"), zero=True, **kw)
@@ -182,6 +192,9 @@ class VideoDiT(nnx.Module):
         if text_positions is None:
             text_positions = _positions_within_segments(text_segment_ids)
         h = self.patch_embed(x.astype(dt))  # (B, L, D)
+        if cfg.pos_embed == "fractional":
+            u = layers.fractional_positions(positions, segment_ids)  # (B, L, 3) in (0, 1)
+            h = h + self.pos_embed(layers.fourier_features(u, POS_FREQS).astype(dt))
         h = constrain(h, ("batch", "length", "embed"))
         slot, overflow = None, None
         if cfg.modulation_slots:

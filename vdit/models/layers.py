@@ -94,6 +94,34 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+def fractional_positions(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Each token's place within its own sample along (t, h, w), as a fraction in (0, 1).
+
+    ``(p - first + 0.5) / extent`` per axis, where ``first`` and ``extent`` are the smallest
+    position and the number of positions of the token's segment along that axis (the samples of
+    a packed row each get their own; an image's one frame is at 0.5). (B, L, 3) int, (B, L) ->
+    (B, L, 3) float32. Tokens a sample lost to token dropping do not count toward its extent.
+    """
+    n = segment_ids.shape[1] + 1  # segment ids are < L + 1
+
+    def one(pos: jax.Array, seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        first = jax.ops.segment_min(pos, seg, num_segments=n)[seg]  # (L, 3)
+        last = jax.ops.segment_max(pos, seg, num_segments=n)[seg]
+        return first, last
+
+    first, last = jax.vmap(one)(positions, segment_ids)
+    extent = jnp.maximum(last - first + 1, 1).astype(jnp.float32)
+    return (positions - first).astype(jnp.float32) / extent + 0.5 / extent
+
+
+def fourier_features(u: jax.Array, freqs: int) -> jax.Array:
+    """cos / sin of ``pi * k * u`` for k = 1..freqs along each axis. (..., A) -> (..., 2 * A * freqs)."""
+    k = jnp.pi * jnp.arange(1, freqs + 1, dtype=jnp.float32)  # (F,)
+    args = u.astype(jnp.float32)[..., None] * k  # (..., A, F)
+    feats = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)  # (..., A, 2F)
+    return feats.reshape(*u.shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3D rotary position embedding over (t, h, w)
 # ----------------------------------------------------------------------------------------------------
