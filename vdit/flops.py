@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from vdit.models import layers
-from vdit.models.dit import POS_FREQS, DiTConfig
+from vdit.models.dit import POS_FEATURES, DiTConfig
 from vdit.ops.attention import resolve_impl
 from vdit.ops.attention.blocks import block_ranges_np, effective_block, round_up
 from vdit.ops.attention.gpu import GPU_MIN_BLOCK, gpu_blocks
@@ -205,7 +205,7 @@ def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
         "head": _dense(d, p),
     }
     if cfg.pos_embed == "fractional":  # Fourier features of the position -> D
-        parts["pos_embed"] = _dense(6 * POS_FREQS, d)
+        parts["pos_embed"] = _dense(POS_FEATURES, d)
     return parts
 
 

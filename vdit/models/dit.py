@@ -38,6 +38,7 @@ REMAT_POLICIES = {
 CROSS_NORMS = ("rms", "layer", "none")
 POS_EMBEDS = ("none", "fractional")
 POS_FREQS = 16  # Fourier frequencies per axis of the "fractional" position embedding
+POS_FEATURES = 3 * 2 * POS_FREQS  # its input width: cos and sin per frequency for t, h, w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ class VideoDiT(nnx.Module):
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         self.patch_embed = layers.dense(cfg.patch_dim, d, ("patch", "embed"), **kw)
         if cfg.pos_embed == "fractional":
-            self.pos_embed = layers.dense(6 * POS_FREQS, d, (None, "embed"), zero=True, **kw)
+            self.pos_embed = layers.dense(POS_FEATURES, d, (None, "embed"), zero=True, **kw)
         self.time_fc1 = layers.dense(256, d, (None, "embed"), **kw)  # from 256 frequencies
         self.time_fc2 = layers.dense(d, d, ("mlp", "embed"), **kw)
         self.time_proj = layers.dense(d, 6 * d, ("embed", "mlp"), zero=True, **kw)
