@@ -12,7 +12,8 @@ Two tables for a work directory of the procedural domain (pixel space, 8x32x32 c
   (the empty caption), text-to-video and with the first frame given clean (i2v, the loss over the
   other frames). A word the model reads raises the MSE when it is wrong; one it ignores does not.
 - frame 0's reach: the mean |change| of the velocity at each frame when the given first frame is
-  replaced by a flat one of its mean value (i2v at t = 0.9): how far information travels in time.
+  replaced by a flat one at the given frames' mean value (i2v at t = 0.9): how far information
+  travels in time.
 
     python bench/denoise_probe.py --workdir=runs/default --num=12 [--cfg_scale=1]
 """
