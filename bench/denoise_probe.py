@@ -160,6 +160,7 @@ def main() -> None:
 
     texts = {c: text_rows([changed(k, c) for k in caps_m], setup.text_len) for c in CHANGES}
     first = np.broadcast_to(pos[:, 0] == 0, (m, num_tokens))  # (m, L) the first frame's tokens
+    noises = [np.asarray(jax.random.normal(jax.random.key(100 + s), x0_m.shape)) for s in range(3)]
     print(f"\ncaption words: velocity MSE of {m} moving clips under a changed caption")
     for mode, given in (("text-to-video", np.zeros_like(first)), ("first frame given", first)):
         print(f"\n{mode}\n\n| t | " + " | ".join(CHANGES) + " |")
@@ -167,14 +168,13 @@ def main() -> None:
         gen = ~given[..., None]  # the tokens in the loss
         for t in (0.3, 0.5, 0.7, 0.9, 0.98):
             t_tok = jnp.asarray(np.where(given, 0.0, t), jnp.float32)
+            xts = [jnp.asarray(np.where(gen, (1 - t) * x0_m + t * e, x0_m)) for e in noises]
             mses = []
             for c in CHANGES:
                 err = []
-                for s in range(3):
-                    noise = np.asarray(jax.random.normal(jax.random.key(100 + s), x0_m.shape))
-                    xt = np.where(gen, (1 - t) * x0_m + t * noise, x0_m)
-                    v = np.asarray(velocity_with(loaded.params, jnp.asarray(xt), t_tok, *texts[c]))
-                    err.append(np.sum(gen * (v - (noise - x0_m)) ** 2) / (gen.sum() * v.shape[-1]))
+                for xt, e in zip(xts, noises, strict=True):
+                    v = np.asarray(velocity_with(loaded.params, xt, t_tok, *texts[c]))
+                    err.append(np.sum(gen * (v - (e - x0_m)) ** 2) / (gen.sum() * v.shape[-1]))
                 mses.append(np.mean(err))
             print(f"| {t} | " + " | ".join(f"{e:.4f}" for e in mses) + " |")
 
