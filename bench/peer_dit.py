@@ -56,50 +56,10 @@ except ImportError as e:  # the bench extra is optional
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import default_config  # noqa: E402
+from common import CHANNELS, DEPTH, FFN, HEADS, TEXT_DIM, WIDTH, b2_batch, b2_task  # noqa: E402
 
-from vdit import configlib, flops  # noqa: E402
+from vdit import flops  # noqa: E402
 from vdit.data import pipeline  # noqa: E402
-from vdit.train.dit_task import DiTTask  # noqa: E402
-
-WIDTH, DEPTH, HEADS, FFN, TEXT_DIM, CHANNELS = 768, 12, 12, 3072, 512, 16
-
-
-def vdit_task(dtype: str, overrides: list[str]) -> DiTTask:
-    c = default_config("B/2")
-    c.model.update(width=WIDTH, depth=DEPTH, heads=HEADS, mlp_ratio=FFN / WIDTH, dtype=dtype)
-    c.model.text.update(kind="precomputed", width=TEXT_DIM)
-    c.autoencoder.update(kind="latent", compression=(1, 1, 1), channels=CHANNELS)
-    c.optim.update(weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, b1=0.9, b2=0.99)
-    c.mesh.data = 1
-    for o in overrides:
-        key, _, value = o.partition("=")
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = type(node[last])(value) if not isinstance(node[last], bool) else value == "1"
-    c = configlib.load(c, 1, plan_only=True)
-    return DiTTask(c, jax.devices()[:1], data=False)
-
-
-def vdit_batch(latent: tuple[int, int, int], text_len: int, rng) -> dict[str, np.ndarray]:
-    """One sample in one row of the packed contract: no padding."""
-    t, h, w = latent
-    gt, gh, gw = t, h // 2, w // 2
-    n = gt * gh * gw
-    pos = np.stack(np.meshgrid(*map(np.arange, (gt, gh, gw)), indexing="ij"), -1).reshape(1, n, 3)
-    return {
-        "patches": rng.standard_normal((1, n, 4 * CHANNELS)).astype(np.float32),
-        "segment_ids": np.ones((1, n), np.int32),
-        "positions": pos.astype(np.int32),
-        "text": rng.standard_normal((1, text_len, TEXT_DIM)).astype(np.float32),
-        "text_segment_ids": np.ones((1, text_len), np.int32),
-        "text_positions": np.arange(text_len, dtype=np.int32)[None],
-        "cond_mask": np.zeros((1, n), bool),
-        "loss_mask": np.ones((1, n), bool),
-        "grid": np.array([[[gt, gh, gw]]], np.int32),
-    }
 
 
 def wan_model() -> torch.nn.Module:
@@ -202,9 +162,9 @@ def log(msg: str) -> None:
 
 def bench_dtype(args, dtype: str) -> dict:
     rng = np.random.default_rng(0)
-    task = vdit_task(dtype, args.set)
+    task = b2_task(dtype, args.set)
     cfg = task.model_cfg
-    b = vdit_batch(tuple(args.latent), args.text, rng)
+    b = b2_batch(tuple(args.latent), args.text, rng)
     shardings = task.batch_shardings({k: b[k].ndim for k in pipeline.DEVICE_KEYS})
     gb = pipeline.to_global(b, shardings)
     holder = {"state": task.state.init()}
