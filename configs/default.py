@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # place within its own sample, t, h, w as fractions in (0, 1), NaViT-style; tried for the
     # default run's motion, no gain measured: BUILD.md, "The default run")
     c.model.pos_embed = "none"
+    # each sample's mean-pooled text added to its timestep embedding, so every block's adaLN
+    # modulation sees the whole caption (SD3 / Flux's pooled text); needs modulation_slots=0
+    c.model.text_pool = False
     c.model.text = ml_collections.ConfigDict()
     c.model.text.kind = "bytes"  # "bytes" (built-in byte-level encoder) | "precomputed" embeddings
     c.model.text.max_len = 48  # caption tokens per sample (BOS + UTF-8 bytes), longer ones are cut

@@ -9,7 +9,7 @@ from tiny import tiny_config
 
 from vdit import configlib
 from vdit.data import pipeline
-from vdit.models import layers
+from vdit.models import dit, layers
 from vdit.models.dit import DiTConfig, VideoDiT
 from vdit.models.text import TextEncoderConfig
 
@@ -86,9 +86,9 @@ def test_token_dropping_packed_row_equals_each_sample_alone(dropped_batch):
     np.testing.assert_array_equal(again[1], packed[1])
 
 
-def _check_packed_equals_alone(b, c, scan_layers, pos_embed="none"):
+def _check_packed_equals_alone(b, c, scan_layers, **overrides):
     cfg = configlib.model_config(c)
-    cfg = DiTConfig(**{**cfg.__dict__, "scan_layers": scan_layers, "pos_embed": pos_embed})
+    cfg = DiTConfig(**{**cfg.__dict__, "scan_layers": scan_layers, **overrides})
     model = _perturbed_model(cfg)
     rng = np.random.default_rng(0)
     t = rng.random(b["segment_ids"].shape).astype(np.float32)
@@ -213,6 +213,33 @@ def test_rope_is_relative():
 
     assert dot((3, 5, 7), (1, 2, 3)) == pytest.approx(dot((5, 8, 11), (3, 5, 7)), abs=1e-4)
     assert dot((3, 5, 7), (1, 2, 3)) != pytest.approx(dot((3, 5, 7), (1, 2, 4)), abs=1e-3)
+
+
+def test_packed_row_equals_each_sample_alone_with_pooled_text(batch):
+    """model.text_pool: each sample's modulation sees its own caption's mean, packed or alone."""
+    _check_packed_equals_alone(*batch, scan_layers=True, text_pool=True)
+
+
+def test_pooled_text_is_each_samples_own_mean():
+    rng = np.random.default_rng(0)
+    ctx = rng.normal(size=(2, 6, 3)).astype(np.float32)
+    tseg = np.array([[1, 1, 2, 3, 3, 0], [2, 2, 2, 1, 0, 0]], np.int32)
+    seg = np.array([[3, 1, 1, 2, 0, 0, 0], [1, 2, 2, 9, 0, 0, 0]], np.int32)  # 9: no text
+    out = np.asarray(dit.pooled_text(jnp.asarray(ctx), jnp.asarray(tseg), jnp.asarray(seg)))
+    for r in range(2):
+        for i, s in enumerate(seg[r]):
+            want = ctx[r][tseg[r] == s].mean(0) if s and (tseg[r] == s).any() else np.zeros(3)
+            np.testing.assert_allclose(out[r, i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_text_pool_starts_at_zero_and_needs_per_token_modulation(batch):
+    _, c = batch
+    cfg = configlib.model_config(c)
+    assert not cfg.text_pool and not hasattr(VideoDiT(cfg, rngs=nnx.Rngs(0)), "text_pool")
+    pooled = VideoDiT(DiTConfig(**{**cfg.__dict__, "text_pool": True}), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(pooled.text_pool.kernel[...], 0.0)
+    with pytest.raises(ValueError, match="text_pool"):
+        DiTConfig(**{**cfg.__dict__, "text_pool": True, "modulation_slots": 4})
 
 
 def test_fractional_positions_are_per_sample():

@@ -228,3 +228,7 @@ def test_cli_errors_are_one_line(imported, tmp_path, capsys):
         c.model.cross_norm, c.model.pos_embed = "layer", "fractional"
     with pytest.raises(ValueError, match="pos_embed='fractional'"):
         wan_dit.diffusers_config(c)
+    with c.unlocked():
+        c.model.pos_embed, c.model.text_pool = "none", True
+    with pytest.raises(ValueError, match="text_pool=True"):
+        wan_dit.diffusers_config(c)

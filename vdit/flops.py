@@ -206,6 +206,8 @@ def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
     }
     if cfg.pos_embed == "fractional":  # Fourier features of the position -> D
         parts["pos_embed"] = _dense(POS_FEATURES, d)
+    if cfg.text_pool:  # the pooled text -> D, applied per token as written
+        parts["text_pool"] = _dense(d, d)
     return parts
 
 

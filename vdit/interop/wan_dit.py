@@ -114,6 +114,7 @@ def config_from_diffusers(cfg: dict, base: ml_collections.ConfigDict) -> ml_coll
     m.qk_norm = True
     m.cross_norm = "layer" if get("cross_attn_norm", True) else "none"
     m.pos_embed = "none"  # RoPE only
+    m.text_pool = False  # no pooled text in the modulation
     m.text.kind = "precomputed"
     m.text.width = int(get("text_dim", 4096))
     c.autoencoder.channels = cin
@@ -134,6 +135,8 @@ def diffusers_config(c: ml_collections.ConfigDict) -> dict:
         raise ValueError(
             f"model.pos_embed={cfg.pos_embed!r}: Wan has no absolute position embedding (RoPE only)"
         )
+    if cfg.text_pool:
+        raise ValueError("model.text_pool=True: Wan has no pooled text in its modulation")
     if cfg.text.kind != "precomputed":
         raise ValueError(
             f"model.text.kind={cfg.text.kind!r}: Wan takes precomputed text embeddings only"

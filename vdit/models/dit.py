@@ -11,6 +11,9 @@ the elementwise adaLN, so no (B, L, 6, D) tensor exists (:func:`timestep_slots`)
 projection, the block tables' gate rows and the output layer start at zero (adaLN-Zero): at init every
 block is the identity and the model predicts zero velocity.
 
+With ``text_pool`` each sample's mean-pooled text is added to its tokens' timestep embedding, so every
+block's modulation also sees its whole caption.
+
 Dimension letters: B rows, L video tokens, C text tokens, D width, P patch values, E text width.
 """
 
@@ -69,6 +72,11 @@ class DiTConfig:
     # | "fractional" (each token's place within its own sample along t, h, w as a fraction in
     # (0, 1), NaViT's fractional embedding: Fourier features through a zero-initialised linear)
     pos_embed: str = "none"
+    # each sample's text, mean-pooled over its own text tokens, through a zero-initialised linear and
+    # added to its timestep embedding, so the adaLN modulation of every block (and of the head) sees
+    # the whole caption, not only what cross-attention gathers per token (the pooled text vector of
+    # SD3 and Flux); needs per-token modulation (modulation_slots = 0)
+    text_pool: bool = False
 
     def __post_init__(self):
         """Every check on these fields; a message starts with the field it names."""
@@ -90,6 +98,11 @@ class DiTConfig:
             raise ValueError(
                 f"modulation_slots: {self.modulation_slots} must be 0 (per token) or a positive "
                 "bound on the distinct timesteps of a row"
+            )
+        if self.text_pool and self.modulation_slots:
+            raise ValueError(
+                "text_pool: pooled text is per sample, but modulation_slots > 0 shares modulation "
+                "between samples of the same timestep; set modulation_slots=0"
             )
 
     @property
@@ -153,6 +166,8 @@ class VideoDiT(nnx.Module):
         self.text_encoder = TextEncoder(cfg.text, **kw)
         self.text_proj = layers.dense(cfg.text.out_width, d, ("text_embed", "embed"), **kw)
         self.text_out = layers.dense(d, d, ("mlp", "embed"), **kw)
+        if cfg.text_pool:
+            self.text_pool = layers.dense(d, d, ("embed", "mlp"), zero=True, **kw)
 
         if cfg.scan_layers:
 
@@ -202,8 +217,10 @@ class VideoDiT(nnx.Module):
             t, slot, overflow = timestep_slots(t, cfg.modulation_slots)  # (B, N), (B, L), (B,)
         t_emb = self.time_fc1(layers.timestep_embedding(t, 256).astype(dt))
         t_emb = self.time_fc2(jax.nn.silu(t_emb))  # (B, L or N, D)
-        t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L|N, 6, D)
         context = self.encode_text(text, text_segment_ids, text_positions)  # (B, C, D)
+        if cfg.text_pool:  # per token (modulation_slots = 0): its own sample's pooled text
+            t_emb = t_emb + self.text_pool(pooled_text(context, text_segment_ids, segment_ids))
+        t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L|N, 6, D)
         rope = layers.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
         args = (t_mod, slot, segment_ids, rope, context, text_segment_ids)
         h = self._run_blocks(h, args)
@@ -252,6 +269,27 @@ def timestep_slots(t: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.
         return values, slot, jnp.any(values[slot] != row)
 
     return jax.vmap(one)(jax.lax.stop_gradient(t))
+
+
+def pooled_text(
+    context: jax.Array, text_segment_ids: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """Each video token's own sample's text, averaged over that sample's text tokens.
+
+    context (B, C, D), text_segment_ids (B, C), segment_ids (B, L) -> (B, L, D). Sums go into C + 1
+    buckets by segment id (a row's samples each have a text token, BOS at least, so their ids are at
+    most C); a token whose sample has no text, and padding (id 0), get zeros.
+    """
+    c = context.shape[1]
+
+    def one(ctx, tseg, seg):
+        sums = jax.ops.segment_sum(ctx, tseg, num_segments=c + 1)  # (C + 1, D)
+        counts = jax.ops.segment_sum(jnp.ones_like(tseg, ctx.dtype), tseg, num_segments=c + 1)
+        means = sums / jnp.maximum(counts, 1)[:, None]
+        means = means.at[0].set(0)  # padding text is nobody's caption
+        return jnp.take(means, seg, axis=0, mode="fill", fill_value=0)  # id > C: zeros
+
+    return jax.vmap(one)(context, text_segment_ids, segment_ids)
 
 
 def _gather_slots(x: jax.Array, slot: jax.Array) -> jax.Array:
