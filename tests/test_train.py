@@ -55,9 +55,15 @@ def test_sharded_equals_single_device():
     assert st8["opt_state"][1][0].mu["blocks"]["mlp"]["fc1"]["kernel"].sharding == kernel.sharding
 
 
-def _loss_and_grads(c, devices, batch):
+def _loss_and_grads(c, devices, batch, perturb=False):
     trainer = DiTTask(c, devices, data=False)
     state = trainer.state.init()
+    if perturb:  # the zero-initialised (adaLN-Zero) parameters made non-zero, so every path counts
+        rng = np.random.default_rng(0)
+        params = state["params"]
+        state["params"] = jax.tree.map(
+            lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params
+        )
     shardings = trainer.batch_shardings({k: np.ndim(batch[k]) for k in pipeline.DEVICE_KEYS})
     gbatch = pipeline.to_global(batch, shardings)
 
@@ -93,6 +99,24 @@ def test_loss_and_grads_equal_across_meshes(one_device, mesh):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = mesh
     configlib.load(c, 8)
     loss8, g8 = _loss_and_grads(c, jax.devices(), batch)
+    np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pooled_text_equals_across_meshes():
+    """model.text_pool (each sample's pooled caption in its modulation), with every parameter
+    non-zero: a (1, 2, 1, 4) mesh, sequence-parallel, == 1 device."""
+    c = tiny_config()
+    c.model.text_pool = True
+    c = configlib.load(c, 8)
+    batch = _batch(c)
+    loss1, g1 = _loss_and_grads(c.copy_and_resolve_references(), jax.devices()[:1], batch, True)
+    assert np.abs(g1["text_pool"]["kernel"]).max() > 1e-4  # the pooled path has a gradient
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, 2, 1, 4
+    configlib.load(c, 8)
+    loss8, g8 = _loss_and_grads(c, jax.devices(), batch, True)
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
