@@ -282,14 +282,14 @@ def pooled_text(
     """
     c = context.shape[1]
 
-    def one(ctx, tseg, seg):
-        sums = jax.ops.segment_sum(ctx, tseg, num_segments=c + 1)  # (C + 1, D)
-        counts = jax.ops.segment_sum(jnp.ones_like(tseg, ctx.dtype), tseg, num_segments=c + 1)
+    def one(ctx, tseg, seg):  # summed in float32 whatever the compute dtype
+        sums = jax.ops.segment_sum(ctx.astype(jnp.float32), tseg, num_segments=c + 1)  # (C+1, D)
+        counts = jax.ops.segment_sum(jnp.ones(tseg.shape, jnp.float32), tseg, num_segments=c + 1)
         means = sums / jnp.maximum(counts, 1)[:, None]
         means = means.at[0].set(0)  # padding text is nobody's caption
         return jnp.take(means, seg, axis=0, mode="fill", fill_value=0)  # id > C: zeros
 
-    return jax.vmap(one)(context, text_segment_ids, segment_ids)
+    return jax.vmap(one)(context, text_segment_ids, segment_ids).astype(context.dtype)
 
 
 def _gather_slots(x: jax.Array, slot: jax.Array) -> jax.Array:
