@@ -225,7 +225,8 @@ def test_pooled_text_is_each_samples_own_mean():
     ctx = rng.normal(size=(2, 6, 3)).astype(np.float32)
     tseg = np.array([[1, 1, 2, 3, 3, 0], [2, 2, 2, 1, 0, 0]], np.int32)
     seg = np.array([[3, 1, 1, 2, 0, 0, 0], [1, 2, 2, 9, 0, 0, 0]], np.int32)  # 9: no text
-    out = np.asarray(dit.pooled_text(jnp.asarray(ctx), jnp.asarray(tseg), jnp.asarray(seg)))
+    means = dit.text_means(jnp.asarray(ctx), jnp.asarray(tseg))
+    out = np.asarray(dit.per_sample(means, jnp.asarray(seg)))
     for r in range(2):
         for i, s in enumerate(seg[r]):
             want = ctx[r][tseg[r] == s].mean(0) if s and (tseg[r] == s).any() else np.zeros(3)

@@ -206,8 +206,6 @@ def matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
     }
     if cfg.pos_embed == "fractional":  # Fourier features of the position -> D
         parts["pos_embed"] = _dense(POS_FEATURES, d)
-    if cfg.text_pool:  # the pooled text -> D, applied per token as written
-        parts["text_pool"] = _dense(d, d)
     return parts
 
 
@@ -221,11 +219,14 @@ def text_matmul_flops_per_token(cfg: DiTConfig) -> dict[str, float]:
     parts["text_proj"] = _dense(t.out_width, d)
     parts["text_out"] = _dense(d, d)
     parts["cross_kv"] = cfg.depth * 2 * _dense(d, d)
+    if cfg.text_pool:  # one pooled vector per segment id, C + 1 per row: counted per text slot
+        parts["text_pool"] = _dense(d, d)
     return parts
 
 
 def text_flops_per_token(cfg: DiTConfig) -> float:
-    """Forward FLOPs per text token: text encoder, text_proj/text_out, every block's cross k and v."""
+    """Forward FLOPs per text token: text encoder, text_proj/text_out, every block's cross k and v
+    (and text_pool's projection, one per text slot)."""
     return sum(text_matmul_flops_per_token(cfg).values())
 
 

@@ -218,8 +218,9 @@ class VideoDiT(nnx.Module):
         t_emb = self.time_fc1(layers.timestep_embedding(t, 256).astype(dt))
         t_emb = self.time_fc2(jax.nn.silu(t_emb))  # (B, L or N, D)
         context = self.encode_text(text, text_segment_ids, text_positions)  # (B, C, D)
-        if cfg.text_pool:  # per token (modulation_slots = 0): its own sample's pooled text
-            t_emb = t_emb + self.text_pool(pooled_text(context, text_segment_ids, segment_ids))
+        if cfg.text_pool:  # projected once per sample, then per token (modulation_slots = 0)
+            pooled = self.text_pool(text_means(context, text_segment_ids))  # (B, C + 1, D)
+            t_emb = t_emb + per_sample(pooled, segment_ids)
         t_mod = self.time_proj(jax.nn.silu(t_emb)).reshape(*t.shape, 6, cfg.width)  # (B, L|N, 6, D)
         rope = layers.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
         args = (t_mod, slot, segment_ids, rope, context, text_segment_ids)
@@ -271,25 +272,28 @@ def timestep_slots(t: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.
     return jax.vmap(one)(jax.lax.stop_gradient(t))
 
 
-def pooled_text(
-    context: jax.Array, text_segment_ids: jax.Array, segment_ids: jax.Array
-) -> jax.Array:
-    """Each video token's own sample's text, averaged over that sample's text tokens.
+def text_means(context: jax.Array, text_segment_ids: jax.Array) -> jax.Array:
+    """Each sample's text averaged over its own text tokens, by segment id.
 
-    context (B, C, D), text_segment_ids (B, C), segment_ids (B, L) -> (B, L, D). Sums go into C + 1
-    buckets by segment id (a row's samples each have a text token, BOS at least, so their ids are at
-    most C); a token whose sample has no text, and padding (id 0), get zeros.
+    context (B, C, D), text_segment_ids (B, C) -> (B, C + 1, D): row ``s`` is segment s's mean (a
+    row's samples each have a text token, BOS at least, so their ids are at most C); row 0 (padding
+    text) and ids without text are zeros. Summed in float32 whatever the compute dtype.
     """
     c = context.shape[1]
 
-    def one(ctx, tseg, seg):  # summed in float32 whatever the compute dtype
+    def one(ctx, tseg):
         sums = jax.ops.segment_sum(ctx.astype(jnp.float32), tseg, num_segments=c + 1)  # (C+1, D)
         counts = jax.ops.segment_sum(jnp.ones(tseg.shape, jnp.float32), tseg, num_segments=c + 1)
-        means = sums / jnp.maximum(counts, 1)[:, None]
-        means = means.at[0].set(0)  # padding text is nobody's caption
-        return jnp.take(means, seg, axis=0, mode="fill", fill_value=0)  # id > C: zeros
+        return (sums / jnp.maximum(counts, 1)[:, None]).at[0].set(0)  # padding is nobody's
 
-    return jax.vmap(one)(context, text_segment_ids, segment_ids).astype(context.dtype)
+    return jax.vmap(one)(context, text_segment_ids).astype(context.dtype)
+
+
+def per_sample(x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Per-segment vectors (B, C + 1, D) from :func:`text_means` -> each video token's own sample's
+    (B, L, D); a segment id past C (a sample with no text) reads row 0, as padding does."""
+    ids = jnp.where(segment_ids < x.shape[1], segment_ids, 0)
+    return jnp.take_along_axis(x, ids[..., None], axis=1)
 
 
 def _gather_slots(x: jax.Array, slot: jax.Array) -> jax.Array:
