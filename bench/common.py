@@ -32,10 +32,12 @@ def dit_task(
     attn_block: int,
     remat: str = "none",
     steps: int = 100,
+    mlp_dim: int = 0,
 ) -> DiTTask:
     """The DiT task (state, step, shardings) of a model of this shape on one device: a latent
     model of `channels` channels and spatial patch `patch`, a small byte-level text encoder of
-    `text_len` tokens, chunked attention; no data pipeline (the benchmark feeds its own rows)."""
+    `text_len` tokens, chunked attention; no data pipeline (the benchmark feeds its own rows).
+    `mlp_dim` 0 keeps the default's MLP ratio (4)."""
     c = default_config(f"mu/{patch}")
     c.model.update(
         width=width,
@@ -44,6 +46,7 @@ def dit_task(
         attn_impl="chunked",
         attn_block=attn_block,
         remat=remat,
+        mlp_dim=mlp_dim,
     )
     c.model.text.update(kind="bytes", max_len=text_len, width=64, depth=1, heads=2)
     c.autoencoder.update(kind="latent", compression=(1, 1, 1), channels=channels)

@@ -199,6 +199,8 @@ def make_trainer(args: argparse.Namespace) -> DiTTask:
         text_len=TEXT_TOKENS,
         attn_block=args.attn_block,
         steps=10_000,
+        mlp_dim=args.mlp_dim,
+        remat=args.remat,
     )
 
 
@@ -491,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
+    p.add_argument(
+        "--mlp-dim", type=int, default=0, help="MLP hidden width (0: 4 x width; Wan2.1-1.3B: 8960)"
+    )
     p.add_argument("--attn-block", type=int, default=128)
+    p.add_argument(
+        "--remat", default="none", help="model.remat (e.g. full: wide models fit the host's memory)"
+    )
     p.add_argument("--timed-steps", type=int, default=3, help="pack/pad steps timed (shapes fixed)")
     p.add_argument("--reps", type=int, default=3, help="timing rounds over all batches (median)")
     p.add_argument(
