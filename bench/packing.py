@@ -189,7 +189,7 @@ def assign_bucket(s: Source, max_tokens: int):
 # --------------------------------------------------------------------------------------------------
 # The real train step
 # --------------------------------------------------------------------------------------------------
-def make_trainer(args: argparse.Namespace) -> DiTTask:
+def make_trainer(args: argparse.Namespace, attn_block: int) -> DiTTask:
     return dit_task(
         width=args.width,
         depth=args.depth,
@@ -197,7 +197,7 @@ def make_trainer(args: argparse.Namespace) -> DiTTask:
         patch=PATCH[1],
         channels=CHANNELS,
         text_len=TEXT_TOKENS,
-        attn_block=args.attn_block,
+        attn_block=attn_block,
         steps=10_000,
         mlp_dim=args.mlp_dim,
         remat=args.remat,
@@ -244,16 +244,19 @@ class StepTimer:
         self.compile_s: list[float] = []
         self.jobs: list[tuple[Any, Any]] = []
 
-    def add(self, rows: list[list[int]], row_len: int, max_samples: int) -> int:
+    def add(
+        self, rows: list[list[int]], row_len: int, max_samples: int, trainer: DiTTask | None = None
+    ) -> int:
+        """One job: a batch of these rows, stepped by `trainer` (default: the timer's own; another
+        one must have the same parameters, e.g. differ only in its attention block)."""
+        trainer = trainer or self.trainer
         batch = contract_batch(rows, row_len, max_samples, np.random.default_rng(len(self.jobs)))
-        shardings = self.trainer.batch_shardings({k: batch[k].ndim for k in pipeline.DEVICE_KEYS})
+        shardings = trainer.batch_shardings({k: batch[k].ndim for k in pipeline.DEVICE_KEYS})
         gb = pipeline.to_global(batch, shardings)
-        key = (len(rows), row_len, max_samples)
+        key = (len(rows), row_len, max_samples, trainer.model_cfg.attn_block)
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = (
-                self.trainer.jit_train_step(shardings).lower(self.state, gb).compile()
-            )
+            self.compiled[key] = trainer.jit_train_step(shardings).lower(self.state, gb).compile()
             self.compile_s.append(time.perf_counter() - t0)
             log(f"  compiled {key} in {self.compile_s[-1]:.1f}s")
         self.jobs.append((self.compiled[key], gb))
@@ -275,7 +278,9 @@ class StepTimer:
 class NoTimer(StepTimer):
     """--flops-only: the batches are built and counted but no step is compiled or run (times NaN)."""
 
-    def add(self, rows: list[list[int]], row_len: int, max_samples: int) -> int:
+    def add(
+        self, rows: list[list[int]], row_len: int, max_samples: int, trainer: DiTTask | None = None
+    ) -> int:
         self.jobs.append((None, None))
         return len(self.jobs) - 1
 
@@ -291,7 +296,9 @@ def log(msg: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = distribution(args.samples, args.seed, args.image_fraction)
     budget = args.rows * args.row_len
-    trainer = make_trainer(args)
+    trainer = make_trainer(args, args.attn_block)
+    pad_block = args.pad_attn_block or args.attn_block
+    pad_trainer = trainer if pad_block == args.attn_block else make_trainer(args, pad_block)
     timer = NoTimer(trainer) if args.flops_only else StepTimer(trainer)
 
     # vdit packing: vdit's size policy and packer.
@@ -307,7 +314,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pad_steps = [tokens[i : i + per_step] for i in range(0, len(tokens), per_step)]
     pad_steps = [s for s in pad_steps if len(s) == per_step]
     pad_jobs = [
-        timer.add([[n] for n in s], args.max_tokens, 1) for s in pad_steps[: args.timed_steps]
+        timer.add([[n] for n in s], args.max_tokens, 1, pad_trainer)
+        for s in pad_steps[: args.timed_steps]
     ]
 
     # Open-Sora-style buckets: per-bucket batches of floor(budget / tokens), drop_last.
@@ -361,18 +369,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # dense layers.
     rng = np.random.default_rng(0)
 
-    def executed(steps_rows, row_len, max_samples):
+    def executed(steps_rows, row_len, max_samples, model_cfg):
         total = attention = useful_t = 0.0
         for srows in steps_rows:
             b = contract_batch(srows, row_len, max_samples, rng)
-            f = flops.step_flops(trainer.model_cfg, b["segment_ids"], b["text_segment_ids"])
+            f = flops.step_flops(model_cfg, b["segment_ids"], b["text_segment_ids"])
             total += f["total_executed"]
             attention += f["attention_executed"]
             useful_t += float((b["segment_ids"] > 0).sum())
         return total / useful_t, attention / total
 
-    pack_fpt, pack_att = executed(steps, args.row_len, args.max_samples)
-    pad_fpt, pad_att = executed([[[n] for n in s] for s in pad_steps], args.max_tokens, 1)
+    pack_fpt, pack_att = executed(steps, args.row_len, args.max_samples, trainer.model_cfg)
+    pad_fpt, pad_att = executed(
+        [[[n] for n in s] for s in pad_steps], args.max_tokens, 1, pad_trainer.model_cfg
+    )
     for name, fpt, att in (("pack", pack_fpt, pack_att), ("pad", pad_fpt, pad_att)):
         results[name]["executed_flops_per_useful_token"] = fpt
         results[name]["attention_share_of_executed"] = att
@@ -429,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "row_len": args.row_len,
         "rows": args.rows,
         "model": dataclasses.asdict(trainer.model_cfg),
+        "pad_attn_block": pad_block,
         "compile_s": timer.compile_s,
         "strategies": results,
         "attention": {
@@ -447,7 +458,8 @@ def print_tables(r: dict[str, Any]) -> None:
     print(
         f"\n{r['samples']} samples; {r['rows']} x {r['row_len']} = {r['budget_tokens']} tokens per "
         f"step; at most {r['max_tokens']} tokens per sample; model width {r['model']['width']}, "
-        f"depth {r['model']['depth']}\n"
+        f"depth {r['model']['depth']}; attention block {r['model']['attn_block']} "
+        f"(pad: {r['pad_attn_block']})\n"
     )
     print(
         "| strategy | fill | source pixels kept | samples dropped | steps | useful tok/s "
@@ -497,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         "--mlp-dim", type=int, default=0, help="MLP hidden width (0: 4 x width; Wan2.1-1.3B: 8960)"
     )
     p.add_argument("--attn-block", type=int, default=128)
+    p.add_argument(
+        "--pad-attn-block",
+        type=int,
+        default=0,
+        help="the pad strategy's attention block (0: --attn-block), to time each at its best",
+    )
     p.add_argument(
         "--remat", default="none", help="model.remat (e.g. full: wide models fit the host's memory)"
     )
