@@ -33,6 +33,9 @@ of the chunked kernel (block skipping) against dense attention.
 
 Usage: python bench/packing.py [--samples 2000] [--width 128] [--flops-only]
        [--out bench/results/packing.json]
+Wider layers: --heads, --mlp-dim and --remat full (a 16,384-token step of width 1536 fits 24 GiB);
+--pad-attn-block times the padded rows at their own attention block in the same run (the
+parameters are shared, only the compiled step differs). BUILD.md ("Packing") has the measured runs.
 """
 
 from __future__ import annotations
