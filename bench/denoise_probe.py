@@ -1,6 +1,6 @@
 """Where a trained default model loses the object: x0-hat of real and of sampled clips, by noise level.
 
-Two tables for a work directory of the procedural domain (pixel space, 8x32x32 clips):
+Tables for a work directory of the procedural domain (pixel space, 8x32x32 clips):
 
 - real: procedural clips of the eval captions noised to t, the model's x0-hat = x_t - t * v read by
   the detector (motion accuracy) and counted in foreground blobs per frame (the data has 1), with
@@ -14,6 +14,12 @@ Two tables for a work directory of the procedural domain (pixel space, 8x32x32 c
 - frame 0's reach: the mean |change| of the velocity at each frame when the given first frame is
   replaced by a flat one at the given frames' mean value (i2v at t = 0.9): how far information
   travels in time.
+- t = 1, where a sample's layout starts: the data's own mean clip given the caption (rendered
+  clips) against the model's x0-hat from pure noise (averaged over noise draws), as the drift of
+  the object's mass along the caption's direction from the first frame to the last (a share of
+  the frame; the data's clips travel 0.30-0.50), and the x0 MSE that knowing each caption word
+  is worth there (the data mean given colour and direction against the one given only the other
+  word): what an ideal model gains at t = 1 by reading the word.
 
     python bench/denoise_probe.py --workdir=runs/default --num=12 [--cfg_scale=1]
 """
@@ -196,6 +202,76 @@ def main() -> None:
     print("frame is replaced by a flat one\n")
     print("| " + " | ".join(f"frame {k}" for k in range(1, SHAPE[0])) + " |")
     print("|---" * len(frames) + "|\n| " + " | ".join(f"{f:.4f}" for f in frames) + " |")
+    layout_at_noise(loaded, patch, pos, x0.shape[-1], setup.text_len)
+
+
+BACKGROUND = np.asarray(synthetic.BACKGROUND, np.float32) / 127.5 - 1.0  # (3,) in [-1, 1]
+
+
+def drift(clip: np.ndarray, direction: str) -> float:
+    """How far the object's mass moves along `direction` from the first frame to the last, as a
+    share of the frame's extent on that axis. clip (T, H, W, 3) in [-1, 1]; the mass is each
+    pixel's distance from the background colour above its frame's smallest."""
+    mass = np.linalg.norm(clip - BACKGROUND, axis=-1)  # (T, H, W)
+    mass = mass - mass.min(axis=(1, 2), keepdims=True)
+    dy, dx = synthetic._STEP[direction]
+    axis = 2 if dx else 1  # columns for left/right, rows for up/down
+    profile = mass.sum(axis=3 - axis)  # (T, extent): summed over the other axis
+    at = np.arange(profile.shape[1]) + 0.5
+    centre = profile @ at / np.maximum(profile.sum(axis=1), 1e-9)  # (T,)
+    return float((centre[-1] - centre[0]) * (dx or dy) / profile.shape[1])
+
+
+def layout_at_noise(
+    loaded, patch, pos, patch_dim: int, text_len: int, renders: int = 200, draws: int = 8
+) -> None:
+    """The t = 1 table (module docstring): data mean vs the model's x0-hat, per direction."""
+    colors, rng = ("red", "blue"), np.random.default_rng(1)
+
+    def mean_clip(colors_, directions):
+        clips = [
+            synthetic.render(
+                synthetic.SampleSpec(
+                    colors_[rng.integers(len(colors_))],
+                    synthetic.SHAPES[rng.integers(2)],
+                    directions[rng.integers(len(directions))],
+                    *SHAPE,
+                ),
+                rng,
+            )
+            for _ in range(renders)
+        ]
+        return np.mean(clips, axis=0) / 127.5 - 1.0  # (T, H, W, 3)
+
+    all_colors = tuple(synthetic.COLORS)
+    num_tokens = pos.shape[0]
+    model = nnx.merge(loaded.graphdef, loaded.params)
+    print("\nt = 1: drift of the object along the caption's direction, first frame to last")
+    print("(share of the frame; data clips travel 0.30-0.50), and the x0 MSE a word is worth\n")
+    print("| caption | data mean | model x0-hat | colour worth | direction worth |")
+    print("|---|---:|---:|---:|---:|")
+    for color in colors:
+        for direction in synthetic.DIRECTIONS:
+            both = mean_clip((color,), (direction,))
+            gain_dir = float(np.mean((both - mean_clip((color,), synthetic.DIRECTIONS)) ** 2))
+            gain_col = float(np.mean((both - mean_clip(all_colors, (direction,))) ** 2))
+            cap = f"a {color} shape moves {direction}"
+            text, text_seg = text_rows([f"a {color} square moves {direction}"] * draws, text_len)
+            noise = jax.random.normal(jax.random.key(300), (draws, num_tokens, patch_dim))
+            v = model(
+                noise,
+                jnp.asarray(np.broadcast_to(pos, (draws, *pos.shape))),
+                jnp.ones((draws, num_tokens), jnp.int32),
+                jnp.ones((draws, num_tokens), jnp.float32),
+                jnp.asarray(text),
+                jnp.asarray(text_seg),
+            )
+            x0_hat = np.asarray(noise - v).mean(axis=0)  # t = 1: x0-hat = x_1 - v
+            hat = packing.unpatchify(x0_hat, SHAPE, patch)
+            print(
+                f"| {cap} | {drift(both, direction):+.2f} | {drift(hat, direction):+.2f} "
+                f"| {gain_col:.4f} | {gain_dir:.4f} |"
+            )
 
 
 if __name__ == "__main__":
