@@ -206,6 +206,7 @@ def main() -> None:
 
 
 BACKGROUND = np.asarray(synthetic.BACKGROUND, np.float32) / 127.5 - 1.0  # (3,) in [-1, 1]
+AXIS_SIGN = {"left": (2, -1), "right": (2, 1), "up": (1, -1), "down": (1, 1)}  # (T, H, W) axis
 
 
 def drift(clip: np.ndarray, direction: str) -> float:
@@ -214,12 +215,11 @@ def drift(clip: np.ndarray, direction: str) -> float:
     pixel's distance from the background colour above its frame's smallest."""
     mass = np.linalg.norm(clip - BACKGROUND, axis=-1)  # (T, H, W)
     mass = mass - mass.min(axis=(1, 2), keepdims=True)
-    dy, dx = synthetic._STEP[direction]
-    axis = 2 if dx else 1  # columns for left/right, rows for up/down
+    axis, sign = AXIS_SIGN[direction]  # columns for left/right, rows for up/down
     profile = mass.sum(axis=3 - axis)  # (T, extent): summed over the other axis
     at = np.arange(profile.shape[1]) + 0.5
     centre = profile @ at / np.maximum(profile.sum(axis=1), 1e-9)  # (T,)
-    return float((centre[-1] - centre[0]) * (dx or dy) / profile.shape[1])
+    return float((centre[-1] - centre[0]) * sign / profile.shape[1])
 
 
 def layout_at_noise(
@@ -255,8 +255,10 @@ def layout_at_noise(
             both = mean_clip((color,), (direction,))
             gain_dir = float(np.mean((both - mean_clip((color,), synthetic.DIRECTIONS)) ** 2))
             gain_col = float(np.mean((both - mean_clip(all_colors, (direction,))) ** 2))
-            cap = f"a {color} shape moves {direction}"
-            text, text_seg = text_rows([f"a {color} square moves {direction}"] * draws, text_len)
+            # the model's captions alternate the two shapes, as the data mean mixes them
+            shapes = [synthetic.SHAPES[i % 2] for i in range(draws)]
+            caps = [f"a {color} {shape} moves {direction}" for shape in shapes]
+            text, text_seg = text_rows(caps, text_len)
             noise = jax.random.normal(jax.random.key(300), (draws, num_tokens, patch_dim))
             v = model(
                 noise,
@@ -269,7 +271,8 @@ def layout_at_noise(
             x0_hat = np.asarray(noise - v).mean(axis=0)  # t = 1: x0-hat = x_1 - v
             hat = packing.unpatchify(x0_hat, SHAPE, patch)
             print(
-                f"| {cap} | {drift(both, direction):+.2f} | {drift(hat, direction):+.2f} "
+                f"| a {color} shape moves {direction} | {drift(both, direction):+.2f} "
+                f"| {drift(hat, direction):+.2f} "
                 f"| {gain_col:.4f} | {gain_dir:.4f} |"
             )
 
