@@ -245,7 +245,16 @@ def layout_at_noise(
 
     all_colors = tuple(synthetic.COLORS)
     num_tokens = pos.shape[0]
-    model = nnx.merge(loaded.graphdef, loaded.params)
+    positions = jnp.asarray(np.broadcast_to(pos, (draws, *pos.shape)))
+    seg = jnp.ones((draws, num_tokens), jnp.int32)
+    t_tok = jnp.ones((draws, num_tokens), jnp.float32)
+    noise = jax.random.normal(jax.random.key(300), (draws, num_tokens, patch_dim))
+
+    @jax.jit
+    def x0_at_noise(params, text, text_seg):  # t = 1: x0-hat = x_1 - v, averaged over the draws
+        v = nnx.merge(loaded.graphdef, params)(noise, positions, seg, t_tok, text, text_seg)
+        return jnp.mean(noise - v, axis=0)  # (L, P)
+
     print("\nt = 1: drift of the object along the caption's direction, first frame to last")
     print("(share of the frame; data clips travel 0.30-0.50), and the x0 MSE a word is worth\n")
     print("| caption | data mean | model x0-hat | colour worth | direction worth |")
@@ -256,20 +265,14 @@ def layout_at_noise(
             gain_dir = float(np.mean((both - mean_clip((color,), synthetic.DIRECTIONS)) ** 2))
             gain_col = float(np.mean((both - mean_clip(all_colors, (direction,))) ** 2))
             # the model's captions alternate the two shapes, as the data mean mixes them
-            shapes = [synthetic.SHAPES[i % 2] for i in range(draws)]
-            caps = [f"a {color} {shape} moves {direction}" for shape in shapes]
-            text, text_seg = text_rows(caps, text_len)
-            noise = jax.random.normal(jax.random.key(300), (draws, num_tokens, patch_dim))
-            v = model(
-                noise,
-                jnp.asarray(np.broadcast_to(pos, (draws, *pos.shape))),
-                jnp.ones((draws, num_tokens), jnp.int32),
-                jnp.ones((draws, num_tokens), jnp.float32),
-                jnp.asarray(text),
-                jnp.asarray(text_seg),
-            )
-            x0_hat = np.asarray(noise - v).mean(axis=0)  # t = 1: x0-hat = x_1 - v
-            hat = packing.unpatchify(x0_hat, SHAPE, patch)
+            caps = [
+                synthetic.caption(
+                    synthetic.SampleSpec(color, synthetic.SHAPES[i % 2], direction, *SHAPE)
+                )
+                for i in range(draws)
+            ]
+            x0_hat = x0_at_noise(loaded.params, *map(jnp.asarray, text_rows(caps, text_len)))
+            hat = packing.unpatchify(np.asarray(x0_hat), SHAPE, patch)
             print(
                 f"| a {color} shape moves {direction} | {drift(both, direction):+.2f} "
                 f"| {drift(hat, direction):+.2f} "

@@ -227,3 +227,28 @@ def test_detector_not_trivially_right():
     frozen = np.repeat(red_left[:1], 8, axis=0)
     assert detect(frozen).direction == "still"
     assert score([frozen], ["a red square moves left"])["motion_accuracy"] == 0.0
+
+
+def test_denoise_probe_drift_follows_the_caption_direction():
+    """bench/denoise_probe.py's t = 1 table reads a clip's drift along a named direction: a rendered
+    clip drifts by its travel (0.30-0.50 of the frame, less the clip's own rounding) along its own
+    direction, the negative along the opposite, ~0 along a perpendicular, and a flat clip not at all."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "denoise_probe.py"
+    spec = importlib.util.spec_from_file_location("vdit_bench_denoise_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng = np.random.default_rng(0)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    perpendicular = {"left": "up", "right": "down", "up": "left", "down": "right"}
+    for direction in ("left", "right", "up", "down"):
+        spec_ = SampleSpec("red", "square", direction, 8, 32, 32)
+        clip = render(spec_, rng) / 127.5 - 1.0
+        along = probe.drift(clip, direction)
+        assert 0.25 <= along <= 0.55, (direction, along)
+        assert probe.drift(clip, opposite[direction]) == pytest.approx(-along)
+        assert abs(probe.drift(clip, perpendicular[direction])) < 0.02
+    flat = np.full((8, 32, 32, 3), -0.5, np.float32)
+    assert probe.drift(flat, "right") == 0.0
